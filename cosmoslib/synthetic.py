@@ -58,8 +58,8 @@ def star(
     center : (x, y), optional
         Centre in pixels; the image centre by default.
     phase : float
-        Rotation of the lobes in radians (counter-clockwise in the displayed image is negative
-        because y points down; only the orientation changes, not the shape).
+        Rotation of the lobes in radians, measured in the image frame from +x towards +y
+        (only the orientation changes, not the shape).
 
     Returns
     -------

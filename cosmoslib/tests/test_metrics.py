@@ -158,7 +158,8 @@ def test_empty_counts():
     gt = np.zeros((8, 8), bool)
     gt[2:4, 2:4] = True
     empty = np.zeros_like(gt)
-    rows = [metrics.evaluate_pair(p, g) for p, g in ((gt, gt), (empty, gt), (empty, gt), (empty, empty), (gt, empty))]
+    pairs = ((gt, gt), (empty, gt), (empty, gt), (empty, empty), (gt, empty))
+    rows = [metrics.evaluate_pair(p, g) for p, g in pairs]
     counts = metrics.empty_counts(pd.DataFrame(rows))
     assert counts == {"n": 5, "empty_pred_only": 2, "empty_gt_only": 1, "both_empty": 1}
 

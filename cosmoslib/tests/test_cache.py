@@ -1,0 +1,323 @@
+"""The embedding cache (cosmoslib.cache) with the real LiteMedSAM encoder.
+
+Each embedding must be computed once, found again by image content, recomputed when the
+checkpoint changes or the entry is damaged, and survive a SIGKILL of the writing process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cosmoslib import cache, io, models
+from cosmoslib.cache import EmbeddingCache, image_key
+from cosmoslib.io import InputError
+from cosmoslib.prompts import Prompt
+
+
+def make_root(root: Path, n: int, seed: int = 0) -> Path:
+    """A small COSMOS-layout folder: n noisy images (grey and RGB, several sizes) with a square."""
+    rng = np.random.default_rng(seed)
+    objects = {}
+    for i in range(n):
+        h, w = 48 + 8 * i, 64
+        img = rng.integers(0, 256, (h, w) if i % 2 == 0 else (h, w, 3), dtype=np.uint8)
+        label = np.zeros((h, w), np.uint8)
+        label[10:30, 12:40] = 1
+        objects[1] = "square"
+        io.write_pair(root, "toy", f"img{i:02d}", img, label)
+    io.write_task(root, "toy", objects, dataset="toy", modality="CT")
+    return root
+
+
+@pytest.fixture
+def counting(litemedsam, monkeypatch):
+    """The real model, counting the images its encoder sees."""
+    calls = {"images": 0}
+    encode = type(litemedsam).encode
+
+    def counted(images, batch_size=None):
+        images = list(images)
+        calls["images"] += len(images)
+        return encode(litemedsam, images, batch_size=batch_size)
+
+    monkeypatch.setattr(litemedsam, "encode", counted)
+    return litemedsam, calls
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory, litemedsam):
+    """A root of 3 images and a cache holding all of them (computed once for the module)."""
+    base = tmp_path_factory.mktemp("filled")
+    root = make_root(base / "root", 3)
+    report = cache.embed_root(root, litemedsam, cache_dir=base / "cache", progress=False)
+    assert (report.n_computed, report.n_reused, report.n_failed) == (3, 0, 0)
+    return root, base / "cache"
+
+
+def copy_cache(filled, tmp_path) -> tuple[Path, Path]:
+    root, cache_dir = filled
+    shutil.copytree(cache_dir, tmp_path / "cache")
+    return root, tmp_path / "cache"
+
+
+def test_image_key_is_content_based(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (40, 50), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.png", compress_level=9)
+    Image.fromarray(img).save(tmp_path / "b.png", compress_level=0)
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()
+    keys = {image_key(io.read_image(tmp_path / n)) for n in ("a.png", "b.png")}
+    assert keys == {image_key(img)}
+    assert image_key(img.T) != image_key(img)  # same bytes count, other shape
+    assert image_key(np.repeat(img[..., None], 3, 2)) != image_key(img)
+
+
+def test_get_computes_once_and_stores_fp16(tmp_path, counting):
+    model, calls = counting
+    img = np.random.default_rng(1).integers(0, 256, (70, 90), dtype=np.uint8)
+    c = EmbeddingCache(tmp_path, model)
+    first, seconds = c.get_with_time(img)
+    assert calls["images"] == 1 and seconds > 0
+    again, seconds_again = c.get_with_time(img)
+    assert calls["images"] == 1  # served from the cache
+    assert seconds_again == pytest.approx(seconds)
+    assert first.dtype == np.float32 and first.shape == (256, 64, 64)
+    assert np.array_equal(first, again)
+    direct = type(model).encode(model, [img])[0]
+    assert np.array_equal(first, direct.astype(np.float16).astype(np.float32))
+    meta = c.metadata(image_key(img))
+    assert meta["original_size"] == [70, 90] and meta["input_size"] == [199, 256]
+    assert meta["dtype"] == "float16" and meta["signature"] == model.signature
+    assert c.store.name == f"litemedsam-{model.signature_hash}-fp16.zarr"
+    with pytest.raises(KeyError):
+        c.load("0" * 32)
+
+
+def test_second_run_encodes_nothing(filled, tmp_path, counting):
+    model, calls = counting
+    root, cache_dir = copy_cache(filled, tmp_path)
+    # A re-encoded copy of one image under another name hits the same entry.
+    src = io.list_images(root)[0][2]
+    Image.fromarray(io.read_image(src)).save(root / "toy" / "images" / "copy.png", compress_level=0)
+    report = cache.embed_root(root, model, cache_dir=cache_dir, progress=False)
+    assert calls["images"] == 0
+    assert (report.n_images, report.n_computed, report.n_reused, report.n_failed) == (4, 0, 4, 0)
+    assert "0 computed, 4 reused" in report.summary()
+    assert EmbeddingCache(cache_dir, model).verify() == {}
+
+
+def test_changed_checkpoint_recomputes(filled, tmp_path, litemedsam, monkeypatch):
+    root, cache_dir = copy_cache(filled, tmp_path)
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    state = torch.load(litemedsam.checkpoint_path, map_location="cpu", weights_only=True)
+    state["image_encoder.neck.3.bias"] += 0.05
+    torch.save(state, tmp_path / "finetuned.pth")
+    models.register_model("lite_finetuned", "litemedsam", tmp_path / "finetuned.pth")
+    tuned = models.load_model("lite_finetuned", device="cpu")
+    assert tuned.checkpoint_sha256 != litemedsam.checkpoint_sha256
+    report = cache.embed_root(root, tuned, cache_dir=cache_dir, progress=False)
+    assert (report.n_computed, report.n_reused) == (3, 0)
+    old, new = EmbeddingCache(cache_dir, litemedsam), EmbeddingCache(cache_dir, tuned)
+    assert old.store != new.store and len(old) == len(new) == 3
+    key = old.keys()[0]
+    assert np.abs(new.load(key) - old.load(key)).mean() > 0.01
+
+
+def _chunk(entry: Path) -> Path:
+    return entry / "c" / "0" / "0" / "0"
+
+
+def _flip_bytes(entry: Path) -> None:
+    data = bytearray(_chunk(entry).read_bytes())
+    for i in range(100, 140):
+        data[i] ^= 0xFF
+    _chunk(entry).write_bytes(bytes(data))
+
+
+def _edit_value_keep_format(entry: Path) -> None:
+    import zarr
+
+    arr = zarr.open_array(store=str(entry), mode="r+")
+    arr[0, 0, 0] = arr[0, 0, 0] + 1
+
+
+def _edit_signature(entry: Path) -> None:
+    meta = json.loads((entry / "zarr.json").read_text())
+    meta["attributes"]["signature"]["checkpoint_sha256"] = "0" * 64
+    (entry / "zarr.json").write_text(json.dumps(meta))
+
+
+CORRUPTIONS = {
+    "flipped bytes": _flip_bytes,
+    "truncated chunk": lambda e: _chunk(e).write_bytes(_chunk(e).read_bytes()[:1000]),
+    "missing chunk": lambda e: _chunk(e).unlink(),
+    "garbled metadata": lambda e: (e / "zarr.json").write_text('{"zarr_format": 3, "node_t'),
+    "edited value": _edit_value_keep_format,
+    "other signature": _edit_signature,
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_corrupt_entry_is_detected_and_recomputed(corruption, filled, tmp_path, counting):
+    model, calls = counting
+    root, cache_dir = copy_cache(filled, tmp_path)
+    c = EmbeddingCache(cache_dir, model)
+    key = c.keys()[1]
+    good = c.load(key)
+    CORRUPTIONS[corruption](c.store / key)
+    assert set(c.verify()) == {key}
+    with pytest.raises(InputError, match="invalid cache entry"):
+        c.load(key)
+    report = c.ensure([p for _, _, p in io.list_images(root)], progress=False)
+    assert (report.n_computed, report.n_invalid, report.n_reused) == (1, 1, 2)
+    assert calls["images"] == 1
+    assert c.verify() == {} and np.array_equal(c.load(key), good)
+
+
+def test_half_written_temporaries_are_ignored_and_cleaned(filled, tmp_path, litemedsam):
+    root, cache_dir = copy_cache(filled, tmp_path)
+    c = EmbeddingCache(cache_dir, litemedsam)
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(done.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        key = c.keys()[0]
+        dead_tmp = c.store / f".tmp-{key}-{dead_pid}-abcdef12"
+        shutil.copytree(c.store / key, dead_tmp)
+        _chunk(dead_tmp).write_bytes(b"half")
+        live_tmp = c.store / f".tmp-{key}-{live.pid}-abcdef12"
+        live_tmp.mkdir()
+        assert c.keys() == sorted(c.keys()) and dead_tmp.name not in c.keys()
+        EmbeddingCache(cache_dir, litemedsam)  # opening cleans up
+        assert not dead_tmp.exists() and live_tmp.exists()
+    finally:
+        live.kill()
+        live.wait()
+    assert EmbeddingCache(cache_dir, litemedsam).clean_temporaries() == 0
+    assert not live_tmp.exists()
+
+
+KILL_SCRIPT = """
+import sys
+from cosmoslib import cache
+cache.embed_root(sys.argv[1], "litemedsam", cache_dir=sys.argv[2], device="cpu", progress=False)
+"""
+
+
+def test_sigkill_loses_nothing_already_written(tmp_path, litemedsam):
+    root = make_root(tmp_path / "root", 6, seed=5)
+    cache_dir = tmp_path / "cache"
+    store = cache_dir / f"litemedsam-{litemedsam.signature_hash}-fp16.zarr"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(root), str(cache_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    entries = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        entries = [p for p in store.glob("*") if p.is_dir() and not p.name.startswith(".")] \
+            if store.is_dir() else []
+        if len(entries) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"finished before the kill: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = len([p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")])
+    assert 2 <= written < 6
+    report = cache.embed_root(root, litemedsam, cache_dir=cache_dir, progress=False)
+    assert report.n_reused >= written and report.n_computed == 6 - report.n_reused
+    assert report.n_invalid == 0 and report.n_failed == 0
+    c = EmbeddingCache(cache_dir, litemedsam)
+    assert len(c) == 6 and c.verify() == {}
+    assert not [p for p in c.store.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_unreadable_image_is_recorded_and_the_rest_go_on(filled, tmp_path, litemedsam):
+    root, cache_dir = copy_cache(filled, tmp_path)
+    bad = root / "toy" / "images" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    try:
+        report = cache.embed_root(root, litemedsam, cache_dir=cache_dir, progress=False)
+    finally:
+        bad.unlink()
+    assert (report.n_images, report.n_reused, report.n_failed) == (4, 3, 1)
+    assert report.failures[0][0] == str(bad.resolve()) and "broken.png" in report.summary()
+    with pytest.raises(InputError, match="no images"):
+        cache.embed_root(tmp_path / "cache", litemedsam, cache_dir=cache_dir)
+
+
+def test_cli_embed(filled, tmp_path, capsys):
+    from cosmoslib import cli
+
+    root, cache_dir = copy_cache(filled, tmp_path)
+    assert cli.main(["embed", str(root), "--model", "litemedsam", "--cache", str(cache_dir),
+                     "--device", "cpu"]) == 0
+    assert "0 computed, 3 reused" in capsys.readouterr().out
+    assert cli.main(["embed", str(root), "--model", "sam_vit_b", "--cache", str(cache_dir),
+                     "--checkpoint", str(tmp_path / "none.pth")]) == 2
+
+
+def test_npy_export_import_round_trip(filled, tmp_path, litemedsam):
+    root, cache_dir = copy_cache(filled, tmp_path)
+    out = tmp_path / "npy"
+    report = cache.export_npy(root, litemedsam, out, cache_dir=cache_dir, progress=False)
+    assert report.n_exported == 3 and report.n_computed == 0
+    files = sorted(out.glob("toy/*.npy"))
+    assert [f.stem for f in files] == ["img00", "img01", "img02"]
+    arr = np.load(files[0])
+    assert arr.shape == (1, 256, 64, 64) and arr.dtype == np.float32
+    # Import into an empty cache (one file flattened to (256, 64, 64), one broken).
+    np.save(files[1], np.load(files[1])[0])
+    np.save(files[2], np.zeros((256, 32, 32), np.float32))
+    report = cache.import_npy(out, root, litemedsam, cache_dir=tmp_path / "fresh",
+                              progress=False)
+    assert (report.n_imported, report.n_failed) == (2, 1)
+    assert "(256, 32, 32)" in report.failures[0][1]
+    fresh, orig = EmbeddingCache(tmp_path / "fresh", litemedsam), EmbeddingCache(cache_dir, litemedsam)
+    for _, _, path in io.list_images(root)[:2]:
+        key = image_key(io.read_image(path))
+        assert np.array_equal(fresh.load(key), orig.load(key))
+        assert fresh.metadata(key)["encode_seconds"] is None
+
+
+#: Compact objects of cosmos-demo whose images are used for the fp16 / fp32 comparison.
+FP16_TASKS = ("pyradiomics_brain_mri", "pyradiomics_lung_ct", "stardist_nuclei_microscopy")
+
+
+def test_fp16_embeddings_decode_like_fp32(demo_root, tmp_path, litemedsam):
+    manifest = io.index(demo_root)
+    manifest = manifest[manifest["task"].isin(FP16_TASKS)]
+    # Per task, the image with the largest object, and every object of that image.
+    top = manifest.sort_values(["area_px", "image_id"], ascending=[False, True]).groupby("task").head(1)
+    c16 = EmbeddingCache(tmp_path, litemedsam, dtype="float16")
+    c32 = EmbeddingCache(tmp_path, litemedsam, dtype="float32")
+    assert c16.store != c32.store
+    scores = []
+    for row in top.itertuples():
+        img = io.read_image(demo_root / row.image_path)
+        label = io.read_label(demo_root / row.label_path)
+        e16, e32 = c16.get(img), c32.get(img)
+        assert 0 < np.abs(e16 - e32).max() <= 1e-2  # really rounded, but only slightly
+        for value in manifest.loc[(manifest["task"] == row.task)
+                                  & (manifest["image_id"] == row.image_id), "label_value"]:
+            ys, xs = np.nonzero(label == value)
+            prompt = Prompt(box=np.array([xs.min(), ys.min(), xs.max(), ys.max()]))
+            m16 = litemedsam.decode(e16, prompt, img.shape).masks[0]
+            m32 = litemedsam.decode(e32, prompt, img.shape).masks[0]
+            total = m16.sum() + m32.sum()
+            scores.append(1.0 if total == 0 else 2.0 * (m16 & m32).sum() / total)
+    assert len(scores) >= 10
+    print(f"fp16 vs fp32 mask DICE: mean {np.mean(scores):.5f}, min {np.min(scores):.5f}, "
+          f"n={len(scores)} objects")
+    assert np.mean(scores) >= 0.99

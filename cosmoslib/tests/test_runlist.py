@@ -1,0 +1,68 @@
+"""The run list, the notebooks it drives, and the committed TOC agree."""
+
+from __future__ import annotations
+
+import ast
+import json
+
+import pytest
+import yaml
+
+from cosmoslib import paths, runlist
+
+
+def test_committed_toc_is_the_demo_run_list():
+    committed = yaml.safe_load((paths.home() / "_toc.yml").read_text())
+    assert committed == runlist.toc("demo")
+
+
+@pytest.mark.parametrize("config", runlist.CONFIGS)
+def test_every_run_has_a_notebook_and_a_distinct_output(config):
+    runs = runlist.runs(config)
+    assert [r.notebook for r in runs] == list(runlist.CHAPTERS)
+    assert len({r.output for r in runs}) == len(runs)
+    for run in runs:
+        assert run.source.exists(), run.source
+        assert run.output.name == f"{run.notebook}--{config}.ipynb"
+
+
+def _parameters_cell(nb):
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, "exactly one cell tagged `parameters`"
+    return "".join(cells[0]["source"])
+
+
+@pytest.mark.parametrize("notebook", runlist.CHAPTERS)
+def test_notebook_parameters_are_literals_with_a_smoke_flag_and_match_the_run_list(notebook):
+    nb = json.loads((paths.notebooks_dir() / f"{notebook}.ipynb").read_text())
+    tree = ast.parse(_parameters_cell(nb))
+    names = {}
+    for node in tree.body:
+        assert isinstance(node, ast.Assign), "parameters cell holds assignments only"
+        names[node.targets[0].id] = ast.literal_eval(node.value)  # raises unless a literal
+    assert "smoke" in names and isinstance(names["smoke"], bool)
+    # every parameter papermill injects exists in the notebook (no silently ignored parameter)
+    for config in runlist.CONFIGS:
+        assert set(runlist.config_parameters(config)) <= set(names)
+
+
+@pytest.mark.parametrize("notebook", runlist.CHAPTERS)
+def test_notebooks_are_committed_without_outputs(notebook):
+    nb = json.loads((paths.notebooks_dir() / f"{notebook}.ipynb").read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+
+
+def test_unknown_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown config 'nope'"):
+        runlist.runs("nope")
+
+
+def test_full_config_reads_the_users_data_and_models(monkeypatch):
+    monkeypatch.setenv("COSMOS_FULL_ROOT", "/data/cosmos")
+    monkeypatch.setenv("COSMOS_FULL_MODELS", "sam_vit_b,sam_vit_h")
+    params = runlist.config_parameters("full")
+    assert params["data_root"] == "/data/cosmos"
+    assert params["models"] == ["sam_vit_b", "sam_vit_h"]
+    assert params["smoke"] is False

@@ -1,0 +1,177 @@
+"""Spearman partial correlation, Table 6 and bootstrap intervals against independent math."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from cosmoslib import stats as S
+
+
+def _reference_partial_spearman(df, x, y, covar):
+    """Independent: Pearson on ranks after regressing the ranked covariates out (lstsq)."""
+    data = df[[x, y, *covar]].dropna()
+    ranks = data.rank(method="average")
+    n, k = len(data), len(covar)
+    design = np.column_stack([np.ones(n), ranks[covar].to_numpy()])
+    res = []
+    for col in (x, y):
+        v = ranks[col].to_numpy()
+        beta, *_ = np.linalg.lstsq(design, v, rcond=None)
+        res.append(v - design @ beta)
+    r = float(np.corrcoef(res[0], res[1])[0, 1])
+    dof = n - 2 - k
+    t = r * math.sqrt(dof / (1 - r**2))
+    p = float(2 * sps.t.sf(abs(t), dof))
+    return r, p, n
+
+
+def _frame(rng, n=300):
+    z1 = rng.normal(size=n)
+    z2 = rng.integers(0, 5, size=n).astype(float)  # ties
+    x = z1 + 0.5 * z2 + rng.normal(size=n)
+    y = -0.8 * z1 + 0.3 * x + rng.normal(size=n)
+    return pd.DataFrame({"x": np.round(x, 1), "y": y, "z1": z1, "z2": z2,
+                         "unused": rng.normal(size=n)})
+
+
+def test_partial_spearman_equals_rank_regression():
+    df = _frame(np.random.default_rng(0))
+    got = S.partial_spearman(df, "x", "y", ["z1", "z2"])
+    r, p, n = _reference_partial_spearman(df, "x", "y", ["z1", "z2"])
+    assert got.r == pytest.approx(r, abs=1e-9)
+    assert got.p == pytest.approx(p, abs=1e-9, rel=1e-9)
+    assert (got.n, got.n_dropped) == (n, 0)
+
+
+def test_partial_spearman_drops_and_counts_missing_rows():
+    df = _frame(np.random.default_rng(1))
+    df.loc[[3, 10, 11], "x"] = np.nan
+    df.loc[[10, 40], "z2"] = np.nan
+    df.loc[[50], "y"] = np.inf
+    df.loc[[7, 8], "unused"] = np.nan  # not an input: must not be dropped
+    got = S.partial_spearman(df, "x", "y", ["z1", "z2"])
+    assert got.n_dropped == 5  # rows 3, 10, 11, 40, 50
+    assert got.n == len(df) - 5
+    clean = df.drop(index=[3, 10, 11, 40, 50])
+    r, p, n = _reference_partial_spearman(clean, "x", "y", ["z1", "z2"])
+    assert (got.r, got.n) == (pytest.approx(r, abs=1e-9), n)
+    assert got.p == pytest.approx(p, abs=1e-9, rel=1e-9)
+
+
+def test_partial_spearman_without_covariates_is_spearman():
+    df = _frame(np.random.default_rng(2))
+    got = S.partial_spearman(df, "x", "y", [])
+    ref = sps.spearmanr(df["x"], df["y"])
+    assert got.r == pytest.approx(ref.statistic, abs=1e-9)
+    assert got.p == pytest.approx(ref.pvalue, rel=1e-6)
+
+
+def test_partial_spearman_too_few_rows_and_bad_columns():
+    df = _frame(np.random.default_rng(3), n=4)
+    got = S.partial_spearman(df, "x", "y", ["z1", "z2"])  # n = 4 < k + 3 = 5
+    assert math.isnan(got.r) and math.isnan(got.p) and got.n == 4
+    with pytest.raises(KeyError):
+        S.partial_spearman(df, "x", "nope", ["z1"])
+    with pytest.raises(ValueError):
+        S.partial_spearman(df, "x", "y", ["x"])
+
+
+def _tables(rng, n_obj=400):
+    """Factors where DICE falls with Fourier order and rises with contrast, rest is noise."""
+    keys = pd.DataFrame({"task": rng.choice(["a", "b"], n_obj),
+                         "image_id": [f"im{i // 3}" for i in range(n_obj)],
+                         "label_value": np.arange(n_obj) % 3 + 1})
+    factors = keys.assign(
+        size_px=rng.integers(50, 5000, n_obj),
+        intensity_diff=rng.normal(0, 30, n_obj),
+        fourier_order=rng.gamma(2.0, 5.0, n_obj),
+        modality_code=rng.integers(0, 19, n_obj),
+        aspect_ratio=rng.uniform(0.1, 1, n_obj),
+    )
+    rows = []
+    for model in ("vit_b", "vit_h"):
+        for strategy in ("S2", "S5"):
+            dice = (80 - 1.0 * factors["fourier_order"] + 0.3 * factors["intensity_diff"]
+                    + rng.normal(0, 5, n_obj))
+            rows.append(keys.assign(model=model, strategy=strategy,
+                                    selection_rule="oracle_dice", dice=dice))
+            # pred_iou rows carry the opposite relation: they must be filtered out.
+            rows.append(keys.assign(model=model, strategy=strategy, selection_rule="pred_iou",
+                                    dice=factors["fourier_order"] * 3))
+    return pd.concat(rows, ignore_index=True), factors
+
+
+def test_table6_long_format_and_known_signs():
+    results, factors = _tables(np.random.default_rng(4))
+    t6 = S.table6(results, factors)
+    assert list(t6.columns) == ["model", "strategy", "factor", "r", "p", "n", "n_dropped",
+                                "significant"]
+    assert len(t6) == 2 * 2 * 5
+    assert list(t6["factor"].unique()) == list(S.TABLE6_FACTORS)
+    fo = t6[t6["factor"] == "fourier_order"]
+    inten = t6[t6["factor"] == "intensity_diff"]
+    assert (fo["r"] < -0.5).all() and fo["significant"].all()
+    assert (inten["r"] > 0.5).all() and inten["significant"].all()
+    noise = t6[t6["factor"].isin(["modality_code", "aspect_ratio", "size_px"])]
+    assert (noise["r"].abs() < 0.2).all()
+    assert (t6["n"] == 400).all()
+
+
+def test_table6_rows_equal_partial_spearman_on_the_hand_joined_block():
+    results, factors = _tables(np.random.default_rng(5))
+    factors.loc[factors.index[:7], "aspect_ratio"] = np.nan
+    results = results[~((results["image_id"] == "im0") & (results["label_value"] == 1))]
+    t6 = S.table6(results, factors)
+    block = results[(results["model"] == "vit_h") & (results["strategy"] == "S5")
+                    & (results["selection_rule"] == "oracle_dice")]
+    block = block.merge(factors, on=["task", "image_id", "label_value"])
+    cols = list(S.TABLE6_FACTORS)
+    for factor in cols:
+        ref = S.partial_spearman(block, factor, "dice", [c for c in cols if c != factor])
+        row = t6[(t6["model"] == "vit_h") & (t6["strategy"] == "S5") & (t6["factor"] == factor)]
+        assert row["r"].item() == pytest.approx(ref.r, abs=1e-12)
+        assert row["n"].item() == ref.n == 399 - 6  # one result row removed, 7 - 1 NaN factors
+        assert row["n_dropped"].item() == 6
+
+
+def test_table6_abs_intensity_and_missing_columns():
+    results, factors = _tables(np.random.default_rng(6))
+    signed = S.table6(results, factors)
+    magnitude = S.table6(results, factors, abs_intensity=True)
+    pick = lambda t: t.loc[t["factor"] == "intensity_diff", "r"].to_numpy()  # noqa: E731
+    assert not np.allclose(pick(signed), pick(magnitude))
+    with pytest.raises(KeyError, match="dice"):
+        S.table6(results.drop(columns="dice"), factors)
+    with pytest.raises(KeyError, match="fourier_order"):
+        S.table6(results, factors.drop(columns="fourier_order"))
+
+
+def test_bootstrap_ci_covers_the_mean_and_is_seeded():
+    rng = np.random.default_rng(7)
+    values = rng.normal(10.0, 2.0, size=400)
+    values[[3, 4]] = np.nan
+    a = S.bootstrap_ci(values, n_boot=2000, rng=1)
+    b = S.bootstrap_ci(values, n_boot=2000, rng=np.random.default_rng(1))
+    assert (a.low, a.high) == (b.low, b.high)
+    assert (a.n, a.n_dropped) == (398, 2)
+    assert a.estimate == pytest.approx(np.nanmean(values))
+    assert a.low < a.estimate < a.high
+    half = 1.96 * np.nanstd(values, ddof=1) / np.sqrt(398)  # normal-theory half width
+    assert (a.high - a.low) / 2 == pytest.approx(half, rel=0.15)
+    med = S.bootstrap_ci(values, stat=np.median, n_boot=1000, ci=90, rng=2)
+    assert med.low < np.nanmedian(values) < med.high and med.ci == 90
+
+
+def test_bootstrap_ci_degenerate_inputs():
+    const = S.bootstrap_ci([5.0, 5.0, 5.0])
+    assert (const.estimate, const.low, const.high) == (5.0, 5.0, 5.0)
+    one = S.bootstrap_ci([3.0, np.nan])
+    assert one.estimate == 3.0 and math.isnan(one.low) and one.n_dropped == 1
+    assert math.isnan(S.bootstrap_ci([]).estimate)
+    with pytest.raises(ValueError):
+        S.bootstrap_ci([1.0, 2.0], ci=100)

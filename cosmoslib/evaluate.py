@@ -146,14 +146,14 @@ def evaluate_image(model, embedding: np.ndarray, t_embed: float, label: np.ndarr
         start = time.perf_counter()
         result = everything.generate_everything(model, embedding, size, points_per_side=points_per_side,
                                                 **(everything_kwargs or {}))
+        masks = result.masks  # decoded from RLE once per image, shared by all its objects
         t_s1 = time.perf_counter() - start
         for r in objects.itertuples(index=False):
             gt = label == r.label_value
-            if len(result.masks):
-                m = matching.match(result.masks, result.predicted_iou, gt)
-                idx = m.oracle_index
-                pred, piou = result.masks[idx], float(result.predicted_iou[idx])
-            else:
+            m = matching.match_everything(masks, gt)
+            if m.oracle_index is not None:
+                pred, piou = masks[m.oracle_index], float(result.predicted_iou[m.oracle_index])
+            else:  # no mask survived the filters: an empty prediction, scored by the empty policy
                 pred, piou = np.zeros(size, bool), float("nan")
             rows.append(dict(base(r), strategy="S1", selection_rule="oracle_dice", pred_iou=piou,
                              n_candidates=len(result.masks), t_decode_s=t_s1, **_metric_row(pred, gt)))
@@ -325,7 +325,8 @@ def run_config(params: dict) -> pd.DataFrame:
     root = Path(manifest.attrs["root"])
     loaded = [models_mod.load_model(name) for name in params["models"]]
     out = paths.results_dir(params["config"]) / "results.parquet"
-    results, _ = evaluate(manifest, root, loaded, out, seed=params["seed"])
+    results, _ = evaluate(manifest, root, loaded, out, seed=params["seed"],
+                          points_per_side=params.get("s1_points_per_side", 32))
     results.attrs["root"] = str(root)
     return results
 

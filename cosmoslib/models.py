@@ -34,6 +34,7 @@ import json
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,14 +252,21 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def _read_state_dict(path: Path, entry: ModelEntry) -> dict[str, torch.Tensor]:
     """Load a checkpoint as a flat ``{key: tensor}`` state dict (weights only, on CPU)."""
+    expected = (f"expected a {entry.arch} state dict for model {entry.name!r} (keys "
+                f"image_encoder.*, prompt_encoder.*, mask_decoder.*)")
+    with open(path, "rb") as handle:
+        first = handle.read(1)
+    # torch.save writes a zip archive (a legacy file starts with a pickle opcode); checking
+    # first gives a clearer message than the unpickler's for truncated or foreign files.
+    if not zipfile.is_zipfile(path) and first != b"\x80":
+        raise InputError(path, f"not a PyTorch checkpoint (neither a torch.save zip archive nor a "
+                               f"legacy pickle: truncated, or another kind of file); {expected}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a non-checkpoint file
-        raise InputError(path, f"not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                               f"expected a {entry.arch} state dict for model {entry.name!r} "
-                               f"with keys image_encoder.*, prompt_encoder.*, mask_decoder.*"
-                         ) from None
+    except Exception as exc:  # torch raises many types for a damaged or unsafe checkpoint
+        detail = str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else ""
+        raise InputError(path, f"not a PyTorch checkpoint that loads with weights_only=True "
+                               f"({type(exc).__name__}: {detail}); {expected}") from None
     # Training scripts often wrap the state dict ({"model": ...}) or save from DDP ("module.").
     if isinstance(obj, dict):
         for wrapper in ("model", "state_dict"):
@@ -376,11 +384,32 @@ class SamFamilyModel:
     All methods run under ``torch.inference_mode``; with ``autocast=True`` and a CUDA
     device, under ``torch.autocast`` too (bfloat16 where supported). Outputs are numpy
     float32 (or bool) on the CPU unless a method says it returns tensors.
+
+    Attributes
+    ----------
+    name, arch : str
+        Registry name and architecture (:data:`ARCHES`).
+    sam : segment_anything.modeling.Sam
+        The underlying module (e.g. for ``SamPredictor`` / ``SamAutomaticMaskGenerator``).
+    checkpoint_path : Path
+    checkpoint_sha256 : str
+        SHA-256 (hex) of the checkpoint file.
+    device : torch.device
+    supports_points : bool
+        False for models trained with box prompts only (LiteMedSAM, MedSAM): points still
+        run, with a warning, but their masks are not meaningful.
+    default_multimask : bool
+        True for SAM: it returns 3 candidates (whole, part, sub-part) and the paper picks one
+        (oracle DICE or predicted IoU). False for LiteMedSAM/MedSAM: they were trained with the
+        single-mask output only; their 3 multimask outputs are SAM's untrained leftovers (on
+        a synthetic ellipse LiteMedSAM's single mask predicts IoU 0.97, the three others
+        0.27-0.29).
+    autocast : bool
     """
 
     name: str
     arch: str
-    sam: Sam
+    sam: Sam = field(repr=False)
     checkpoint_path: Path
     checkpoint_sha256: str
     device: torch.device

@@ -7,7 +7,6 @@ checkpoint changes or the entry is damaged, and survive a SIGKILL of the writing
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -67,9 +66,11 @@ def filled(tmp_path_factory, litemedsam):
 
 
 def copy_cache(filled, tmp_path) -> tuple[Path, Path]:
+    """Private copies of the filled root and cache (tests change them)."""
     root, cache_dir = filled
+    shutil.copytree(root, tmp_path / "root")
     shutil.copytree(cache_dir, tmp_path / "cache")
-    return root, tmp_path / "cache"
+    return tmp_path / "root", tmp_path / "cache"
 
 
 def test_image_key_is_content_based(tmp_path):
@@ -292,13 +293,20 @@ def test_npy_export_import_round_trip(filled, tmp_path, litemedsam):
 
 
 #: Compact objects of cosmos-demo whose images are used for the fp16 / fp32 comparison.
-FP16_TASKS = ("pyradiomics_brain_mri", "pyradiomics_lung_ct", "stardist_nuclei_microscopy")
+FP16_TASKS = ("pyradiomics_brain_mri", "pyradiomics_lung_ct", "mni152_tissue_t1w-mri",
+              "stardist_nuclei_microscopy")
+#: Objects decoded per image (the largest ones): one CPU decode takes ~0.5 s.
+FP16_OBJECTS_PER_IMAGE = 6
 
 
 def test_fp16_embeddings_decode_like_fp32(demo_root, tmp_path, litemedsam):
+    """Box-prompt masks from fp16 and fp32 cache entries agree (mean DICE >= 0.99).
+
+    ``benchmarks/embed_cache.py`` measures the same on every object of cosmos-demo.
+    """
     manifest = io.index(demo_root)
     manifest = manifest[manifest["task"].isin(FP16_TASKS)]
-    # Per task, the image with the largest object, and every object of that image.
+    # Per task the image with the largest object, and that image's largest objects.
     top = manifest.sort_values(["area_px", "image_id"], ascending=[False, True]).groupby("task").head(1)
     c16 = EmbeddingCache(tmp_path, litemedsam, dtype="float16")
     c32 = EmbeddingCache(tmp_path, litemedsam, dtype="float32")
@@ -309,8 +317,8 @@ def test_fp16_embeddings_decode_like_fp32(demo_root, tmp_path, litemedsam):
         label = io.read_label(demo_root / row.label_path)
         e16, e32 = c16.get(img), c32.get(img)
         assert 0 < np.abs(e16 - e32).max() <= 1e-2  # really rounded, but only slightly
-        for value in manifest.loc[(manifest["task"] == row.task)
-                                  & (manifest["image_id"] == row.image_id), "label_value"]:
+        objects = manifest[(manifest["task"] == row.task) & (manifest["image_id"] == row.image_id)]
+        for value in objects.nlargest(FP16_OBJECTS_PER_IMAGE, "area_px")["label_value"]:
             ys, xs = np.nonzero(label == value)
             prompt = Prompt(box=np.array([xs.min(), ys.min(), xs.max(), ys.max()]))
             m16 = litemedsam.decode(e16, prompt, img.shape).masks[0]

@@ -365,8 +365,8 @@ def test_wrong_checkpoints_give_one_clear_error(tmp_path, vit_b_checkpoint, lite
     torch.save(_vit_h_like_state(), vit_h_like)
     cases = [
         ("sam_vit_b", tmp_path / "missing.pth", r"not found"),
-        ("sam_vit_b", random_file, r"not a readable PyTorch checkpoint.*vit_b"),
-        ("litemedsam", truncated, r"not a readable PyTorch checkpoint.*litemedsam"),
+        ("sam_vit_b", random_file, r"not a PyTorch checkpoint.*expected a vit_b state dict"),
+        ("litemedsam", truncated, r"not a PyTorch checkpoint.*truncated.*expected a litemedsam"),
         ("sam_vit_b", not_weights, r"not a state dict of tensors"),
         ("sam_vit_b", lite, r"expected a vit_b state dict.*look like LiteMedSAM"),
         ("sam_vit_b", vit_h_like, r"expected a vit_b.*\(768, 3, 16, 16\).*look like SAM vit_h"),

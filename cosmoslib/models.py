@@ -396,6 +396,10 @@ def _as_size(size: Sequence[int]) -> tuple[int, int]:
 #    returned (1 of 4 without multimask) are multiplied with the upscaled features.
 
 
+#: Prompts decoded together by the fast path on a CPU (see SamFamilyModel.predict_torch).
+_CPU_DECODE_CHUNK = 1
+
+
 @dataclass(frozen=True, eq=False)
 class PreparedEmbedding:
     """One image embedding with the prompt-independent decoder work done (see
@@ -420,6 +424,26 @@ class PreparedEmbedding:
     t2i_values: torch.Tensor | None
     i2t_queries: torch.Tensor | None
     owner: int
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_operator(n_low: int, side: int, n_kept: int, n_out: int,
+                     device: torch.device) -> torch.Tensor:
+    """SAM's mask postprocessing along one axis as a matrix (n_out, n_low), float32.
+
+    Upsample n_low -> side, keep the first n_kept, resize n_kept -> n_out, all bilinear with
+    ``align_corners=False``. Each matrix is obtained by running ``F.interpolate`` itself on
+    the identity (one-hot inputs as channels, width 1), so its source indices and weights are
+    PyTorch's; bilinear 2D interpolation is the product of these 1-D maps. The two steps are
+    composed in float64.
+    """
+    def step(n_in: int, n: int) -> torch.Tensor:  # (n, n_in)
+        eye = torch.eye(n_in, dtype=torch.float32).view(1, n_in, n_in, 1)
+        out = torch.nn.functional.interpolate(eye, (n, 1), mode="bilinear", align_corners=False)
+        return out[0, :, :, 0].T.double()
+
+    composed = step(n_kept, n_out) @ step(n_low, side)[:n_kept]
+    return composed.float().to(device)
 
 
 def _fast_decoder_supported(sam: Sam) -> bool:
@@ -846,8 +870,15 @@ class SamFamilyModel:
                 boxes=None if boxes is None else boxes.to(self.device, torch.float32),
                 masks=None if mask_input is None else mask_input.to(self.device, torch.float32))
             if fast:
-                low_res, iou = self._fast(prepared, sparse, None if mask_input is None else dense,
-                                          bool(multimask))
+                # On a CPU one prompt at a time is fastest (measured, 64 grid points, 1 thread:
+                # 2.6 s one by one, 4.2 s as one batch: a batch's (B, 65536, 32) upscaled
+                # features no longer fit in cache); accelerators take the whole batch.
+                step = _CPU_DECODE_CHUNK if self.device.type == "cpu" else max(1, len(sparse))
+                parts = [self._fast(prepared, sparse[i:i + step],
+                                    None if mask_input is None else dense[i:i + step],
+                                    bool(multimask)) for i in range(0, len(sparse), step)]
+                low_res = torch.cat([part[0] for part in parts])
+                iou = torch.cat([part[1] for part in parts])
             else:
                 low_res, iou = self.sam.mask_decoder(
                     image_embeddings=embedding, image_pe=self.sam.prompt_encoder.get_dense_pe(),
@@ -861,25 +892,23 @@ class SamFamilyModel:
         SAM's own steps (``Sam.postprocess_masks``): bilinear upsampling to S x S, crop of the
         padding, bilinear resize to (H, W). Threshold at 0 for masks.
 
-        The first upsampling only computes the rows and columns the crop keeps (at S = 1024 a
-        short side of 300 px skips 70 % of it): it upsamples the low-res rows/columns those
-        pixels read (one more than needed, so no edge clamping differs) by the same factor,
-        which gives bit-identical values.
+        When S is larger than the low-res side (SAM: 1024 vs 256), the three steps are done as
+        one linear map per axis, ``A_h @ logits @ A_w.T`` (:func:`_resize_operator`), without
+        the S x S intermediate: 3-7x faster, equal to SAM's steps up to float32 rounding
+        (~1e-5 for logits of +-60). Otherwise (LiteMedSAM: S = 256) SAM's steps are used.
         """
         size = _as_size(original_size)
         logits = torch.as_tensor(low_res_logits, device=self.device, dtype=torch.float32)
-        h_in, w_in = self.resized_size(size)
-        side = int(logits.shape[-1])
-        factor = self.input_size // side
+        resized = self.resized_size(size)
+        low_h, low_w = (int(v) for v in logits.shape[-2:])
         with self._context():
-            if logits.shape[-2] != side or factor * side != self.input_size:
-                return self.sam.postprocess_masks(logits, (h_in, w_in), size).float()
-            rows, cols = (min(side, -(-n // factor) + 1) for n in (h_in, w_in))
-            up = torch.nn.functional.interpolate(
-                logits[..., :rows, :cols], scale_factor=float(factor), mode="bilinear",
-                align_corners=False, recompute_scale_factor=False)[..., :h_in, :w_in]
-            return torch.nn.functional.interpolate(up, size, mode="bilinear",
-                                                   align_corners=False).float()
+            if max(low_h, low_w) >= self.input_size:
+                return self.sam.postprocess_masks(logits, resized, size).float()
+            a_h = _resize_operator(low_h, self.input_size, resized[0], size[0], self.device)
+            a_w = _resize_operator(low_w, self.input_size, resized[1], size[1], self.device)
+            if size[0] <= size[1]:  # the cheaper order of the two products
+                return torch.matmul(torch.matmul(a_h, logits), a_w.T)
+            return torch.matmul(a_h, torch.matmul(logits, a_w.T))
 
     def decode(self, embedding, prompt, original_size: Sequence[int],
                multimask: bool | None = None) -> Decoded:

@@ -190,6 +190,11 @@ def execute(run: Run) -> float:
             cwd=str(paths.home()), progress_bar=False, report_mode=False,
         )
         os.replace(tmp, run.output)
+    except BaseException:
+        # keep the partly executed notebook (with the failing cell's traceback) for debugging
+        if tmp.exists():
+            os.replace(tmp, run.output.with_name(f"{run.output.stem}.failed.ipynb"))
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return time.perf_counter() - start
@@ -208,7 +213,8 @@ def run_notebooks(config: str, only: list[str] | None = None,
             status = "ok"
         except Exception as exc:  # papermill raises PapermillExecutionError with the cell traceback
             seconds, status = float("nan"), "FAILED"
-            report.errors.append(f"{run.notebook}: {type(exc).__name__}: {str(exc)[-2000:]}")
+            report.errors.append(f"{run.notebook}: {type(exc).__name__}: {str(exc)[-2000:]} (see "
+                                 f"{run.output.with_name(run.output.stem + '.failed.ipynb')})")
         report.timings.append((run.notebook, seconds, status))
         print(f"[cosmos book] {run.notebook}: {status} in {seconds:.1f} s", file=sys.stderr, flush=True)
     return report

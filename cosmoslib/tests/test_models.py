@@ -378,3 +378,132 @@ def test_wrong_checkpoints_give_one_clear_error(tmp_path, vit_b_checkpoint, lite
         with pytest.raises(InputError, match=pattern) as info:
             models.load_model(name, checkpoint=path, device="cpu")
         assert info.value.path == str(path) or str(path.name) in str(info.value)
+
+
+# --------------------------------------------------------------------------- fast decoder
+
+
+def _stock(model):
+    """A context in which ``model`` decodes with segment_anything's own MaskDecoder."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        model.fast_decoder = False
+        try:
+            yield model
+        finally:
+            model.fast_decoder = True
+
+    return ctx()
+
+
+def test_fast_decoder_equals_stock_mask_decoder(litemedsam, demo_root):
+    """The re-arranged decoder (default) against sam.mask_decoder on a real image's embedding:
+    batches of point prompts (multimask), boxes, mask prompts; prepared or raw embedding."""
+    assert litemedsam.fast_decoder and litemedsam._fast is not None
+    manifest = io.index(demo_root)
+    row = manifest.sort_values("area_px").iloc[len(manifest) // 2]
+    img = io.read_image(demo_root / row["image_path"])
+    emb = litemedsam.encode([img])[0]
+    prepared = litemedsam.prepare(emb)
+    assert litemedsam.prepare(prepared) is prepared
+    size = img.shape[:2]
+    rng = np.random.default_rng(0)
+    coords = torch.as_tensor(litemedsam.transform_coords(
+        rng.uniform(0, 1, (3, 2, 2)) * np.array(size[::-1]), size), dtype=torch.float32)
+    labels = torch.as_tensor(rng.integers(0, 2, (3, 2)))
+    x0y0 = rng.uniform(0, 0.5, (3, 2)) * np.array(size[::-1])
+    boxes = litemedsam.transform_boxes(np.hstack([x0y0, x0y0 + 40]), size)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    cases = [dict(point_coords=coords, point_labels=labels, multimask=True),
+             dict(boxes=boxes, multimask=False),
+             dict(point_coords=coords, point_labels=labels, boxes=boxes, multimask=True)]
+    with _stock(litemedsam):
+        expected = [litemedsam.predict_torch(emb, **kw) for kw in cases]
+    for kw, (low_ref, iou_ref) in zip(cases, expected):
+        for embedding in (emb, prepared):
+            low, iou = litemedsam.predict_torch(embedding, **kw)
+            assert low.shape == low_ref.shape == (3, 3 if kw["multimask"] else 1, 256, 256)
+            assert low_ref.abs().max() > 0.2  # not near-zero maps (points: LiteMedSAM's
+            # untrained multimask heads give small logits; boxes give |logits| > 5, below)
+            assert (low - low_ref).abs().max().item() <= 1e-4
+            assert (iou - iou_ref).abs().max().item() <= 1e-5
+    assert max(float(low.abs().max()) for low, _ in expected) > 5
+    # A mask prompt (the previous round's logits) changes the image tokens per prompt.
+    mask_in = expected[1][0][:, :1]
+    with _stock(litemedsam):
+        low_ref, iou_ref = litemedsam.predict_torch(emb, boxes=boxes, mask_input=mask_in,
+                                                    multimask=False)
+    low, iou = litemedsam.predict_torch(prepared, boxes=boxes, mask_input=mask_in, multimask=False)
+    assert (low - low_ref).abs().max().item() <= 1e-4 and (iou - iou_ref).abs().max() <= 1e-5
+    assert (low - expected[1][0]).abs().max() > 0.1  # the mask prompt did change the result
+
+
+def test_fast_decoder_follows_weight_changes(litemedsam):
+    """Derived weights are rebuilt after an in-place change of the model's parameters."""
+    model = models.load_model("litemedsam", device="cpu")
+    img, truth = ellipse_image(shape=(120, 160), seed=2)
+    emb = litemedsam.encode([img])[0]
+    prompt = Prompt(box=tight_box(truth))
+    before = model.decode(emb, prompt, img.shape, multimask=False)
+    with torch.no_grad():
+        model.sam.mask_decoder.output_upscaling[0].weight.mul_(1.5)
+        model.sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(0.9)
+    after = model.decode(emb, prompt, img.shape, multimask=False)
+    with _stock(model):
+        stock = model.decode(emb, prompt, img.shape, multimask=False)
+    assert np.abs(after.low_res_logits - before.low_res_logits).max() > 0.1
+    assert np.abs(after.low_res_logits - stock.low_res_logits).max() <= 1e-4
+
+
+def test_prepared_embedding_checks(litemedsam):
+    other = models.load_model("litemedsam", device="cpu")
+    prepared = other.prepare(np.zeros((256, 64, 64), np.float16))
+    assert prepared.image_tokens.dtype == torch.float32
+    with pytest.raises(InputError, match="another model"):
+        litemedsam.decode(prepared, Prompt(box=np.array([1, 1, 5, 5])), (64, 64))
+    with pytest.raises(InputError, match=r"\(1, 256, 64, 64\)"):
+        litemedsam.prepare(np.zeros((2, 256, 64, 64), np.float32))
+    with _stock(litemedsam):  # the stock path keeps just the embedding
+        assert litemedsam.prepare(np.zeros((256, 64, 64), np.float32)).image_tokens is None
+
+
+def test_non_stock_decoder_uses_the_stock_path(litemedsam):
+    """A decoder the fast path does not know (here: another upscaling) runs as is."""
+    import copy
+
+    sam = copy.deepcopy(litemedsam.sam)
+    sam.mask_decoder.output_upscaling[2] = torch.nn.ReLU()
+    model = models.SamFamilyModel(name="x", arch="litemedsam", sam=sam,
+                                  checkpoint_path=Path("x"), checkpoint_sha256="",
+                                  device=torch.device("cpu"), supports_points=False,
+                                  default_multimask=False)
+    assert model._fast is None
+    emb = np.random.default_rng(0).standard_normal((256, 64, 64)).astype(np.float32)
+    box = Prompt(box=np.array([10.0, 10.0, 60.0, 50.0]))
+    ours = model.decode(emb, box, (100, 100))
+    with torch.inference_mode():
+        sparse, dense = sam.prompt_encoder(points=None, boxes=torch.as_tensor(
+            model.transform_boxes(box.box, (100, 100)), dtype=torch.float32), masks=None)
+        low, _ = sam.mask_decoder(torch.as_tensor(emb)[None], sam.prompt_encoder.get_dense_pe(),
+                                  sparse, dense, multimask_output=False)
+    assert np.array_equal(ours.low_res_logits, low[0].numpy())
+
+
+@pytest.mark.parametrize("size", [(200, 300), (1, 7), (1023, 5), (700, 1500), (64, 64), (2000, 999)])
+def test_postprocess_masks_equals_sam(litemedsam, size, monkeypatch):
+    """SAM's upsample / crop / resize: our per-axis linear maps at S = 1024 (SAM's geometry)
+    agree with Sam.postprocess_masks to float32 rounding; at S = 256 (LiteMedSAM) they are
+    SAM's own steps."""
+    low = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 20
+    for side in (256, 1024):
+        # Both read the input side S from the image encoder.
+        monkeypatch.setattr(litemedsam.sam.image_encoder, "img_size", side)
+        assert litemedsam.input_size == side
+        with torch.inference_mode():
+            expected = litemedsam.sam.postprocess_masks(low, litemedsam.resized_size(size), size)
+        ours = litemedsam.postprocess_masks(low, size)
+        assert ours.shape == (2, 3, *size) and ours.dtype == torch.float32
+        assert expected.abs().max() > 20
+        assert (ours - expected).abs().max().item() <= (0.0 if side == 256 else 5e-5)

@@ -59,13 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     from cosmoslib.cache import EmbeddingCache, image_key
     from cosmoslib.prompts import Prompt
 
-    if args.root is None:
-        from cosmoslib import demo, paths
+    from cosmoslib.dataset import resolve_root
 
-        root = paths.demo_root()
-        demo.build_demo(out=root, progress=False)
-    else:
-        root = args.root
+    root = resolve_root(args.root)  # None: cosmos-demo, built on first use
     manifest = io.index(root)
     rel_paths = _pick_images(manifest, args.n_images)
     images = [io.read_image(root / p) for p in rel_paths]

@@ -207,13 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     from cosmoslib import io, models
 
     torch.set_num_threads(args.threads)
-    if args.root is None:
-        from cosmoslib import demo, paths
+    from cosmoslib.dataset import resolve_root
 
-        root = paths.demo_root()
-        demo.build_demo(out=root, progress=False)
-    else:
-        root = args.root
+    root = resolve_root(args.root)  # None: cosmos-demo, built on first use
     manifest = io.index(root)
     rel = _pick_image(manifest)
     row = manifest[manifest["image_path"] == rel].iloc[0]

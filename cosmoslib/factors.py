@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cosmoslib.prompts import object_mask
+
 #: The paper's 18 modalities (Fig. 1) in case-insensitive alphabetical order, then "unknown".
 #: Written out as a literal so the codes never change when the list is edited elsewhere.
 MODALITY_CODES: dict[str, int] = {
@@ -107,19 +109,9 @@ _MODALITY_LOOKUP = {_key(k): k for k in MODALITY_CODES} | _MODALITY_ALIASES
 # --------------------------------------------------------------------------------------------
 
 
-def _as_mask(mask: np.ndarray) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
-    mask = mask.astype(bool, copy=False)
-    if not mask.any():
-        raise ValueError("mask is empty (no object pixels)")
-    return mask
-
-
 def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     """Tight bounding box ``[x0, y0, x1, y1]`` of a non-empty mask (inclusive pixel indices)."""
-    mask = _as_mask(mask)
+    mask = object_mask(mask)
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
@@ -133,7 +125,7 @@ def size(mask: np.ndarray) -> int:
     ValueError
         For an empty or non-2-D mask.
     """
-    return int(_as_mask(mask).sum())
+    return int(object_mask(mask).sum())
 
 
 def aspect_ratio(mask: np.ndarray) -> float:
@@ -158,7 +150,7 @@ def enlarged_box(mask: np.ndarray, ratio: float = 0.1) -> tuple[int, int, int, i
     Returns ``[x0, y0, x1, y1]`` inclusive. Width margins go left and right, height margins
     top and bottom.
     """
-    mask = _as_mask(mask)
+    mask = object_mask(mask)
     x0, y0, x1, y1 = bbox(mask)
     mx, my = _margin(x1 - x0 + 1, ratio), _margin(y1 - y0 + 1, ratio)
     h, w = mask.shape
@@ -198,7 +190,7 @@ def intensity_difference(image: np.ndarray, mask: np.ndarray, ratio: float = 0.1
         brighter. NaN when that surrounding region is empty. Other objects inside the enlarged
         box count as surroundings.
     """
-    mask = _as_mask(mask)
+    mask = object_mask(mask)
     grey = to_grey(image)
     if grey.shape != mask.shape:
         raise ValueError(f"image {grey.shape} and mask {mask.shape} differ in size")
@@ -404,7 +396,7 @@ def efd_contour(mask: np.ndarray, order: int, num_points: int | None = None) -> 
     """
     if order < 1:
         raise ValueError(f"order must be >= 1, got {order}")
-    mask = _as_mask(mask)
+    mask = object_mask(mask)
     contour, _ = _largest_contour(mask)
     coeffs, locus = _efd(contour, order)
     return _reconstruct(coeffs, locus, order, num_points or _n_points(contour, order))
@@ -477,7 +469,7 @@ def fourier_order(
         raise ValueError(f"max_order must be >= 1, got {max_order}")
     if patience < 1:
         raise ValueError(f"patience must be >= 1, got {patience}")
-    mask = _as_mask(mask)
+    mask = object_mask(mask)
     dice_of = _DiceToMask(mask)
     contour, n_contours = _largest_contour(mask)
     coeffs, locus = _efd(contour, max_order)

@@ -111,19 +111,26 @@ class PointPlan:
     centre_inside: bool
 
 
-def _check_mask(mask: np.ndarray) -> np.ndarray:
+def object_mask(mask: np.ndarray) -> np.ndarray:
+    """A non-empty 2D object mask as bool (the input every prompt and factor needs).
+
+    Raises
+    ------
+    ValueError
+        The mask is not 2D (H, W), or has no object pixel.
+    """
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2D (H, W); got shape {mask.shape}")
     mask = mask.astype(bool, copy=False)
     if not mask.any():
-        raise ValueError("mask is empty: no object to prompt")
+        raise ValueError("mask is empty: no object pixels")
     return mask
 
 
 def tight_box(mask: np.ndarray) -> np.ndarray:
     """Tight bounding box ``[x0, y0, x1, y1]`` (inclusive pixel indices) of all foreground pixels."""
-    mask = _check_mask(mask)
+    mask = object_mask(mask)
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.int64)
@@ -152,7 +159,7 @@ def centre_of_mass(mask: np.ndarray) -> tuple[int, int] | None:
 
     The centroid (``scipy.ndimage.center_of_mass``) is rounded to the nearest pixel, halves up.
     """
-    mask = _check_mask(mask)
+    mask = object_mask(mask)
     r, c = ndi.center_of_mass(mask)
     row, col = math.floor(r + 0.5), math.floor(c + 0.5)
     return (col, row) if mask[row, col] else None
@@ -200,7 +207,7 @@ def point_plan(
     ValueError
         Empty or non-2D mask, unknown sampling, or ``"random"`` without an rng.
     """
-    mask = _check_mask(mask)
+    mask = object_mask(mask)
     if sampling not in SAMPLINGS:
         raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
     if sampling == RANDOM and rng is None:

@@ -94,23 +94,13 @@ def mask_filename(image_id: str, obj: str, label_value: int) -> str:
     return f"{image_id}__{_slug(obj)}-{int(label_value)}.png"
 
 
-def _metric_row(pred: np.ndarray, gt: np.ndarray) -> dict:
-    from cosmoslib import metrics
-
-    return metrics.evaluate_pair(pred, gt)
-
-
 def _save_mask(save_masks: Path, model: str, strategy: str, row, mask: np.ndarray) -> Path:
-    from cosmoslib.io import atomic_write_bytes
-    from PIL import Image
-    import io as _io
+    """Write one matched mask as a 0/255 PNG (atomically) for audit."""
+    from cosmoslib.io import atomic_write_bytes, encode_png
 
     path = save_masks / _slug(model) / strategy / str(row.task) / mask_filename(
         row.image_id, row.object, row.label_value)
-    buf = _io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return atomic_write_bytes(path, encode_png(mask.astype(np.uint8) * 255))
 
 
 def evaluate_image(model, embedding: np.ndarray, t_embed: float, label: np.ndarray,
@@ -136,7 +126,7 @@ def evaluate_image(model, embedding: np.ndarray, t_embed: float, label: np.ndarr
     list of dict
         Rows of the results table.
     """
-    from cosmoslib import everything, matching, prompts
+    from cosmoslib import everything, matching, metrics, prompts
 
     size = label.shape[:2]
     rows: list[dict] = []
@@ -157,7 +147,7 @@ def evaluate_image(model, embedding: np.ndarray, t_embed: float, label: np.ndarr
             else:  # no mask survived the filters: an empty prediction, scored by the empty policy
                 pred, piou = np.zeros(size, bool), float("nan")
             rows.append(dict(base(r), strategy="S1", selection_rule="oracle_dice", pred_iou=piou,
-                             n_candidates=len(result.masks), t_decode_s=t_s1, **_metric_row(pred, gt)))
+                             n_candidates=len(result.masks), t_decode_s=t_s1, **metrics.evaluate_pair(pred, gt)))
             if save_masks is not None:
                 _save_mask(save_masks, model.name, "S1", r, pred)
     wanted = [s for s in strategies if s != "S1"]
@@ -184,7 +174,7 @@ def evaluate_image(model, embedding: np.ndarray, t_embed: float, label: np.ndarr
                     rows.append(dict(base(r), strategy=strategy, selection_rule=rule,
                                      pred_iou=float(decoded.iou_pred[idx]),
                                      n_candidates=int(len(decoded.masks)), t_decode_s=t_dec,
-                                     **_metric_row(decoded.masks[idx], gt)))
+                                     **metrics.evaluate_pair(decoded.masks[idx], gt)))
                 if save_masks is not None:
                     _save_mask(save_masks, model.name, strategy, r, decoded.masks[m.oracle_index])
     return rows
@@ -290,8 +280,6 @@ def evaluate(manifest: pd.DataFrame, root: str | Path, models: Iterable, out: st
                else pd.DataFrame(columns=RESULT_COLUMNS))
     atomic_write_parquet(results, out)
     if report.failures:
-        atomic_write_parquet(pd.DataFrame(report.failures, columns=["file", "reason"]),
-                             out.with_suffix(".skipped.parquet"))
         pd.DataFrame(report.failures, columns=["file", "reason"]).to_csv(
             out.with_suffix(".skipped.csv"), index=False)
     report.n_rows = len(results)

@@ -120,3 +120,23 @@ def test_cli_evaluate_writes_results(demo_root, tmp_path):
     assert set(df.strategy) == {"S5"} and len(df) == 2 * df.drop_duplicates(
         ["task", "image_id", "label_value"]).shape[0]
     assert "Evaluated" in proc.stdout and str(out) in proc.stdout
+
+
+def test_a_corrupt_image_is_recorded_and_the_rest_evaluated(demo_root, litemedsam, tmp_path):
+    import shutil
+
+    task = "pyradiomics_brain_mri"
+    root = tmp_path / "root"
+    shutil.copytree(demo_root / task, root / task)
+    shutil.copy(demo_root / f"{task}.json", root / f"{task}.json")
+    manifest = io.index(root)
+    bad = manifest.iloc[0]
+    (root / bad.image_path).write_bytes(b"not a png")
+    out = tmp_path / "r.parquet"
+    results, report = evaluate.evaluate(manifest, root, [litemedsam], out, strategies=["S5"],
+                                        cache_dir=tmp_path / "cache")
+    assert report.n_failed == 1 and bad.image_id in report.failures[0][0]
+    assert "unreadable image" in report.failures[0][1] and bad.image_path.split("/")[-1] in report.failures[0][1]
+    assert set(results.image_id) == set(manifest.image_id) - {bad.image_id}
+    skipped = pd.read_csv(out.with_suffix(".skipped.csv"))
+    assert len(skipped) == 1 and "failed" in report.summary()

@@ -935,8 +935,8 @@ class SamFamilyModel:
         coords = labels = boxes = masks_in = None
         if prompt.points is not None and len(prompt.points):
             pts = np.asarray(prompt.points, dtype=float).reshape(-1, 2)
-            lab = np.asarray(prompt.point_labels if prompt.point_labels is not None
-                             else np.ones(len(pts)), dtype=np.int64).reshape(-1)
+            lab = np.array(prompt.point_labels if prompt.point_labels is not None  # a writable copy
+                           else np.ones(len(pts)), dtype=np.int64).reshape(-1)
             if len(lab) != len(pts):
                 raise InputError(None, f"{len(pts)} points but {len(lab)} point labels")
             if not self.supports_points and not self._warned_points:

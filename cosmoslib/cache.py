@@ -40,6 +40,7 @@ import io as _stdio
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -64,6 +65,8 @@ _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 #: A temporary folder this old is removed even if the process that made it still runs.
 _STALE_TMP_SECONDS = 24 * 3600
+#: Tag of this host in temporary names (8 hex digits, no dashes).
+_HOST_TAG = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
 
 
 def image_key(image: np.ndarray) -> str:
@@ -175,15 +178,20 @@ class EmbeddingCache:
     batch_size : int
         Images per encoder call in :meth:`ensure`. 1 (default) times each image on its own,
         which is what ``encode_seconds`` (the paper's per-image embedding time) reports.
+    prefetch : int
+        Images :meth:`ensure` reads and hashes ahead on a background thread while the encoder
+        runs (0: read in the main thread). Each costs one decoded image of memory.
     """
 
-    def __init__(self, cache_dir, model, dtype: str = "float16", batch_size: int = 1):
+    def __init__(self, cache_dir, model, dtype: str = "float16", batch_size: int = 1,
+                 prefetch: int = 2):
         if str(dtype) not in _DTYPES:
             raise InputError(None, f"cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.cache_dir = Path(cache_dir) if cache_dir else paths.embedding_cache_dir()
         self.model = model
         self.dtype = np.dtype(str(dtype))
         self.batch_size = max(1, int(batch_size))
+        self.prefetch = max(0, int(prefetch))
         self._signature = dict(model.signature)
         self.store = self.cache_dir / f"{model.arch}-{model.signature_hash}-{_DTYPES[str(dtype)]}.zarr"
         self._open_root()
@@ -209,7 +217,10 @@ class EmbeddingCache:
         """Remove leftovers of interrupted writes (``.tmp-*``, ``.trash-*``); returns how many.
 
         A temporary folder whose writing process still runs (and is younger than a day) is
-        left alone, so two runs can share a cache.
+        left alone, so several runs -- the workers of a Dask cluster included -- can share a
+        cache. Names carry a tag of the writing host: another host's folders (a cluster on a
+        shared file system, where its process ids mean nothing here) are removed only when a
+        day old.
         """
         removed = 0
         for child in self.store.iterdir():
@@ -221,11 +232,12 @@ class EmbeddingCache:
                 pid = int(parts[-2])
             except (ValueError, IndexError):
                 pid = -1
+            here = len(parts) < 5 or parts[-3] == _HOST_TAG  # names without a tag: this host
             try:
                 age = time.time() - child.stat().st_mtime
             except FileNotFoundError:
                 continue
-            if pid != os.getpid() and pid > 0 and _pid_alive(pid) and age < _STALE_TMP_SECONDS:
+            if age < _STALE_TMP_SECONDS and (not here or (pid != os.getpid() and pid > 0 and _pid_alive(pid))):
                 continue
             shutil.rmtree(child, ignore_errors=True)
             removed += 1
@@ -325,7 +337,7 @@ class EmbeddingCache:
             "source": None if source is None else str(source),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        tmp = self.store / f"{_TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = self.store / f"{_TMP_PREFIX}{key}-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         final = self.store / key
         try:
             arr = zarr.create_array(
@@ -339,7 +351,7 @@ class EmbeddingCache:
                 if self._read(key)[0] is not None:
                     shutil.rmtree(tmp, ignore_errors=True)
                 else:
-                    trash = self.store / f"{_TRASH_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                    trash = self.store / f"{_TRASH_PREFIX}{key}-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                     os.rename(final, trash)
                     os.rename(tmp, final)
                     shutil.rmtree(trash, ignore_errors=True)
@@ -363,9 +375,14 @@ class EmbeddingCache:
             return read_image(image), str(image)
         return np.asarray(image), None
 
-    def get_with_time(self, image) -> tuple[np.ndarray, float]:
-        """Like :meth:`get`, plus the encoder seconds stored with the entry (NaN if unknown)."""
-        img, source = self._image(image)
+    def get_with_time(self, image, source: str | os.PathLike | None = None) -> tuple[np.ndarray, float]:
+        """Like :meth:`get`, plus the encoder seconds stored with the entry (NaN if unknown).
+
+        ``source`` names the file an already decoded ``image`` came from (recorded with a new
+        entry), so a caller that reads an image once for several models keeps the provenance.
+        """
+        img, from_path = self._image(image)
+        source = from_path if source is None else str(source)
         key = image_key(img)
         data, attrs, _ = self._read(key)
         if data is None:
@@ -407,8 +424,6 @@ class EmbeddingCache:
         """
         from tqdm.auto import tqdm
 
-        from cosmoslib.io import read_image
-
         start = time.perf_counter()
         image_paths = [Path(p) for p in image_paths]
         report = EmbedReport(model_name=self.model.name, dtype=str(self.dtype),
@@ -432,13 +447,11 @@ class EmbeddingCache:
                 done.add(key)
                 report.n_computed += 1
 
-        bar = tqdm(image_paths, desc=f"embed {self.model.name}", unit="img", file=sys.stderr,
+        bar = tqdm(_prefetch(image_paths, self.prefetch), total=len(image_paths),
+                   desc=f"embed {self.model.name}", unit="img", file=sys.stderr,
                    disable=not progress)
-        for path in bar:
-            try:
-                img = read_image(path)
-                key = image_key(img)
-            except (InputError, OSError, ValueError) as exc:
+        for path, img, key, exc in bar:
+            if exc is not None:
                 report.failures.append((str(path), _reason(exc)))
                 continue
             if key in done or any(k == key for _, k, _ in pending):
@@ -459,6 +472,38 @@ class EmbeddingCache:
         bar.close()
         report.elapsed = time.perf_counter() - start
         return report
+
+
+def _load_for_cache(path: Path):
+    """``(path, image, key, None)``, or ``(path, None, None, error)`` when unreadable."""
+    from cosmoslib.io import read_image
+
+    try:
+        img = read_image(path)
+        return path, img, image_key(img), None
+    except (InputError, OSError, ValueError) as exc:
+        return path, None, None, exc
+
+
+def _prefetch(image_paths: Sequence[Path], depth: int):
+    """:func:`_load_for_cache` of each path, in order, ``depth`` images ahead on one
+    background thread (image decoding and hashing release the GIL, so they overlap the
+    encoder); ``depth=0`` reads in the calling thread."""
+    if depth <= 0:
+        for path in image_paths:
+            yield _load_for_cache(path)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cosmos-read") as pool:
+        pending: deque = deque()
+        for path in image_paths:
+            pending.append(pool.submit(_load_for_cache, path))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 # --------------------------------------------------------------------------- whole folders
@@ -485,8 +530,8 @@ def _list_images(root) -> list[tuple[str, str, Path]]:
 
 
 def embed_root(root, model_name, checkpoint=None, cache_dir=None, device=None,
-               dtype: str = "float16", batch_size: int = 1, progress: bool = True
-               ) -> EmbedReport:
+               dtype: str = "float16", batch_size: int = 1, progress: bool = True,
+               prefetch: int = 2) -> EmbedReport:
     """Embed every image of a COSMOS-layout folder (``cosmos embed``); resumable.
 
     Parameters
@@ -512,7 +557,7 @@ def embed_root(root, model_name, checkpoint=None, cache_dir=None, device=None,
     """
     items = _list_images(root)
     model = _as_model(model_name, checkpoint, device)
-    cache = EmbeddingCache(cache_dir, model, dtype=dtype, batch_size=batch_size)
+    cache = EmbeddingCache(cache_dir, model, dtype=dtype, batch_size=batch_size, prefetch=prefetch)
     return cache.ensure([p for _, _, p in items], progress=progress)
 
 

@@ -84,7 +84,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cosmoslib.io import InputError
+import pandas as pd
+import yaml
+
+from cosmoslib import paths
+from cosmoslib.files import InputError
 
 FORMATS = ("volume", "volume4d", "image", "instances")
 PLANES = ("axial", "coronal", "sagittal")
@@ -380,8 +384,6 @@ def load_descriptor(path) -> Descriptor:
     InputError
         Missing file, YAML syntax error, or a schema problem -- always naming the file.
     """
-    import yaml
-
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -404,8 +406,6 @@ def load_catalog(root=None) -> list[Descriptor]:
     InputError
         A malformed file, or two descriptors claiming the same ``task``.
     """
-    from cosmoslib import paths
-
     root = Path(root) if root is not None else paths.descriptors_dir()
     if not root.is_dir():
         warnings.warn(f"descriptor folder {root} not found; empty catalog", stacklevel=2)
@@ -440,8 +440,6 @@ def table1(descriptors=None):
         of those with a demo ``source``). Rows: the paper's datasets first, each group sorted by
         name (case-insensitive).
     """
-    import pandas as pd
-
     if descriptors is None:
         descriptors = load_catalog()
     groups: dict[str, list[Descriptor]] = {}

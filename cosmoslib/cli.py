@@ -11,77 +11,113 @@ import argparse
 import sys
 from pathlib import Path
 
+from cosmoslib import cache, dataset, demo, evaluate, factors, finetune, io, models, preprocess, runlist
+from cosmoslib.files import InputError
+
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from cosmoslib import demo
-
     report = demo.build_demo(out=args.out)
     print(report.summary())
     return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from cosmoslib import preprocess
-
     report = preprocess.prepare(args.source, args.descriptor, args.out)
     print(report.summary())
     return 1 if report.n_skipped else 0
 
 
-def _index(args: argparse.Namespace) -> int:
-    from cosmoslib import io
+def _modality_pair(text: str) -> tuple[str, str]:
+    task, sep, name = text.partition("=")
+    if not sep or not task.strip() or not name.strip():
+        raise argparse.ArgumentTypeError(f"--modality wants TASK=NAME (e.g. 22_Heart=Cine-MRI), got {text!r}")
+    return task.strip(), name.strip()
 
-    report = io.index_to_parquet(args.root, args.out, info_dir=args.info_dir)
+
+def _modalities(pairs) -> dict[str, str] | None:
+    return dict(pairs) if pairs else None
+
+
+MODALITY_HELP = ("the modality of a task, TASK=NAME (repeatable); wins over the task json and the "
+                 "catalog (see cosmoslib.vocabulary for the names)")
+
+
+def _index(args: argparse.Namespace) -> int:
+    report = io.index_to_parquet(args.root, args.out, info_dir=args.info_dir, modality=_modalities(args.modality))
     print(report.summary())
     return 1 if report.n_skipped else 0
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from cosmoslib import cache
-
+    model = models.load_model(args.model, checkpoint=args.checkpoint, device=args.device,
+                              autocast=args.autocast, fast_encoder=args.fast_encoder,
+                              compile_encoder=args.compile, threads=args.threads)
     report = cache.embed_root(
         args.root,
-        args.model,
-        checkpoint=args.checkpoint,
+        model,
         cache_dir=args.cache,
-        device=args.device,
         dtype=args.dtype,
+        batch_size=args.batch_size,
+        prefetch=args.prefetch,
     )
     print(report.summary())
     return 1 if report.n_failed else 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from cosmoslib import evaluate
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shift-levels wants integers like 1,2,3, got {text!r}") from None
+    if any(not 0 <= v <= 3 for v in levels):
+        raise argparse.ArgumentTypeError(f"shift levels are 0..3 (0 = unshifted), got {text!r}")
+    return levels
 
-    report = evaluate.evaluate_cli(
-        root=args.root,
-        models=args.model,
-        checkpoints=args.checkpoint,
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """``cosmos evaluate``: index the root, load the models, evaluate, write ``--out``."""
+    checkpoints = list(args.checkpoint or [])
+    if checkpoints and len(checkpoints) != len(args.model):
+        raise io.InputError(None, f"give one --checkpoint per --model ({len(args.model)} models, "
+                                  f"{len(checkpoints)} checkpoints)")
+    loaded = [models.load_model(name, checkpoint=checkpoints[i] if checkpoints else None, device=args.device,
+                                threads=args.threads)
+              for i, name in enumerate(args.model)]
+    manifest = io.index(args.root)
+    if args.max_objects:
+        manifest = dataset.subsample(manifest, max_objects_per_image=args.max_objects, seed=args.seed)
+    _, report = evaluate.evaluate(
+        manifest, args.root, loaded, args.out,
         strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
-        out=args.out,
-        cache_dir=args.cache,
-        save_masks=args.save_masks,
-        seed=args.seed,
-        device=args.device,
-        points_per_side=args.points_per_side,
-        max_objects=args.max_objects,
-    )
+        cache_dir=args.cache, save_masks=args.save_masks, seed=args.seed,
+        points_per_side=args.points_per_side, shift_levels=args.shift_levels, repeats=args.repeats)
     print(report.summary())
     return 1 if report.n_failed else 0
 
 
 def _factors(args: argparse.Namespace) -> int:
-    from cosmoslib import factors
-
-    report = factors.factors_cli(args.root, args.out, info_dir=args.info_dir)
+    report = factors.factors_cli(args.root, args.out, info_dir=args.info_dir, modality=_modalities(args.modality))
     print(report.summary())
     return 1 if report.n_skipped else 0
 
 
-def _book(args: argparse.Namespace) -> int:
-    from cosmoslib import runlist
+def _finetune(args: argparse.Namespace) -> int:
+    """``cosmos finetune``: split ROOT by source, train the mask decoder, write and register DIR/model.pth."""
+    model = models.load_model(args.model, checkpoint=args.checkpoint, device=args.device, threads=args.threads)
+    manifest = io.index(args.root)
+    settings = finetune.Settings(
+        curriculum=args.prompts, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+        batch_images=args.batch_images, seed=args.seed, max_objects_per_image=args.max_objects_per_image,
+        max_val_objects=args.max_val_objects, shift_levels=args.shift_levels or (0,),
+        fractions=(1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction))
+    result = finetune.finetune(manifest, args.root, model, args.out, settings, name=args.name,
+                               cache_dir=args.cache, device=args.device, overwrite=args.overwrite)
+    print(result.summary())
+    print(f"Evaluate it with: cosmos evaluate {args.root} --model {result.name} --checkpoint {result.checkpoint}")
+    return 0
 
+
+def _book(args: argparse.Namespace) -> int:
     report = runlist.build_book(
         args.config, only=args.only, execute=not args.no_execute, build=not args.no_build
     )
@@ -109,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="read a COSMOS-layout folder into a manifest (Parquet)")
     p.add_argument("root", type=Path)
     p.add_argument("--info-dir", type=Path, default=None, help="folder holding the <task>.json files")
+    p.add_argument("--modality", action="append", type=_modality_pair, default=None, help=MODALITY_HELP)
     p.add_argument("--out", type=Path, required=True, help="manifest.parquet to write")
     p.set_defaults(func=_index)
 
@@ -119,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default: paths.embedding_cache_dir())")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored precision")
+    p.add_argument("--fast-encoder", action=argparse.BooleanOptionalAction, default=True,
+                   help="SDPA attention / channels-last TinyViT at parity with the stock encoder "
+                        "(--no-fast-encoder runs stock)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (set it when several processes share a machine)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per encoder pass")
+    p.add_argument("--prefetch", type=int, default=2, help="images read ahead on a background thread")
+    p.add_argument("--autocast", action="store_true", help="bf16/fp16 autocast on CUDA (keyed apart in the cache)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA; slow first pass)")
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("evaluate", help="run strategies S1..S6 from the embedding cache")
@@ -133,12 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="prompt sampling seed")
     p.add_argument("--device", default=None)
     p.add_argument("--points-per-side", type=int, default=32, help="S1 grid size m (m x m points)")
-    p.add_argument("--max-objects", type=int, default=None, help="cap objects per task (sampling)")
+    p.add_argument("--max-objects", type=int, default=None,
+                   help="keep at most this many objects per image (see cosmoslib.dataset.subsample)")
+    p.add_argument("--shift-levels", type=_levels, default=(0,),
+                   help="prompt shift levels besides the unshifted prompt, e.g. 1,2,3 "
+                        "(1: 0-10, 2: 10-20, 3: 20-30 pixels; paper Table 8)")
+    p.add_argument("--repeats", type=int, default=3, help="seeded repeats per shift level")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (set it when several processes share a machine)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("factors", help="object factors: size, aspect ratio, intensity difference, Fourier order")
     p.add_argument("root", type=Path)
     p.add_argument("--info-dir", type=Path, default=None)
+    p.add_argument("--modality", action="append", type=_modality_pair, default=None, help=MODALITY_HELP)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_factors)
 
@@ -148,14 +202,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-execute", action="store_true", help="build from the notebooks already in book/runs")
     p.add_argument("--no-build", action="store_true", help="execute notebooks only")
     p.set_defaults(func=_book)
+
+    p = sub.add_parser("finetune", help="finetune a model's mask decoder from cached embeddings (paper 4.12)")
+    p.add_argument("root", type=Path)
+    p.add_argument("--model", required=True, help="base model (registry name), e.g. litemedsam, sam_vit_b")
+    p.add_argument("--checkpoint", type=Path, default=None, help="base checkpoint file (SAM models)")
+    p.add_argument("--prompts", choices=sorted(finetune.CURRICULA), default="box",
+                   help="prompt curriculum: box (tight box, the paper) or mixed (S2-S6 drawn per object)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs (the paper: 20)")
+    p.add_argument("--out", type=Path, required=True, help="run folder: model.pth, provenance.json, split.csv")
+    p.add_argument("--name", default=None, help="registry name (default <model>-ft-<prompts>)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--batch-images", type=int, default=2, help="images per optimiser step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-objects-per-image", type=int, default=0,
+                   help="objects of one image per step, a seeded draw per epoch (0 = all)")
+    p.add_argument("--max-val-objects", type=int, default=0, help="validation objects scored per epoch (0 = all)")
+    p.add_argument("--shift-levels", type=_levels, default=None,
+                   help="prompt shift levels drawn per training prompt, e.g. 0,1,2,3 (Table 8; default 0)")
+    p.add_argument("--val-fraction", type=float, default=finetune.DEFAULT_FRACTIONS[1],
+                   help="target share of objects in validation (split by source volume)")
+    p.add_argument("--test-fraction", type=float, default=finetune.DEFAULT_FRACTIONS[2],
+                   help="target share of objects in test")
+    p.add_argument("--cache", type=Path, default=None, help="embedding cache folder")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--overwrite", action="store_true", help="replace a run of other inputs found in --out")
+    p.set_defaults(func=_finetune)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from cosmoslib.io import InputError
-
     try:
         return args.func(args)
     except InputError as exc:

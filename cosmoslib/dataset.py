@@ -2,13 +2,14 @@
 
 A chapter asks for "the data of this config": :func:`load_manifest` indexes a COSMOS-layout
 root (building the embedded cosmos-demo when none is given) and applies the config's
-deterministic subsampling, so every chapter of one config sees exactly the same images and
-objects. The ``fig3_*`` functions compute the four panels of the paper's Fig. 3 for it.
+seeded subsampling (:func:`subsample`), so every chapter of one config sees exactly the same
+images and objects. The ``fig3_*`` functions compute the four panels of the paper's Fig. 3 for it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -41,28 +42,67 @@ def resolve_root(data_root: str | Path | None) -> Path:
     return root
 
 
+#: Ways to choose objects when an image has more than ``max_objects_per_image`` of them.
+ObjectSampling = Literal["random", "largest"]
+OBJECT_SAMPLING: tuple[str, ...] = get_args(ObjectSampling)
+
+
+def _object_keys(df: pd.DataFrame, seed: int) -> np.ndarray:
+    """One uniform 64-bit key per row from (seed, task, image_id, label_value) only.
+
+    The k smallest keys of an image are a uniformly random k-subset of its objects that does
+    not depend on row order, on the other images present, or on the process (no ``hash()``).
+    """
+    import hashlib
+
+    def key(task, image_id, value) -> int:
+        text = f"objects\0{int(seed)}\0{task}\0{image_id}\0{int(value)}".encode("utf-8")
+        return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+    return np.array([key(t, i, v) for t, i, v in
+                     zip(df["task"], df["image_id"], df["label_value"])], dtype=np.uint64)
+
+
 def subsample(manifest: pd.DataFrame, max_images_per_task: int = 0,
-              max_objects_per_image: int = 0, seed: int = 0) -> pd.DataFrame:
-    """Deterministic subsample of a manifest (smoke runs, sized demos).
+              max_objects_per_image: int = 0, seed: int = 0,
+              object_sampling: ObjectSampling = "random") -> pd.DataFrame:
+    """Seeded, reproducible subsample of a manifest (smoke runs, sized demos, ``--max-objects``).
 
     Parameters
     ----------
     manifest : DataFrame
         One row per (image, object), as returned by :func:`cosmoslib.io.index`.
     max_images_per_task : int
-        Keep at most this many images per task (0 = all), chosen with a seeded generator and
-        returned in manifest order.
+        Keep at most this many images per task (0 = all), a uniform random choice with a
+        generator seeded by ``seed``, returned in manifest order.
     max_objects_per_image : int
-        Keep at most this many objects per image (0 = all): the largest by ``area_px``,
-        ties broken by label value, so the choice does not depend on row order.
+        Keep at most this many objects per image (0 = all); images with fewer keep them all.
+        Which ones is set by ``object_sampling``.
     seed : int
-        Seed of the image choice.
+        Seed of the image choice and of the ``"random"`` object choice.
+    object_sampling : {"random", "largest"}
+        ``"random"`` (default): a uniform random sample of ``max_objects_per_image`` objects of
+        each image, without replacement; every object of an image with n objects is kept with
+        probability ``max_objects_per_image / n`` whatever its size, so factors such as size
+        are not biased. The choice depends only on ``seed`` and the object's (task, image_id,
+        label_value): the same for any row order, any subset of other images, any process;
+        another seed gives another sample. ``"largest"``: the objects with the largest
+        ``area_px``, ties broken by the smaller label value (deterministic, seed not used; the
+        behaviour before this option existed). It favours large objects, so results on it
+        overstate performance on small ones.
 
     Returns
     -------
     DataFrame
-        A copy with the index reset; empty input gives empty output.
+        A copy with the index reset, rows in manifest order; empty input gives empty output.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``object_sampling``.
     """
+    if object_sampling not in OBJECT_SAMPLING:
+        raise ValueError(f"unknown object_sampling {object_sampling!r}; choose one of {OBJECT_SAMPLING}")
     df = manifest
     if max_images_per_task and len(df):
         rng = np.random.default_rng(seed)
@@ -75,15 +115,20 @@ def subsample(manifest: pd.DataFrame, max_images_per_task: int = 0,
         keys = pd.MultiIndex.from_frame(df[["task", "image_id"]])
         df = df[keys.isin(keep)]
     if max_objects_per_image and len(df):
-        df = (df.sort_values(["task", "image_id", "area_px", "label_value"],
-                             ascending=[True, True, False, True])
-                .groupby(["task", "image_id"], sort=False).head(max_objects_per_image)
-                .sort_index())
+        if object_sampling == "largest":
+            order = df.sort_values(["task", "image_id", "area_px", "label_value"],
+                                   ascending=[True, True, False, True])
+        else:
+            order = (df.assign(_key=_object_keys(df, seed))
+                     .sort_values(["task", "image_id", "_key", "label_value"]).drop(columns="_key"))
+        df = (order.groupby(["task", "image_id"], sort=False).head(max_objects_per_image)
+              .sort_index())
     return df.reset_index(drop=True)
 
 
 def load_manifest(data_root: str | Path | None = "", max_images_per_task: int = 0,
-                  max_objects_per_image: int = 0, seed: int = 0) -> pd.DataFrame:
+                  max_objects_per_image: int = 0, seed: int = 0,
+                  object_sampling: ObjectSampling = "random") -> pd.DataFrame:
     """Index the config's COSMOS root and subsample it (see :func:`subsample`).
 
     The manifest gains a ``root`` attribute (``df.attrs["root"]``) with the absolute root.
@@ -91,7 +136,8 @@ def load_manifest(data_root: str | Path | None = "", max_images_per_task: int = 
     from cosmoslib import io
 
     root = resolve_root(data_root)
-    df = subsample(io.index(root), max_images_per_task, max_objects_per_image, seed)
+    df = subsample(io.index(root), max_images_per_task, max_objects_per_image, seed,
+                   object_sampling=object_sampling)
     df.attrs["root"] = str(root)
     return df
 
@@ -154,3 +200,11 @@ def summary_numbers(manifest: pd.DataFrame) -> dict[str, int]:
         "n_masks": int(len(manifest)),
         "n_sources": int(manifest["source"].dropna().nunique()) if "source" in manifest else 0,
     }
+
+
+def per_task(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Table 1b: images, masks and median image size (pixels) per dataset, task and modality."""
+    return (images(manifest).groupby(["dataset", "task", "modality"])
+            .agg(images=("image_id", "size"), masks=("n_objects", "sum"),
+                 median_height=("height", "median"), median_width=("width", "median"))
+            .reset_index())

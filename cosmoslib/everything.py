@@ -28,6 +28,20 @@ import functools
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.utils.amg import (
+    MaskData,
+    area_from_rle,
+    batch_iterator,
+    batched_mask_to_box,
+    build_point_grid,
+    calculate_stability_score,
+    mask_to_rle_pytorch,
+    rle_to_mask,
+)
+from torchvision.ops.boxes import batched_nms
+from tqdm.auto import tqdm
 
 #: SAM's defaults (ViT-H automatic mask generator), used by the paper.
 DEFAULTS = {
@@ -78,8 +92,6 @@ class EverythingResult:
 
     def mask(self, i: int) -> np.ndarray:
         """Mask ``i`` as a bool ``(H, W)`` array."""
-        from segment_anything.utils.amg import rle_to_mask
-
         return rle_to_mask(self.rles[i])
 
     @functools.cached_property
@@ -94,14 +106,10 @@ class EverythingResult:
     @property
     def areas(self) -> np.ndarray:
         """(K,) int, pixel count of every mask (from the RLE, no decoding)."""
-        from segment_anything.utils.amg import area_from_rle
-
         return np.array([area_from_rle(r) for r in self.rles], dtype=np.int64)
 
 
 def _as_embedding(embedding, model):
-    import torch
-
     sam = getattr(model, "sam", None)
     dtype = next(sam.mask_decoder.parameters()).dtype if sam is not None else torch.float32
     emb = torch.as_tensor(np.asarray(embedding) if not torch.is_tensor(embedding) else embedding)
@@ -151,19 +159,6 @@ def generate_everything(
     EverythingResult
         Possibly empty (``len(result) == 0``) when no mask passes the filters.
     """
-    import torch
-    from segment_anything import SamAutomaticMaskGenerator
-    from segment_anything.utils.amg import (
-        MaskData,
-        batch_iterator,
-        batched_mask_to_box,
-        build_point_grid,
-        calculate_stability_score,
-        mask_to_rle_pytorch,
-    )
-    from torchvision.ops.boxes import batched_nms
-    from tqdm.auto import tqdm
-
     if int(points_per_side) < 1 or int(points_per_batch) < 1:
         raise ValueError("points_per_side and points_per_batch must be positive")
     orig_h, orig_w = (int(v) for v in original_size)

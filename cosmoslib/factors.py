@@ -8,20 +8,25 @@ DICE (Table 6, computed in :mod:`cosmoslib.stats`):
 ``aspect_ratio`` -- :func:`aspect_ratio`
     Short side / long side of the tight GT bounding box (0..1]; sides are counted inclusively
     in pixels, so a one-pixel-wide object has side 1.
-``intensity_diff`` -- :func:`intensity_difference`
-    Mean grey level inside the object minus the mean over its surroundings: the bounding box
-    enlarged outward by 0.1 x its width on the left and on the right and 0.1 x its height at the
-    top and at the bottom (each margin rounded *up* to whole pixels, so every object gets at
-    least a one-pixel ring), clipped to the image, without the object itself. Positive = object
-    brighter. Units: grey levels of the 0..255 normalised image; RGB is first turned into luma
-    with ITU-R BT.601 weights (0.299 R + 0.587 G + 0.114 B, as PIL's ``'L'`` mode, kept as
-    float). NaN when the surroundings are empty (the object fills its enlarged box, e.g. the
-    whole image).
+``intensity_diff`` -- :func:`contrast`
+    Contrast magnitude ``|mean inside - mean of surroundings|``, the paper's reading ("poor ...
+    with low contrast" is about magnitude). The surroundings are the bounding box enlarged
+    outward by 0.1 x its width on the left and on the right and 0.1 x its height at the top
+    and at the bottom (each margin rounded *up* to whole pixels, so every object gets at least
+    a one-pixel ring), clipped to the image, without the object itself. Units: grey levels of
+    the 0..255 normalised image; RGB is first turned into luma with ITU-R BT.601 weights
+    (0.299 R + 0.587 G + 0.114 B, as PIL's ``'L'`` mode, kept as float). NaN when the
+    surroundings are empty (the object fills its enlarged box, e.g. the whole image).
+``intensity_diff_signed`` -- :func:`intensity_difference`
+    The same difference with its sign (positive = object brighter), kept as its own column.
 ``modality_code`` -- :func:`modality_code`
-    A fixed integer per modality (:data:`MODALITY_CODES`, the paper's 18 modalities in
-    alphabetical order, "unknown" last), stable across runs.
+    A fixed integer per modality (:data:`MODALITY_CODES`, from :mod:`cosmoslib.vocabulary`:
+    the paper's 18 modalities in alphabetical order, "unknown" 18), stable across runs.
 ``fourier_order`` -- :func:`fourier_order`
-    Boundary complexity as the elliptic-Fourier order needed to redraw the object (Eq. 2-3).
+    Boundary complexity as the elliptic-Fourier order needed to redraw the object's outer
+    contour (Eq. 2-3), DICE taken against the region that contour encloses (holes filled), as
+    the paper defines it. ``fourier_order_mask`` is the same search with DICE against the whole
+    mask (holes and other parts penalised); :func:`fo_reference_effect` compares the two.
 
 :func:`compute_factors` applies them to a manifest and :func:`factors_cli` backs
 ``cosmos factors ROOT --out factors.parquet``.
@@ -30,7 +35,6 @@ DICE (Table 6, computed in :mod:`cosmoslib.stats`):
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,51 +42,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cosmoslib import vocabulary
 from cosmoslib.prompts import object_mask
 
-#: The paper's 18 modalities (Fig. 1) in case-insensitive alphabetical order, then "unknown".
-#: Written out as a literal so the codes never change when the list is edited elsewhere.
-MODALITY_CODES: dict[str, int] = {
-    "ADC MRI": 0,
-    "Cine-MRI": 1,
-    "CMR": 2,
-    "Colonoscopy": 3,
-    "CT": 4,
-    "Dermoscopy": 5,
-    "DW MRI": 6,
-    "Electron Microscopy": 7,
-    "Fundus": 8,
-    "Histopathology": 9,
-    "Microscopy": 10,
-    "MRI": 11,
-    "T1-GD MRI": 12,
-    "T1W MRI": 13,
-    "T2-FLAIR MRI": 14,
-    "T2W MRI": 15,
-    "US": 16,
-    "X-ray": 17,
-    "unknown": 18,
-}
-
-#: Other spellings accepted by :func:`modality_code`, after lower-casing and dropping every
-#: character that is not a letter or digit (so "T1W MRI", "t1w-mri" and "T1WMRI" all match).
-_MODALITY_ALIASES: dict[str, str] = {
-    "adc": "ADC MRI",
-    "cine": "Cine-MRI",
-    "cinemr": "Cine-MRI",
-    "dw": "DW MRI",
-    "dwi": "DW MRI",
-    "dwmr": "DW MRI",
-    "em": "Electron Microscopy",
-    "mr": "MRI",
-    "t1gd": "T1-GD MRI",
-    "t1w": "T1W MRI",
-    "t2flair": "T2-FLAIR MRI",
-    "flair": "T2-FLAIR MRI",
-    "t2w": "T2W MRI",
-    "ultrasound": "US",
-    "xray": "X-ray",
-}
+#: Re-exported from :mod:`cosmoslib.vocabulary` (the one modality vocabulary): the paper's 18
+#: modalities in case-insensitive alphabetical order, then "unknown" (18).
+MODALITY_CODES: dict[str, int] = vocabulary.MODALITY_CODES
 
 #: ITU-R BT.601 luma weights (R, G, B), the ones PIL uses for mode "L".
 LUMA_BT601 = (0.299, 0.587, 0.114)
@@ -90,18 +55,12 @@ LUMA_BT601 = (0.299, 0.587, 0.114)
 #: Columns of the factors table, in order.
 FACTOR_COLUMNS = (
     "task", "image_id", "label_value", "object", "modality", "size_px", "aspect_ratio",
-    "intensity_diff", "modality_code", "fourier_order", "fourier_order_raw", "efd_dice",
-    "n_contours", "fo_stopped_by",
+    "intensity_diff", "intensity_diff_signed", "modality_code", "fourier_order",
+    "fourier_order_raw", "efd_dice", "n_contours", "n_holes", "fo_stopped_by",
+    "fourier_order_mask", "efd_dice_mask",
 )
 
 _KEY = ["task", "image_id", "label_value"]
-
-
-def _key(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", str(name).lower())
-
-
-_MODALITY_LOOKUP = {_key(k): k for k in MODALITY_CODES} | _MODALITY_ALIASES
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,25 +162,36 @@ def intensity_difference(image: np.ndarray, mask: np.ndarray, ratio: float = 0.1
     return float(grey[mask].mean() - grey[surround].mean())
 
 
+def contrast(image: np.ndarray, mask: np.ndarray, ratio: float = 0.1) -> float:
+    """Contrast magnitude ``|intensity_difference(image, mask, ratio)|`` in grey levels.
+
+    The paper's reading of the intensity factor ("SAM performs poorly ... with low contrast"
+    is about how far the object's grey level is from its surroundings, in either direction):
+    the ``intensity_diff`` column of the factors table. NaN where
+    :func:`intensity_difference` is NaN (empty surroundings).
+    """
+    return abs(intensity_difference(image, mask, ratio))
+
+
 def modality_code(modality: str | None) -> int:
-    """The fixed integer code of a modality name (:data:`MODALITY_CODES`).
+    """The fixed integer code of a modality name (:func:`cosmoslib.vocabulary.modality_code`).
 
     Matching ignores case and every non-alphanumeric character and knows a few aliases
-    ("Ultrasound" -> US, "X ray" -> X-ray, "MR" -> MRI, "T1W" -> T1W MRI, ...). Anything else,
-    including None/NaN, is ``MODALITY_CODES["unknown"]`` (18).
+    ("Ultrasound" -> US, "X ray" -> X-ray, "MR" -> MRI, "T1W" -> T1W MRI, ...). The paper's 18
+    modalities get 0..17 (:data:`MODALITY_CODES`), the vocabulary's extra names (PET, OCT, ...)
+    19 and up; anything else, including None/NaN/"unknown", is ``MODALITY_CODES["unknown"]``
+    (18).
     """
-    if modality is None or (isinstance(modality, float) and math.isnan(modality)):
-        return MODALITY_CODES["unknown"]
-    name = _MODALITY_LOOKUP.get(_key(modality))
-    if name is None and _key(modality).endswith("mri"):
-        # "T1W MRI" style names whose stem is an alias ("Cine MRI", "DWI MRI").
-        name = _MODALITY_ALIASES.get(_key(modality)[: -len("mri")])
-    return MODALITY_CODES[name] if name else MODALITY_CODES["unknown"]
+    return vocabulary.modality_code(modality)
 
 
 # --------------------------------------------------------------------------------------------
 # Fourier order (Eq. 2-3)
 # --------------------------------------------------------------------------------------------
+
+
+#: What the decoded contour is compared with in :func:`fourier_order`.
+FO_REFERENCES = ("outer", "mask")
 
 
 @dataclass(frozen=True)
@@ -235,7 +205,8 @@ class FourierOrder:
     raw_order : int
         ``F_a``, the order at which the search stopped.
     dice : float
-        DICE (%) between the filled reconstruction at ``F_a`` and the GT mask.
+        DICE (%) between the filled reconstruction at ``F_a`` and the reference (see
+        ``reference``).
     stopped_by : str
         ``'dice'`` (DICE > threshold), ``'gain'`` (DICE gained less than ``min_gain`` for
         ``patience`` consecutive orders) or ``'cap'`` (``max_order`` reached).
@@ -244,6 +215,9 @@ class FourierOrder:
         the boundaries of its holes (1 = one simple region).
     dices : tuple of float
         DICE (%) at orders 1..F_a.
+    reference : str
+        ``'outer'`` (the filled outer region, the paper's "original contour") or ``'mask'``
+        (the whole mask, holes and other components included).
     """
 
     order: float
@@ -252,6 +226,7 @@ class FourierOrder:
     stopped_by: str
     n_contours: int
     dices: tuple[float, ...] = field(repr=False)
+    reference: str = "outer"
 
 
 def _contours(mask: np.ndarray) -> list[np.ndarray]:
@@ -261,7 +236,7 @@ def _contours(mask: np.ndarray) -> list[np.ndarray]:
     one pixel, so objects touching the border still get closed curves. The curves run half-way
     between object and background pixel centres, so filling one (pixel centres inside, as
     :func:`skimage.draw.polygon`) gives back exactly the pixels it encloses;
-    ``fully_connected='high'`` makes the object 8-connected.
+    ``fully_connected='high'`` makes the object 8-connected (and the background 4-connected).
     """
     from skimage import measure
 
@@ -269,12 +244,65 @@ def _contours(mask: np.ndarray) -> list[np.ndarray]:
     return [c[:, ::-1] - 1.0 for c in measure.find_contours(padded, 0.5, fully_connected="high")]
 
 
-def _largest_contour(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    import cv2
+_EIGHT = np.ones((3, 3), dtype=bool)
 
+
+def outer_region(mask: np.ndarray) -> np.ndarray:
+    """The region inside the object's outer contour: its largest part with holes filled.
+
+    The mask is split into 8-connected components (:func:`scipy.ndimage.label`, the
+    connectivity of :func:`_contours`); each is filled with
+    :func:`scipy.ndimage.binary_fill_holes` (background 4-connected, so a hole that touches
+    the outside only at a corner stays a hole); the filled component with the most pixels is
+    returned (ties: the first in raster order). This is the region the paper's "original
+    contour" encloses, the reference of :func:`fourier_order` by default.
+
+    Parameters
+    ----------
+    mask : (H, W) bool array, non-empty.
+
+    Returns
+    -------
+    (H, W) bool array
+        Equal to ``mask`` for a single component without holes.
+    """
+    from scipy import ndimage
+
+    mask = object_mask(mask)
+    labels, n = ndimage.label(mask, structure=_EIGHT)
+    if n == 1:
+        return ndimage.binary_fill_holes(mask)
+    filled = [ndimage.binary_fill_holes(labels == i) for i in range(1, n + 1)]
+    return filled[int(np.argmax([f.sum() for f in filled]))]
+
+
+def count_holes(mask: np.ndarray) -> int:
+    """Number of holes of a mask: 4-connected background regions enclosed by the object.
+
+    Counted with :func:`scipy.ndimage.binary_fill_holes` and :func:`scipy.ndimage.label`
+    (4-connected background, as :func:`_contours`), so ``n_contours = components + holes``.
+    A myocardium ring has 1, a disc 0.
+    """
+    from scipy import ndimage
+
+    mask = object_mask(mask)
+    return int(ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)[1])
+
+
+def _outline(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(contour, outer, n_contours)``: the fitted outline (the boundary of
+    :func:`outer_region`), that region, and the number of boundaries of the whole mask."""
     curves = _contours(mask)
-    areas = [abs(cv2.contourArea(c.astype(np.float32))) for c in curves]
-    return curves[int(np.argmax(areas))], len(curves)
+    if len(curves) == 1:  # one component, no hole: the mask is its own outer region
+        return curves[0], mask, 1
+    outer = outer_region(mask)
+    (contour,) = _contours(outer)
+    return contour, outer, len(curves)
+
+
+def _largest_contour(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    contour, _, n_contours = _outline(mask)
+    return contour, n_contours
 
 
 def _n_points(contour: np.ndarray, order: int) -> int:
@@ -377,7 +405,8 @@ def efd_contour(mask: np.ndarray, order: int, num_points: int | None = None) -> 
     """The object's outline redrawn from its first ``order`` elliptic Fourier harmonics.
 
     For figures (paper Fig. 12 and Fig. 15). The outline fitted is the same one
-    :func:`fourier_order` uses: the largest outer boundary of the mask.
+    :func:`fourier_order` uses: the boundary of :func:`outer_region` (the largest part of the
+    mask, holes filled).
 
     Parameters
     ----------
@@ -409,6 +438,7 @@ def fourier_order(
     min_gain: float = 0.1,
     max_order: int = 50,
     patience: int = 1,
+    reference: str = "outer",
 ) -> FourierOrder:
     """Boundary complexity as the paper's optimised Fourier order (section 4.8, Eq. 2-3).
 
@@ -418,14 +448,25 @@ def fourier_order(
     than 0.1%. Consequently, we record the FO (F_a) and DICE after termination. Finally, we take
     F_final = F_a + n x 100 x (1 - DICE), n = 2 as the final optimized FO."
 
-    Procedure here: the outline is the largest outer boundary of the mask (marching squares,
-    see :func:`_contours`); its elliptic Fourier descriptors come from
-    :func:`pyefd.elliptic_fourier_descriptors` (``normalize=False``) and the centre
-    ``(L_x, L_y)`` from :func:`pyefd.calculate_dc_coefficients`. For orders ``1, 2, ...`` the
-    outline is rebuilt with :func:`pyefd.reconstruct_contour`, filled on the image grid (the
-    pixels :func:`skimage.draw.polygon` would fill, even-odd rule for a self-crossing curve,
-    see :func:`fill_polygon`) and compared with
-    the *whole* GT mask by DICE. The search stops at the first order ``F_a`` where
+    Procedure here: the outline is the boundary of :func:`outer_region` -- the mask's largest
+    8-connected part with its holes filled -- traced by marching squares (:func:`_contours`);
+    its elliptic Fourier descriptors come from :func:`pyefd.elliptic_fourier_descriptors`
+    (``normalize=False``) and the centre ``(L_x, L_y)`` from
+    :func:`pyefd.calculate_dc_coefficients`. For orders ``1, 2, ...`` the outline is rebuilt
+    with :func:`pyefd.reconstruct_contour`, filled on the image grid (the pixels
+    :func:`skimage.draw.polygon` would fill, even-odd rule for a self-crossing curve, see
+    :func:`fill_polygon`) and compared by DICE with the reference:
+
+    * ``reference='outer'`` (default, the paper's definition): the region the original contour
+      encloses, :func:`outer_region`. Holes are not boundary complexity here: a ring scores as
+      its filled outer disc.
+    * ``reference='mask'``: the whole GT mask. Holes and further components cap the reachable
+      DICE, stop the search by the gain rule and raise ``F_final`` through the penalty term
+      (a myocardium ring ends near DICE 60 % and FO ~ 80); kept to show how much the choice
+      moves FO (:func:`fo_reference_effect`).
+
+    For a mask with one component and no hole (``n_contours == 1``) both give the same result.
+    The search stops at the first order ``F_a`` where
 
     * DICE > ``dice_stop`` -> ``'dice'``;
     * DICE gained less than ``min_gain`` percentage points over the previous order (a loss
@@ -434,11 +475,6 @@ def fourier_order(
     * ``F_a == max_order`` -> ``'cap'`` (a guard the paper does not need to state).
 
     Then ``F_final = F_a + n * 100 * (1 - DICE_a)`` with ``DICE_a`` as a fraction.
-
-    Several components or holes: only the largest outer boundary is fitted, but DICE is taken
-    against the full mask, so holes and further components cap the reachable DICE, stop the
-    search by the gain rule and raise ``F_final`` through the penalty term -- a fragmented or
-    holed object counts as complex. ``n_contours`` reports how many boundaries there were.
 
     A caveat of the paper's gain rule (kept as the default): harmonics that a shape's symmetry
     makes zero add nothing, so a shape with k-fold rotational symmetry only gains at orders
@@ -460,18 +496,27 @@ def fourier_order(
         Hard cap on the order (not in the paper), >= 1.
     patience : int
         Consecutive low-gain orders needed to stop by the gain rule (paper: 1).
+    reference : {'outer', 'mask'}
+        What the decoded contour is compared with (see above).
 
     Returns
     -------
     FourierOrder
+
+    Raises
+    ------
+    ValueError
+        Empty or non-2-D mask, ``max_order < 1``, ``patience < 1`` or an unknown ``reference``.
     """
     if max_order < 1:
         raise ValueError(f"max_order must be >= 1, got {max_order}")
     if patience < 1:
         raise ValueError(f"patience must be >= 1, got {patience}")
+    if reference not in FO_REFERENCES:
+        raise ValueError(f"reference must be one of {FO_REFERENCES}, got {reference!r}")
     mask = object_mask(mask)
-    dice_of = _DiceToMask(mask)
-    contour, n_contours = _largest_contour(mask)
+    contour, outer, n_contours = _outline(mask)
+    dice_of = _DiceToMask(outer if reference == "outer" else mask)
     coeffs, locus = _efd(contour, max_order)
     num_points = _n_points(contour, max_order)
 
@@ -497,6 +542,7 @@ def fourier_order(
         stopped_by=stopped_by,
         n_contours=n_contours,
         dices=tuple(dices),
+        reference=reference,
     )
 
 
@@ -505,20 +551,46 @@ def fourier_order(
 # --------------------------------------------------------------------------------------------
 
 
+_FO_KWARGS = ("n", "dice_stop", "min_gain", "max_order", "patience")
+
+
+def _check_fo_kwargs(fo_kwargs: dict) -> None:
+    if bad := sorted(set(fo_kwargs) - set(_FO_KWARGS)):
+        raise TypeError(
+            f"unexpected Fourier-order option(s) {bad}; allowed: {list(_FO_KWARGS)} (the table "
+            "always holds both references: fourier_order (outer) and fourier_order_mask)")
+
+
 def object_factors(image: np.ndarray, mask: np.ndarray, modality: str | None = None,
                    **fo_kwargs) -> dict:
-    """All factors of one object as a dict of the factor columns (no key columns)."""
+    """All factors of one object as a dict of the factor columns (no key columns).
+
+    ``fourier_order``, ``fourier_order_raw``, ``efd_dice`` and ``fo_stopped_by`` use the
+    paper's reference (:func:`fourier_order` with ``reference='outer'``);
+    ``fourier_order_mask`` and ``efd_dice_mask`` the whole mask (computed only when the mask
+    has more than one boundary; otherwise the two are the same numbers).
+    ``intensity_diff`` is the contrast magnitude (:func:`contrast`) and
+    ``intensity_diff_signed`` the signed :func:`intensity_difference`.
+    ``fo_kwargs``: ``n, dice_stop, min_gain, max_order, patience`` of :func:`fourier_order`.
+    """
+    _check_fo_kwargs(fo_kwargs)
     fo = fourier_order(mask, **fo_kwargs)
+    fo_mask = fourier_order(mask, reference="mask", **fo_kwargs) if fo.n_contours > 1 else fo
+    signed = intensity_difference(image, mask)
     return dict(
         size_px=size(mask),
         aspect_ratio=aspect_ratio(mask),
-        intensity_diff=intensity_difference(image, mask),
+        intensity_diff=abs(signed),
+        intensity_diff_signed=signed,
         modality_code=modality_code(modality),
         fourier_order=fo.order,
         fourier_order_raw=fo.raw_order,
         efd_dice=fo.dice,
         n_contours=fo.n_contours,
+        n_holes=count_holes(mask) if fo.n_contours > 1 else 0,
         fo_stopped_by=fo.stopped_by,
+        fourier_order_mask=fo_mask.order,
+        efd_dice_mask=fo_mask.dice,
     )
 
 
@@ -560,9 +632,11 @@ def _iter_images(manifest: pd.DataFrame, root: Path, fo_kwargs: dict, progress: 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
     """The factors columns in order, with nullable integers where a value may be missing."""
     df = df.reindex(columns=list(FACTOR_COLUMNS))
-    for col in ("label_value", "size_px", "modality_code", "fourier_order_raw", "n_contours"):
+    for col in ("label_value", "size_px", "modality_code", "fourier_order_raw", "n_contours",
+                "n_holes"):
         df[col] = df[col].astype("Int64")
-    for col in ("aspect_ratio", "intensity_diff", "fourier_order", "efd_dice"):
+    for col in ("aspect_ratio", "intensity_diff", "intensity_diff_signed", "fourier_order",
+                "efd_dice", "fourier_order_mask", "efd_dice_mask"):
         df[col] = df[col].astype(float)
     for col in ("task", "image_id", "object", "modality", "fo_stopped_by"):
         df[col] = df[col].astype(object).where(df[col].notna(), None)
@@ -598,8 +672,13 @@ def compute_factors(
     DataFrame
         Columns :data:`FACTOR_COLUMNS`. An unreadable image or a failing object gives NaN
         factors (the key columns stay) and is recorded in ``df.attrs["skipped"]`` as a list of
-        ``(file, reason)``; it never stops the batch.
+        ``(file, reason)``; it never stops the batch. ``df.attrs["unknown_modality"]`` is
+        ``{task: n_objects}`` for the tasks whose modality the vocabulary does not know
+        (``modality_code`` 18; see :func:`cosmoslib.io.unknown_modalities`).
     """
+    from cosmoslib import io
+
+    _check_fo_kwargs(fo_kwargs)
     missing = {"task", "image_id", "label_value", "image_path", "label_path"} - set(manifest)
     if missing:
         raise ValueError(f"manifest lacks columns {sorted(missing)}")
@@ -613,7 +692,59 @@ def compute_factors(
     rows.sort(key=lambda r: r["_row"])
     df = _typed(pd.DataFrame(rows))
     df.attrs["skipped"] = skipped
+    df.attrs["unknown_modality"] = io.unknown_modalities(df) if "modality" in manifest else {}
     return df
+
+
+def fo_reference_effect(factors: pd.DataFrame, by: str | list[str] = "object") -> pd.DataFrame:
+    """How much the Fourier-order reference moves FO, for the objects where it can.
+
+    The two references of :func:`fourier_order` differ only for masks with more than one
+    boundary (``n_contours > 1``: holes, or several parts). For those objects, per group:
+
+    ``n`` (objects with more than one boundary), ``n_holed`` (of which with at least one
+    hole), ``fo_median`` (the paper's FO, decoded contour vs filled outer region),
+    ``fo_mask_median`` (vs the whole mask), ``shift_median`` and ``shift_max`` (of
+    ``fourier_order_mask - fourier_order``), ``efd_dice_median`` and
+    ``efd_dice_mask_median`` (DICE % at the stopping order).
+
+    Parameters
+    ----------
+    factors : DataFrame
+        A factors table of :func:`compute_factors` (needs ``n_contours, n_holes,
+        fourier_order, fourier_order_mask, efd_dice, efd_dice_mask`` and the ``by`` columns).
+    by : str or list of str
+        Grouping columns (default ``object``; e.g. ``["object", "modality"]``).
+
+    Returns
+    -------
+    DataFrame
+        One row per group, sorted by ``shift_median`` descending; empty (with these columns)
+        when no object has more than one boundary. Objects whose factors could not be
+        computed (NaN FO) are left out.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    need = {"n_contours", "n_holes", "fourier_order", "fourier_order_mask", "efd_dice",
+            "efd_dice_mask", *by}
+    if missing := sorted(need - set(factors)):
+        raise KeyError(f"fo_reference_effect: factors table lacks columns {missing} "
+                       "(recompute it with this version of cosmoslib.factors)")
+    columns = [*by, "n", "n_holed", "fo_median", "fo_mask_median", "shift_median", "shift_max",
+               "efd_dice_median", "efd_dice_mask_median"]
+    multi = factors[(factors["n_contours"] > 1).fillna(False)
+                    & factors["fourier_order"].notna() & factors["fourier_order_mask"].notna()]
+    if multi.empty:
+        return pd.DataFrame(columns=columns)
+    multi = multi.assign(_shift=multi["fourier_order_mask"] - multi["fourier_order"],
+                         _holed=(multi["n_holes"] > 0).astype(int))
+    out = multi.groupby(by, sort=True, dropna=False).agg(
+        n=("_shift", "size"), n_holed=("_holed", "sum"),
+        fo_median=("fourier_order", "median"), fo_mask_median=("fourier_order_mask", "median"),
+        shift_median=("_shift", "median"), shift_max=("_shift", "max"),
+        efd_dice_median=("efd_dice", "median"), efd_dice_mask_median=("efd_dice_mask", "median"),
+    ).reset_index()
+    return out.sort_values(["shift_median", *by], ascending=[False] + [True] * len(by),
+                           kind="stable").reset_index(drop=True)[columns]
 
 
 @dataclass
@@ -630,6 +761,7 @@ class FactorsReport:
     skipped: list[tuple[str, str]]
     skipped_csv: Path
     seconds: float
+    unknown_modality: dict = field(default_factory=dict)
 
     @property
     def n_skipped(self) -> int:
@@ -650,18 +782,29 @@ class FactorsReport:
                      f"{self.skipped_csv}.")
         else:
             text += " Nothing skipped."
+        if self.unknown_modality:
+            tasks = ", ".join(f"{t} ({n})" for t, n in self.unknown_modality.items())
+            text += (f" Modality unknown (modality_code {MODALITY_CODES['unknown']}) for "
+                     f"{sum(self.unknown_modality.values())} objects of task(s) {tasks}; "
+                     "name it with modality={task: name} (cosmos factors --modality TASK=NAME).")
         return text
 
 
 def _assemble(keys: pd.DataFrame, parts: list[pd.DataFrame]) -> pd.DataFrame:
-    """Factor rows for the manifest ``keys``, in manifest order (later parts win)."""
+    """Factor rows for the manifest ``keys``, in manifest order (later parts win).
+
+    ``keys`` holds the key columns and ``modality``: the modality (and its code) always come
+    from the current manifest, so a rerun with another ``--modality`` updates reused rows.
+    """
     parts = [p for p in parts if len(p)]
     if not parts:
         return _typed(pd.DataFrame(columns=list(FACTOR_COLUMNS)))
     table = _typed(pd.concat([_typed(p) for p in parts], ignore_index=True))
-    table = table.drop_duplicates(_KEY, keep="last")
+    table = table.drop_duplicates(_KEY, keep="last").drop(columns=["modality", "modality_code"])
     # An inner merge keeps the left (manifest) order.
-    return _typed(keys.merge(table, on=_KEY, how="inner"))
+    merged = keys.merge(table, on=_KEY, how="inner")
+    merged["modality_code"] = [modality_code(m) for m in merged["modality"]]
+    return _typed(merged)
 
 
 def factors_cli(
@@ -669,6 +812,7 @@ def factors_cli(
     out: str | Path,
     info_dir: str | Path | None = None,
     *,
+    modality: dict[str, str] | None = None,
     chunk_images: int = 200,
     progress: bool = True,
     **fo_kwargs,
@@ -683,6 +827,9 @@ def factors_cli(
         The factors Parquet file to write.
     info_dir : path, optional
         Folder of the ``<task>.json`` files, passed to the indexer.
+    modality : dict, optional
+        ``{task: modality name}`` overriding every other source of a task's modality
+        (passed to :func:`cosmoslib.io.index`; ``cosmos factors --modality TASK=NAME``).
     chunk_images : int
         Rewrite ``out`` (atomically) after every this many images.
     progress : bool
@@ -695,17 +842,20 @@ def factors_cli(
     FactorsReport
         Counts and the problems met. Resumable: rows already in ``out`` whose image could be
         read (``size_px`` present) are kept, not recomputed, so an interrupted run loses at most
-        one chunk. Problems of this run go to ``<out stem>.skipped.csv`` (``file, reason``)
-        next to ``out``.
+        one chunk; ``modality`` and ``modality_code`` of reused rows are refreshed from the
+        current index. Problems of this run go to ``<out stem>.skipped.csv``
+        (``file, reason``) next to ``out``.
     """
     from tqdm.auto import tqdm
 
     from cosmoslib import io
 
+    _check_fo_kwargs(fo_kwargs)
     t0 = time.perf_counter()
     root, out = Path(root), Path(out)
-    manifest = io.index(root, info_dir=info_dir, progress=progress).reset_index(drop=True)
-    keys = _typed(manifest.reindex(columns=_KEY))[_KEY]
+    manifest = io.index(root, info_dir=info_dir, progress=progress,
+                        modality=modality).reset_index(drop=True)
+    keys = _typed(manifest.reindex(columns=[*_KEY, "modality"]))[[*_KEY, "modality"]]
 
     done = pd.DataFrame(columns=list(FACTOR_COLUMNS))
     if out.exists():
@@ -713,7 +863,7 @@ def factors_cli(
         if set(FACTOR_COLUMNS) <= set(previous):
             done = _typed(previous.loc[previous["size_px"].notna()])
     done_keys = pd.MultiIndex.from_frame(done[_KEY].astype({"label_value": "Int64"}))
-    todo = manifest[~pd.MultiIndex.from_frame(keys).isin(done_keys)]
+    todo = manifest[~pd.MultiIndex.from_frame(keys[_KEY]).isin(done_keys)]
     n_reused = len(manifest) - len(todo)
 
     images = todo[["image_path", "label_path"]].drop_duplicates()
@@ -747,4 +897,5 @@ def factors_cli(
         skipped=skipped,
         skipped_csv=skipped_csv,
         seconds=time.perf_counter() - t0,
+        unknown_modality=io.unknown_modalities(manifest),
     )

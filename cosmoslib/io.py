@@ -43,10 +43,15 @@ Reading is lenient where it is safe and loud where it is not:
   :func:`index_to_parquet`). A json whose two ids give one pixel value two different names is
   ambiguous and fails the task loudly.
 
-Dataset and modality of a task come from the json keys ``"dataset"``/``"modality"`` when
-present; otherwise from the catalog descriptor whose ``task`` matches (:mod:`cosmoslib.catalog`);
-otherwise the dataset is the task name and the modality is read from a modality token in the task
-name (:func:`modality_from_task_name`), else ``"unknown"``.
+The modality of a task comes from, first that gives one: an explicit ``{task: modality}``
+override (``index(..., modality=...)``), the json key ``"modality"``, the catalog
+(:func:`modality_from_catalog`: the descriptor whose ``task`` matches, or -- for the authors'
+``<number>_<Name>`` task names -- descriptors matching the name part or the json's object names,
+when they all agree on one modality), a modality token in the task name
+(:func:`modality_from_task_name`), else ``"unknown"``; objects left unknown are counted and
+named (:func:`unknown_modalities`, one warning, :class:`IndexReport`). Names are those of
+:mod:`cosmoslib.vocabulary`. The dataset comes from the json key ``"dataset"``, the catalog,
+else the task name.
 """
 
 from __future__ import annotations
@@ -55,57 +60,15 @@ import io as _stdio
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-
-class InputError(ValueError):
-    """Bad input: names the offending file and the problem.
-
-    Batches catch it, record ``(file, reason)`` in ``skipped.csv`` and carry on.
-    """
-
-    def __init__(self, path: str | os.PathLike | None, problem: str):
-        self.path = None if path is None else str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path else problem)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_parquet(df, path: str | os.PathLike) -> Path:
-    """Write a DataFrame to Parquet atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
+from cosmoslib.files import (  # noqa: F401  (re-exported: io was their first home)
+    InputError, atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_parquet,
+    file_digest, merge_skipped_csv)
 
 # --------------------------------------------------------------------------------------------
 # small shared helpers
@@ -119,18 +82,8 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", 
 MANIFEST_COLUMNS = [
     "dataset", "task", "modality", "object", "label_value", "image_id", "image_path",
     "label_path", "source", "slice_index", "area_px", "height", "width",
+    "image_sha", "label_sha", "plane", "spacing_row", "spacing_col", "spacing_slice",
 ]
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> Path:
-    """Write ``obj`` as pretty UTF-8 JSON atomically (sorted keys, so reruns are byte-identical)."""
-    text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False)
-    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
-
-
-def atomic_write_csv(df, path: str | os.PathLike) -> Path:
-    """Write a DataFrame to CSV (UTF-8, no index) atomically."""
-    return atomic_write_bytes(path, df.to_csv(index=False).encode("utf-8"))
 
 
 def file_stem(path: str | os.PathLike) -> str:
@@ -144,35 +97,6 @@ def file_stem(path: str | os.PathLike) -> str:
         if len(name) > len(suffix) and name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
-
-
-def merge_skipped_csv(path: str | os.PathLike, rows, drop_files=()) -> Path:
-    """Merge ``(file, reason)`` rows into the skipped list at ``path``, atomically.
-
-    Earlier rows are kept unless their file is in ``drop_files`` (items that have since been
-    prepared successfully); duplicates are dropped; rows are sorted so reruns are identical.
-    The file is written (with its header) even when empty, so "nothing skipped" is visible.
-    """
-    import pandas as pd
-
-    path = Path(path)
-    frames = []
-    if path.exists():
-        try:
-            frames.append(pd.read_csv(path, dtype=str, keep_default_na=False))
-        except Exception as exc:  # a damaged list must not stop a batch: replace it loudly
-            warnings.warn(f"{path}: unreadable skipped list replaced ({exc})", stacklevel=2)
-    frames.append(pd.DataFrame([(str(f), str(r)) for f, r in rows], columns=["file", "reason"]))
-    df = pd.concat(frames, ignore_index=True)[["file", "reason"]]
-    if drop_files:
-        df = df[~df["file"].isin({str(f) for f in drop_files})]
-    df = df.drop_duplicates().sort_values(["file", "reason"], kind="stable")
-    return atomic_write_csv(df, path)
-
-
-# --------------------------------------------------------------------------------------------
-# raw volumes and images
-# --------------------------------------------------------------------------------------------
 
 
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -652,31 +576,23 @@ def list_images(root) -> list[tuple[str, str, Path]]:
     return sorted(out, key=lambda t: (t[0], t[1]))
 
 
-#: Modality names (Table 1 of the paper, plus a few common ones) recognised in task names.
-KNOWN_MODALITIES = (
-    "CT", "MRI", "T1W MRI", "T2W MRI", "DW MRI", "ADC MRI", "T1-GD MRI", "T2-FLAIR MRI",
-    "T1-FLAIR MRI", "PD MRI", "Cine-MRI", "CMR", "US", "X-ray", "Fundus", "Colonoscopy",
-    "Endoscopy", "Dermoscopy", "Microscopy", "Electron Microscopy", "Histopathology", "OCT", "PET", "Mammography",
-)
+from cosmoslib import vocabulary as _vocabulary  # noqa: E402  (no cosmoslib imports: no cycle)
 
+#: Every modality name the vocabulary knows (re-exported from :mod:`cosmoslib.vocabulary`).
+KNOWN_MODALITIES = _vocabulary.KNOWN_MODALITIES
 
-def _modality_key(text: str) -> str:
-    return re.sub(r"[\s_\-.]+", "", text).casefold()
-
-
-_MODALITY_KEYS = {_modality_key(m): m for m in KNOWN_MODALITIES}
-_MODALITY_KEYS.update({"xray": "X-ray", "cxr": "X-ray", "ultrasound": "US", "mr": "MRI",
-                       "t1": "T1W MRI", "t2": "T2W MRI", "flair": "T2-FLAIR MRI"})
+#: The authors' task names start with a number (``22_Heart``, ``6_Pancreas``, ``139_BrainTumor``).
+_NUMERIC_PREFIX = re.compile(r"^\d+[\s_\-.]+(?=\S)")
 
 
 def modality_from_task_name(task: str) -> str | None:
     """Find a modality token in a task name, or None.
 
     The name is split on ``_``, ``-``, ``.`` and spaces; runs of up to three consecutive tokens
-    are joined and compared (case-, space- and hyphen-insensitively) with
-    :data:`KNOWN_MODALITIES` and a few aliases (``xray``, ``ultrasound``, ``mr``, ``t1``,
-    ``t2``, ``flair``). Longer runs win, then the leftmost. Tokens must match whole, so ``us`` is
-    not found inside ``busi``.
+    are joined and given to :func:`cosmoslib.vocabulary.canonical_modality` (vocabulary names
+    and aliases such as ``xray``, ``ultrasound``, ``mr``, ``t1``, ``t2``, ``flair``, compared
+    case-, space- and hyphen-insensitively). Longer runs win, then the leftmost. Tokens must
+    match whole, so ``us`` is not found inside ``busi``.
 
     >>> modality_from_task_name("acdc_cine-mri")
     'Cine-MRI'
@@ -686,30 +602,255 @@ def modality_from_task_name(task: str) -> str | None:
     tokens = [t for t in re.split(r"[\s_\-.]+", task) if t]
     for n in (3, 2, 1):
         for i in range(len(tokens) - n + 1):
-            key = "".join(tokens[i:i + n]).casefold()
-            if key in _MODALITY_KEYS:
-                return _MODALITY_KEYS[key]
+            name = _vocabulary.canonical_modality("".join(tokens[i:i + n]))
+            if name is not None:
+                return name
     return None
 
 
-def _catalog_by_task() -> dict:
+@dataclass(frozen=True)
+class CatalogMatch:
+    """What the catalog says about a task (:func:`modality_from_catalog`).
+
+    Attributes
+    ----------
+    modality : str or None
+        The one modality all matching descriptors share; None when nothing matched or the
+        matches disagree.
+    dataset : str or None
+        The one dataset name of the matching descriptors, else None.
+    rule : str
+        Which rule matched: ``'catalog task'``, ``'catalog dataset name'``,
+        ``'catalog objects'``, ``'catalog object name'``, or ``''`` (none).
+    candidates : tuple of (dataset name, tuple of modalities)
+        The matching descriptors, for messages when they disagree.
+    """
+
+    modality: str | None
+    dataset: str | None
+    rule: str
+    candidates: tuple = ()
+
+    def describe(self) -> str:
+        """``'ACDC (Cine-MRI); M&Ms (CMR)'``, or ``'no catalog match'``."""
+        if not self.candidates:
+            return "no catalog match"
+        return "; ".join(f"{name} ({', '.join(mods) or 'modality not given'})"
+                         for name, mods in self.candidates)
+
+
+def _descriptor_modalities(desc) -> tuple[str, ...]:
+    mods = (desc.modality,) if desc.modality else tuple(desc.modalities)
+    return tuple(dict.fromkeys(_vocabulary.canonical_modality(m) or m for m in mods))
+
+
+def modality_from_catalog(task: str, objects=(), descriptors=None) -> CatalogMatch:
+    """Dataset and modality of a task from the catalog (:func:`cosmoslib.catalog.load_catalog`).
+
+    Rules, first that finds descriptors wins:
+
+    1. ``catalog task``: a descriptor whose ``task`` is exactly ``task`` (our own layout).
+    2. The authors' release names tasks ``<number>_<Name>`` (``22_Heart``, ``6_Pancreas``,
+       ``139_BrainTumor``). No published table maps the numbers to datasets (the paper's
+       Table 1 has 53 rows, the release uses 139), so the number is dropped and only the name
+       part is matched (compared by :func:`cosmoslib.vocabulary.modality_key`: case, spaces
+       and punctuation ignored):
+
+       a. ``catalog dataset name``: descriptors whose dataset ``name`` is the name part
+          (``1_ACDC`` -> ACDC);
+       b. ``catalog objects``: descriptors listing every object name of the task json
+          (``LeftVentricle, LeftVentricularMyocardium, RightVentricle`` -> ACDC, M&Ms);
+       c. ``catalog object name``: descriptors listing the name part as an object and sharing
+          at least one object with the task json, when it names any (``6_Pancreas`` with
+          objects Pancreas, PancreaticMass -> AbdomenCT-1K, AMOS 2022; a ``Heart`` task whose
+          objects the catalog's heart datasets do not list matches nothing).
+
+    The modality is resolved only when all matching descriptors give one and the same
+    modality (a descriptor's ``modality`` when set, else its ``modalities``): a ``Polyp`` task
+    (CVC-ClinicDB, EndoTect 2020, ETIS-Larib, Kvasir-SEG) gives Colonoscopy, while ``22_Heart`` (ACDC Cine-MRI or M&Ms CMR) and ``6_Pancreas``
+    (AbdomenCT-1K CT, AMOS CT/MRI) stay unresolved -- the catalog cannot tell, and a guess
+    would put a wrong code into Table 6. Limits: only the catalog's objects are known (an
+    object the catalog does not list, e.g. "PancreaticMass", defeats rule b), and a name part
+    that is neither a dataset nor an object name matches nothing.
+
+    Parameters
+    ----------
+    task : str
+        The task (folder) name.
+    objects : iterable of str
+        Object names of the task json (may be empty).
+    descriptors : list of Descriptor, optional
+        The catalog (default: :func:`cosmoslib.catalog.load_catalog`).
+
+    Returns
+    -------
+    CatalogMatch
+    """
+    if descriptors is None:
+        descriptors = _load_descriptors()
+    key = _vocabulary.modality_key
+    exact = [d for d in descriptors if d.task and d.task == task]
+    if exact and exact[0].modality:
+        d = exact[0]
+        return CatalogMatch(_vocabulary.canonical_modality(d.modality) or d.modality, d.name,
+                            "catalog task", ((d.name, _descriptor_modalities(d)),))
+    name_key = key(_NUMERIC_PREFIX.sub("", task))
+    object_keys = {key(o) for o in objects} - {""}
+
+    def object_names(d):
+        return {key(o.name) for o in d.objects}
+
+    rules = (
+        ("catalog dataset name", lambda d: key(d.name) == name_key),
+        ("catalog objects", lambda d: bool(object_keys) and object_keys <= object_names(d)),
+        ("catalog object name", lambda d: bool(name_key) and name_key in object_names(d)
+         and (not object_keys or bool(object_keys & object_names(d)))),
+    )
+    for rule, test in rules:
+        found = [d for d in descriptors if test(d)]
+        if not found:
+            continue
+        by_name: dict[str, tuple[str, ...]] = {}
+        for d in found:
+            by_name[d.name] = tuple(dict.fromkeys(by_name.get(d.name, ()) + _descriptor_modalities(d)))
+        mods = {m for ms in by_name.values() for m in ms}
+        modality = mods.pop() if len(mods) == 1 else None
+        dataset = next(iter(by_name)) if len(by_name) == 1 else None
+        return CatalogMatch(modality, dataset, rule, tuple(sorted(by_name.items())))
+    return CatalogMatch(None, exact[0].name if exact else None, "catalog task" if exact else "")
+
+
+def _load_descriptors() -> list:
     try:
         from cosmoslib import catalog
 
-        return {d.task: d for d in catalog.load_catalog() if d.task}
+        return catalog.load_catalog()
     except Exception as exc:  # the catalog is an optional hint here, never a reason to fail
         warnings.warn(f"catalog not available for dataset/modality inference ({exc})", stacklevel=3)
+        return []
+
+
+def _modality_overrides(modality, tasks, root) -> dict[str, str]:
+    """Check a ``{task: modality}`` override against the tasks found; vocabulary names out.
+
+    Raises
+    ------
+    InputError
+        A task that is not under ``root`` or a name the vocabulary does not know.
+    """
+    if not modality:
         return {}
+    if not hasattr(modality, "items"):
+        raise InputError(root, f"modality override must map task -> modality, got {type(modality).__name__}")
+    by_fold: dict[str, list[str]] = {}
+    for t in tasks:
+        by_fold.setdefault(t.casefold(), []).append(t)
+    out = {}
+    for task, name in modality.items():
+        task = str(task).strip()
+        target = task if task in tasks else (by_fold.get(task.casefold(), [None])[0]
+                                             if len(by_fold.get(task.casefold(), [])) == 1 else None)
+        if target is None:
+            raise InputError(root, f"modality override for task {task!r}: no such task (tasks: "
+                                   f"{', '.join(tasks) or 'none'})")
+        canonical = _vocabulary.canonical_modality(name)
+        if canonical is None:
+            raise InputError(root, f"modality override {task}={name!r}: not a known modality (known: "
+                                   f"{', '.join(KNOWN_MODALITIES)})")
+        out[target] = canonical
+    return out
 
 
-def _scan(root, info_dir=None, progress=False):
-    """Build manifest rows; returns (rows, skipped, n_tasks, n_images)."""
+def _resolve_task(task, info, override, descriptors):
+    """``(dataset, modality, source, detail)`` of one task, by the precedence of :func:`index`."""
+    dataset, modality, source, detail = info.dataset, None, "", ""
+    if task in override:
+        modality, source = override[task], "override"
+    elif info.modality:
+        # a recognised spelling is stored as the vocabulary name, anything else as written
+        modality, source = _vocabulary.canonical_modality(info.modality) or info.modality, "json"
+    match = None
+    if dataset is None or modality is None:
+        match = modality_from_catalog(task, info.names.values(), descriptors())
+        dataset = dataset or match.dataset or task
+    if modality is None and match.modality is not None:
+        modality, source = match.modality, match.rule
+    if modality is None:
+        modality = modality_from_task_name(task)
+        source = "task name" if modality is not None else "unknown"
+        if modality is None:
+            modality = _vocabulary.UNKNOWN
+            detail = (f"catalog candidates disagree: {match.describe()}" if match.candidates
+                      else "no catalog match and no modality token in the task name")
+    return dataset, modality, source, detail
+
+
+def unknown_modalities(manifest) -> dict[str, int]:
+    """Tasks whose objects have no modality the vocabulary knows: ``{task: n_objects}``.
+
+    "Unknown" means :func:`cosmoslib.vocabulary.canonical_modality` returns None: the value
+    ``"unknown"`` (nothing resolved it), missing, or a name outside the vocabulary (e.g. a
+    json saying ``"M"``). Such objects get ``modality_code`` 18 in the factors table.
+
+    Parameters
+    ----------
+    manifest : DataFrame
+        Needs ``task`` and ``modality`` (a manifest, a factors or a results table).
+
+    Returns
+    -------
+    dict
+        Sorted by task; empty when every object's modality is known.
+    """
+    if missing := sorted({"task", "modality"} - set(manifest.columns)):
+        raise KeyError(f"unknown_modalities: table lacks columns {missing}")
+    pairs = manifest[["task", "modality"]].astype(object)
+    known = {m: _vocabulary.canonical_modality(m) is not None for m in pairs["modality"].dropna().unique()}
+    bad = pairs[~pairs["modality"].map(known).fillna(False).astype(bool)]
+    return {str(t): int(n) for t, n in sorted(bad.groupby("task").size().items())}
+
+
+def _modality_message(unknown: dict, sources: dict) -> str:
+    parts = []
+    for task, n in unknown.items():
+        modality, source, detail = sources.get(task, (None, "", ""))
+        why = detail if source == "unknown" else f"{modality!r} from {source or 'the table'} is not a vocabulary name"
+        parts.append(f"{task} ({n} object(s); {why})")
+    return (f"modality unknown for {sum(unknown.values())} object(s) in {len(unknown)} task(s): "
+            + ", ".join(parts) + "; their modality_code is 'unknown' (18). Name them with "
+            "modality={task: name} (cosmos index/factors --modality TASK=NAME).")
+
+
+def _attach_modality_info(df, sources: dict) -> dict:
+    """Put the modality provenance into ``df.attrs`` and warn once; return the unknown tasks."""
+    unknown = unknown_modalities(df)
+    df.attrs["modality_source"] = {t: s for t, (_, s, _) in sorted(sources.items())}
+    df.attrs["unknown_modality"] = unknown
+    df.attrs["unknown_modality_tasks"] = list(unknown)
+    if unknown:
+        warnings.warn(_modality_message(unknown, sources), stacklevel=3)
+    return unknown
+
+
+def _scan(root, info_dir=None, progress=False, modality=None):
+    """Build manifest rows; returns (rows, skipped, n_tasks, n_images, modality_sources).
+
+    ``modality`` is the ``{task: name}`` override of :func:`index`; ``modality_sources`` is
+    ``{task: (modality, source, detail)}`` (see :func:`_resolve_task`).
+    """
     from tqdm.auto import tqdm
-    from PIL import Image
 
     root = Path(root)
     tasks = find_tasks(root)
-    catalog_tasks = None
+    override = _modality_overrides(modality, [t for t, _ in tasks], root)
+    catalog: list = []  # loaded on first need, once
+
+    def descriptors():
+        if not catalog:
+            catalog.append(_load_descriptors())
+        return catalog[0]
+
+    sources: dict = {}
     rows, skipped = [], []
     n_images = 0
     todo = []
@@ -719,16 +860,8 @@ def _scan(root, info_dir=None, progress=False):
         except InputError as exc:
             skipped.append((exc.path, exc.problem))
             continue
-        dataset, modality = info.dataset, info.modality
-        if dataset is None or modality is None:
-            if catalog_tasks is None:
-                catalog_tasks = _catalog_by_task()
-            desc = catalog_tasks.get(task)
-            if dataset is None:
-                dataset = desc.name if desc is not None else task
-            if modality is None:
-                modality = (desc.modality if desc is not None and desc.modality else None) \
-                    or modality_from_task_name(task) or "unknown"
+        dataset, modality, source, detail = _resolve_task(task, info, override, descriptors)
+        sources[task] = (modality, source, detail)
         labels = _files_by_stem(folder / "labels", (".png",) + IMAGE_SUFFIXES[1:])
         for stem, ipath in _files_by_stem(folder / "images", IMAGE_SUFFIXES).items():
             todo.append((task, folder, info, dataset, modality, stem, ipath, labels.get(stem)))
@@ -739,11 +872,14 @@ def _scan(root, info_dir=None, progress=False):
         if lpath is None:
             skipped.append((ipath, "image without label"))
             continue
+        # One verdict on input: the image is decoded by the same reader every later verb uses,
+        # so a truncated file or a 16-bit image is skipped here, with its reason, rather than
+        # accepted now and refused by `embed`/`evaluate` later (a full decode costs about as much
+        # as the label decode below; measured in the architecture notes).
         try:
-            with Image.open(ipath) as im:
-                width, height = im.size
-        except Exception as exc:
-            skipped.append((ipath, f"unreadable image ({_first_line(exc)})"))
+            height, width = read_image(ipath).shape[:2]
+        except InputError as exc:
+            skipped.append((exc.path, exc.problem))
             continue
         try:
             label = read_label(lpath)
@@ -761,6 +897,9 @@ def _scan(root, info_dir=None, progress=False):
             continue
         prov = info.images.get(stem, {}) if isinstance(info.images.get(stem), dict) else {}
         slice_index = prov.get("slice_index")
+        spacing = prov.get("spacing") if isinstance(prov.get("spacing"), (list, tuple)) else ()
+        spacing = [float(v) for v in spacing][:3] + [None] * (3 - len(spacing[:3]))
+        digests = {"image_sha": file_digest(ipath), "label_sha": file_digest(lpath)}
         for value in present:
             value = int(value)
             if value not in info.names:
@@ -780,8 +919,13 @@ def _scan(root, info_dir=None, progress=False):
                 "area_px": int(counts[value]),
                 "height": int(height),
                 "width": int(width),
+                **digests,
+                "plane": prov.get("plane"),
+                "spacing_row": spacing[0],
+                "spacing_col": spacing[1],
+                "spacing_slice": spacing[2],
             })
-    return rows, skipped, len(tasks), n_images
+    return rows, skipped, len(tasks), n_images, sources
 
 
 def _manifest_frame(rows):
@@ -792,10 +936,13 @@ def _manifest_frame(rows):
         df[col] = df[col].astype("int64")
     df["slice_index"] = df["slice_index"].astype("Int64")
     df["source"] = df["source"].astype(object).where(df["source"].notna(), None)
+    df["plane"] = df["plane"].astype(object).where(df["plane"].notna(), None)
+    for col in ("spacing_row", "spacing_col", "spacing_slice"):
+        df[col] = df[col].astype("float64")
     return df.sort_values(["task", "image_id", "label_value"], kind="stable").reset_index(drop=True)
 
 
-def index(root, info_dir=None, progress: bool = False):
+def index(root, info_dir=None, progress: bool = False, modality=None):
     """Read a COSMOS-layout folder into the manifest.
 
     Parameters
@@ -803,6 +950,10 @@ def index(root, info_dir=None, progress: bool = False):
     root : folder in the COSMOS layout (ours or the authors' release).
     info_dir : folder holding the ``<task>.json`` files, when they are not beside the tasks.
     progress : show a tqdm bar (stderr).
+    modality : dict, optional
+        ``{task: modality name}`` (``cosmos index/factors --modality TASK=NAME``); names are
+        read by :func:`cosmoslib.vocabulary.canonical_modality` and stored in its spelling.
+        Overrides every other source.
 
     Returns
     -------
@@ -813,12 +964,31 @@ def index(root, info_dir=None, progress: bool = False):
         ``slice_index`` come from the json's per-image provenance (null when absent; -1 marks a
         2D source image). Items that cannot be read are left out (with a warning); use
         :func:`index_to_parquet` to get the skipped list.
+
+        A task's modality comes from, first that gives one: the ``modality`` override; the
+        task json's ``"modality"``; the catalog (:func:`modality_from_catalog`: the task, or
+        for the authors' ``<number>_<Name>`` tasks the name part / json objects, when every
+        match agrees on one modality); a modality token in the task name
+        (:func:`modality_from_task_name`); else ``"unknown"``. The dataset: json
+        ``"dataset"``, the catalog, else the task name. ``attrs["modality_source"]`` records
+        ``{task: 'override' | 'json' | 'catalog ...' | 'task name' | 'unknown'}``;
+        ``attrs["unknown_modality"]`` is :func:`unknown_modalities` (``{task: n_objects}``)
+        and ``attrs["unknown_modality_tasks"]`` its tasks; when any, one warning names them
+        with the catalog candidates.
+
+    Raises
+    ------
+    InputError
+        ``root`` missing, or a ``modality`` override naming a task that is not under ``root``
+        or a modality the vocabulary does not know.
     """
-    rows, skipped, _, _ = _scan(root, info_dir=info_dir, progress=progress)
+    rows, skipped, _, _, sources = _scan(root, info_dir=info_dir, progress=progress, modality=modality)
     if skipped:
         warnings.warn(f"index({root}): {len(skipped)} item(s) skipped, first: {skipped[0][0]}: {skipped[0][1]}",
                       stacklevel=2)
-    return _manifest_frame(rows)
+    df = _manifest_frame(rows)
+    _attach_modality_info(df, sources)
+    return df
 
 
 @dataclass
@@ -833,6 +1003,15 @@ class IndexReport:
     n_skipped: int
     skipped: list
     skipped_csv: Path | None
+    #: ``{task: n_objects}`` whose modality is unknown (:func:`unknown_modalities`).
+    unknown_modality: dict = field(default_factory=dict)
+    #: ``{task: source}`` of each task's modality (see :func:`index`).
+    modality_source: dict = field(default_factory=dict)
+
+    @property
+    def n_unknown_modality(self) -> int:
+        """Objects whose modality is unknown."""
+        return sum(self.unknown_modality.values())
 
     def summary(self) -> str:
         """One paragraph: counts, skipped, where the outputs are."""
@@ -844,23 +1023,34 @@ class IndexReport:
                      f"the full list is in {self.skipped_csv}.")
         else:
             text += " Nothing was skipped."
+        if self.unknown_modality:
+            tasks = ", ".join(f"{t} ({n})" for t, n in self.unknown_modality.items())
+            text += (f" Modality unknown for {self.n_unknown_modality} object(s) of task(s) {tasks}; "
+                     "name it with --modality TASK=NAME.")
+        else:
+            text += " Every object has a known modality."
         return text
 
 
-def index_to_parquet(root, out, info_dir=None, progress: bool = True) -> IndexReport:
+def index_to_parquet(root, out, info_dir=None, progress: bool = True, modality=None) -> IndexReport:
     """Index ``root`` (see :func:`index`) and write the manifest to ``out`` (Parquet, atomic).
 
     The skipped items ``(file, reason)`` go to ``<out stem>.skipped.csv`` next to ``out``
-    (replaced on every run: the index is always rebuilt whole).
+    (replaced on every run: the index is always rebuilt whole). ``modality`` is the
+    ``{task: name}`` override of :func:`index`; unknown modalities are warned about once and
+    named in :meth:`IndexReport.summary`.
     """
     import pandas as pd
 
     out = Path(out)
-    rows, skipped, n_tasks, n_images = _scan(root, info_dir=info_dir, progress=progress)
+    rows, skipped, n_tasks, n_images, sources = _scan(root, info_dir=info_dir, progress=progress,
+                                                      modality=modality)
     df = _manifest_frame(rows)
+    unknown = _attach_modality_info(df, sources)
     atomic_write_parquet(df, out)
     skipped_csv = out.with_name(f"{out.stem}.skipped.csv")
     atomic_write_csv(pd.DataFrame([(str(f), r) for f, r in skipped], columns=["file", "reason"]), skipped_csv)
     return IndexReport(root=Path(root), out=out, n_tasks=n_tasks, n_images=n_images, n_rows=len(df),
                        n_skipped=len(skipped), skipped=[(str(f), r) for f, r in skipped],
-                       skipped_csv=skipped_csv)
+                       skipped_csv=skipped_csv, unknown_modality=unknown,
+                       modality_source=dict(df.attrs["modality_source"]))

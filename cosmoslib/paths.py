@@ -87,3 +87,17 @@ def runs_dir() -> Path:
 def build_dir() -> Path:
     """Jupyter Book output root (``_build``)."""
     return home() / "_build"
+
+
+def paper_text() -> Path | None:
+    """The paper's full text, for the tests that check our quoted tables against it.
+
+    ``$COSMOS_PAPER_TEXT`` when set, else the single ``.txt`` in ``shared/seed/`` beside the
+    checkout (``<home>/../shared/seed``); None when neither exists (those tests then skip and
+    say why).
+    """
+    env = _env_path("COSMOS_PAPER_TEXT")
+    if env is not None:
+        return env if env.is_file() else None
+    found = sorted((home().parent / "shared" / "seed").glob("*.txt"))
+    return found[0] if len(found) == 1 else None

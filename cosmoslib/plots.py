@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import matplotlib
 import matplotlib.pyplot as plt
+import numpy as np
 import seaborn as sns
+from matplotlib.colors import to_rgba
+from matplotlib.patches import Rectangle
+
+from cosmoslib.stats import ALPHA
 
 #: Colours of the paper's Fig. 9: green stars positive points, blue stars negative, green box.
 POSITIVE = "#2ca02c"
@@ -50,8 +55,6 @@ def show_image(ax, image) -> None:
 
 def overlay(ax, mask, color: str, alpha: float = 0.45) -> None:
     """Overlay a boolean mask in one colour."""
-    import numpy as np
-    from matplotlib.colors import to_rgba
 
     rgba = np.zeros(mask.shape + (4,))
     rgba[mask] = to_rgba(color, alpha)
@@ -64,7 +67,6 @@ def draw_prompt(ax, prompt, size: float = 140) -> None:
     Green stars are positive points, blue stars negative points, the green rectangle the box;
     coordinates are (x, y) original-image pixels.
     """
-    from matplotlib.patches import Rectangle
 
     if prompt.points is not None and len(prompt.points):
         pts, labels = prompt.points, prompt.point_labels
@@ -108,8 +110,6 @@ def gallery_figure(items, panel_size: float = 2.0):
 
 def everything_overlay(ax, image, masks, seed: int = 0) -> None:
     """Fig. 11: every Everything-mode mask in its own random colour (largest drawn first)."""
-    import numpy as np
-
     show_image(ax, image)
     rng = np.random.default_rng(seed)
     order = np.argsort([-m.sum() for m in masks]) if len(masks) else []
@@ -117,3 +117,33 @@ def everything_overlay(ax, image, masks, seed: int = 0) -> None:
     for i in order:
         rgba[masks[i]] = np.concatenate([rng.random(3), [0.55]])
     ax.imshow(rgba)
+
+
+def table6_style(table6):
+    """Table 6 wide (rows model x strategy, columns factor), p < ``stats.ALPHA`` in bold.
+
+    Empty cells are the ones the long table explains in its ``note`` column.
+    """
+    wide = table6.pivot_table(index=["model", "strategy"], columns="factor", values=["r", "p"], dropna=False)
+    r, p = wide["r"], wide["p"]
+    return r.style.format("{:.3f}", na_rep="—").apply(
+        lambda col: np.where(p[col.name] < ALPHA, "font-weight: bold", ""), axis=0)
+
+
+#: One colour per shift level of Table 8 (level 0, the unshifted prompt, in white).
+SHIFT_COLOURS = {0: "white", 1: "#ffdd00", 2: "#ff7f0e", 3: "#d62728"}
+
+
+def draw_shifted_boxes(ax, prompt_rows) -> None:
+    """Draw the boxes of prompt-table rows (one object, S5/S6), coloured by ``shift_level``."""
+    for r in prompt_rows.sort_values(["shift_level", "repeat"]).itertuples(index=False):
+        if r.box is None:
+            continue
+        x0, y0, x1, y1 = (float(v) for v in r.box)
+        level = int(r.shift_level)
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False,
+                               edgecolor=SHIFT_COLOURS.get(level, "grey"), linewidth=1.8 if level == 0 else 1.0,
+                               zorder=4 if level == 0 else 3, label=f"level {level}"))
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")

@@ -13,7 +13,11 @@ says, see :mod:`cosmoslib.catalog`) into ``OUT/<task>/{images,labels}/<name>.png
    (``sampling.max_slices_per_volume``, deterministic: used to size the demo);
 4. min-max normalise each kept image slice to 0..255 (:func:`minmax_normalize`), optionally
    after percentile clipping;
-5. save image and label as PNG, named ``<source-stem>_<slice:04d>``.
+5. save image and label as PNG, named ``<source-stem>_<slice:04d>``; the task json records
+   for each slice its ``source``, ``slice_index``, ``plane`` and ``spacing``: the pixel size in
+   mm as ``[row, column, slice]`` (:func:`slice_spacing`), so :mod:`cosmoslib.volumes` can put
+   the slices back into a volume and measure distances in mm. 2D sources have no spacing
+   (``slice_index`` -1, no ``plane``/``spacing``).
 
 **4D volumes** ``(N, ...)``: N 3D volumes, each through the same flow, named
 ``<source-stem>_t<frame:03d>_<slice:04d>``.
@@ -63,13 +67,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from cosmoslib import io
 from cosmoslib.catalog import Descriptor, load_descriptor
 from cosmoslib.io import InputError
 
 #: Bumped when the output of :func:`prepare` changes for the same input (invalidates ledgers).
-PREPARE_VERSION = 1
+#: 2: per-image provenance of volume slices records ``plane`` and ``spacing``.
+PREPARE_VERSION = 2
 
 # --------------------------------------------------------------------------------------------
 # the single rules
@@ -100,6 +106,35 @@ def slices(volume: np.ndarray, plane: str) -> np.ndarray:
         return volume.transpose(1, 0, 2)[:, ::-1, :]
     if plane == "sagittal":
         return volume.transpose(2, 0, 1)[:, ::-1, :]
+    raise ValueError(f"unknown plane {plane!r}; expected axial, coronal or sagittal")
+
+
+def slice_spacing(spacing, plane: str) -> list[float]:
+    """Pixel size of the slices :func:`slices` cuts, in mm: ``[row, column, slice]``.
+
+    Parameters
+    ----------
+    spacing : the ``(S, P, L)`` voxel size (mm) that :func:`cosmoslib.io.read_volume` returns
+        with the volume (same order as its axes).
+    plane : ``"axial"``, ``"coronal"`` or ``"sagittal"``, as for :func:`slices`.
+
+    Returns
+    -------
+    list of 3 float
+        ``[row spacing, column spacing, slice spacing]``: the distance between neighbouring
+        rows and columns of a slice, and between neighbouring slices (slice ``k`` and
+        ``k + 1``). Axial slices ``volume[k]`` have rows along P and columns along L, slices
+        along S; coronal slices rows along S (flipped; spacing unchanged), columns along L,
+        slices along P; sagittal slices rows along S, columns along P, slices along L. Values
+        are rounded to 1e-6 mm (NIfTI stores float32 sizes: 0.7 rather than 0.699999988).
+    """
+    sup, post, left = (round(float(v), 6) for v in spacing)
+    if plane == "axial":
+        return [post, left, sup]
+    if plane == "coronal":
+        return [sup, left, post]
+    if plane == "sagittal":
+        return [sup, post, left]
     raise ValueError(f"unknown plane {plane!r}; expected axial, coronal or sagittal")
 
 
@@ -408,7 +443,7 @@ def _even_sample(n: int, k: int | None) -> list[int]:
 
 
 def _volume_outputs(item: SourceItem, d: Descriptor, notes: list):
-    image, _spacing = io.read_volume(item.image)
+    image, spacing = io.read_volume(item.image)
     want = 4 if d.format == "volume4d" else 3
     if image.ndim != want:
         raise InputError(item.image, f"{image.ndim}-D volume; format {d.format!r} expects {want}-D")
@@ -434,6 +469,8 @@ def _volume_outputs(item: SourceItem, d: Descriptor, notes: list):
         raise InputError(label_path, "empty label (no object in the whole volume)")
     frames = [(None, image, label, raw)] if image.ndim == 3 else \
         [(n, image[n], label[n], raw[n]) for n in range(image.shape[0])]
+    # provenance of every slice: its plane and pixel size [row, column, slice] in mm
+    spacing_rcs = slice_spacing(spacing, d.main_plane)
     out = []
     for frame, img3, lab3, raw3 in frames:
         img_s, lab_s, raw_s = slices(img3, d.main_plane), slices(lab3, d.main_plane), slices(raw3, d.main_plane)
@@ -451,7 +488,7 @@ def _volume_outputs(item: SourceItem, d: Descriptor, notes: list):
                 notes.append((str(item.image), f"{where}: {exc.problem}; slice left out"))
                 continue
             image_id = f"{item.stem}_{k:04d}" if frame is None else f"{item.stem}_t{frame:03d}_{k:04d}"
-            prov = {"source": item.key, "slice_index": k}
+            prov = {"source": item.key, "slice_index": k, "plane": d.main_plane, "spacing": spacing_rcs}
             if frame is not None:
                 prov["frame"] = int(frame)
             out.append(_Output(image_id, np.ascontiguousarray(img2), np.ascontiguousarray(lab2, dtype=np.uint8), prov))
@@ -673,8 +710,6 @@ def prepare(source, descriptor, out, progress: bool = True) -> PrepareReport:
         does not say how to prepare the data, a missing source folder. Per-item problems are
         recorded in ``out/skipped.csv`` instead.
     """
-    from tqdm.auto import tqdm
-
     d = descriptor if isinstance(descriptor, Descriptor) else load_descriptor(descriptor)
     if not d.preparable:
         raise InputError(d.path, "descriptor has no task/format/pairs: catalog-only, cannot prepare")

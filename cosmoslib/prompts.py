@@ -44,6 +44,42 @@ Choices made here, where the paper leaves room or the authors' code is wrong
   pixels (fewer points, all labelled correctly); likewise for negatives when the enlarged box
   has fewer than five background pixels (none when the object fills it).
 
+Shifted prompts (paper 4.10, Table 8)
+-------------------------------------
+The paper says only that it "enlarge[s]/move[s] the boxes/points randomly in 0-10, 10-20 and
+20-30 pixels". The exact rule here (:func:`shift_prompt`), for level ``L`` with pixel range
+``[lo, hi)`` = :data:`SHIFT_LEVELS` ``[L]`` (level 0 = the unshifted prompt):
+
+* **points** - each point (positive and negative, in order) moves by a distance ``d`` drawn
+  uniformly in ``[lo, hi)`` pixels, in a direction drawn uniformly in ``[0, 2 pi)``. The
+  image is the rectangle of pixel centres ``0 <= x <= W - 1``, ``0 <= y <= H - 1``; a
+  direction that leaves it is drawn again, up to :data:`N_DIRECTION_DRAWS` times; if none of
+  them lands inside, the point moves by ``d`` towards the image corner farthest from it (the
+  segment to that corner lies in the image). When that corner is nearer than ``hi``, ``d`` is
+  drawn in ``[lo, corner distance)`` instead, so the shift stays in range whenever the image
+  allows one. Only when the farthest corner is nearer than ``lo`` (an image whose half
+  diagonal is below ``lo``: at most 29 x 29 pixels for level 3, 15 x 15 for level 2) does
+  the point go to that corner, the largest shift the image allows, *below* the level's range.
+  Shifted points are real-valued (not rounded to pixels: rounding would move them by up to
+  0.71 pixel more) and keep their labels, even when a positive point leaves the object - as
+  a real click would.
+* **box** - each edge, in the order x0, y0, x1, y1, independently moves *outward* (enlarging)
+  or *inward* (shrinking), each with probability 1/2, by a distance drawn uniformly in
+  ``[lo, hi)``. Outward an edge may go as far as the image border; inward as far as the box
+  centre (so the box never inverts: ``x0 <= x1``, ``y0 <= y1`` always). A direction whose
+  limit is not beyond ``lo`` is not taken (the other one is), and the distance is drawn in
+  ``[lo, min(hi, limit))``. If neither direction's limit exceeds ``lo`` (a box hugging the
+  border that is also too narrow to shrink), the edge moves to the farther limit, a shift
+  below the level's range. At level 3 (20-30 pixels) a box narrower than 40 pixels can
+  therefore only grow.
+
+So a shifted prompt always lies inside the image (and its box is valid); every move is in the
+level's range except in the two size-limited cases above. Each shifted prompt has its own
+Generator, :func:`object_rng` of (seed, task, image_id, label_value, strategy, level, repeat),
+so it is reproducible from the seed, differs across seeds, repeats and strategies, and does
+not depend on the rest of the table. The points are drawn before the box, point by point, so
+for S6 the point's shift is the same as it would be without the box.
+
 Coordinates are ``(x, y)`` = (column, row) in original-image pixels; boxes are
 ``[x0, y0, x1, y1]`` inclusive pixel indices.
 """
@@ -58,6 +94,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from cosmoslib.io import InputError, read_label
+
 STRATEGIES = ("S2", "S3", "S4", "S5", "S6")
 N_POSITIVE = 5
 N_NEGATIVE = 5
@@ -67,6 +105,12 @@ RANDOM = "random"
 SAMPLINGS = (EVEN, RANDOM)
 #: Default point sampling; see the module docstring for why.
 DEFAULT_SAMPLING = EVEN
+
+#: Shift levels of Table 8: level -> ``(lo, hi)``, the pixel range ``[lo, hi)`` of every move
+#: of a point or box edge (module docstring). Level 0 is the unshifted prompt.
+SHIFT_LEVELS = {0: (0.0, 0.0), 1: (0.0, 10.0), 2: (10.0, 20.0), 3: (20.0, 30.0)}
+#: Directions drawn per point before the point is moved towards the farthest image corner.
+N_DIRECTION_DRAWS = 64
 
 PROMPT_COLUMNS = [
     "task", "image_id", "label_value", "object", "strategy", "seed", "shift_level", "repeat",
@@ -277,35 +321,204 @@ def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def object_rng(seed: int, task: str, image_id: str, label_value: int) -> np.random.Generator:
-    """The Generator for one object: depends on (seed, task, image_id, label_value) only.
+def _entropy(key) -> int:
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        if int(key) < 0:
+            raise ValueError(f"integer rng keys must be non-negative; got {key}")
+        return int(key)
+    return _stable_hash(str(key))
+
+
+def object_rng(seed: int, task: str, image_id: str, label_value: int, *keys) -> np.random.Generator:
+    """The Generator for one object: depends on (seed, task, image_id, label_value, *keys) only.
 
     So a prompt never depends on which other objects are in the table or in which order.
+
+    Parameters
+    ----------
+    seed : non-negative int
+    task, image_id : str
+    label_value : non-negative int
+    *keys : str or non-negative int
+        More keys, e.g. ``strategy, level, repeat`` for a shifted prompt. Strings enter through
+        a stable 64-bit hash, integers as they are. Without keys the Generator is the one the
+        unshifted prompts have always used.
+
+    Raises
+    ------
+    ValueError
+        A negative seed or integer key.
     """
     if int(seed) < 0:
         raise ValueError(f"seed must be a non-negative integer; got {seed}")
     seq = np.random.SeedSequence(
         [int(seed), _stable_hash(str(task)), _stable_hash(str(image_id)), int(label_value)]
+        + [_entropy(k) for k in keys]
     )
     return np.random.default_rng(seq)
 
 
-def _read_label(path: Path) -> np.ndarray:
-    try:
-        from cosmoslib.io import read_label
-    except ImportError:  # io not ready yet: read the PNG directly
-        read_label = None
-    if read_label is not None:
-        return np.asarray(read_label(path))
-    from PIL import Image
+# ---- shifted prompts (Table 8) ----------------------------------------------------------------
 
-    from cosmoslib.io import InputError
 
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im)
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"cannot read label image: {exc}") from exc
+def _level_range(level: int) -> tuple[float, float]:
+    if isinstance(level, bool) or int(level) != level or int(level) not in SHIFT_LEVELS:
+        raise ValueError(f"unknown shift level {level!r}; choose one of {sorted(SHIFT_LEVELS)}")
+    return SHIFT_LEVELS[int(level)]
+
+
+def _image_size(shape) -> tuple[int, int]:
+    h, w = (int(v) for v in tuple(shape)[:2])
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image shape must be positive (H, W); got {tuple(shape)}")
+    return h, w
+
+
+def shift_points(points: np.ndarray, level: int, shape, rng: np.random.Generator) -> np.ndarray:
+    """Points moved by the rule of the module docstring ("Shifted prompts").
+
+    Parameters
+    ----------
+    points : (N, 2) array of (x, y) in pixels (N may be 0).
+    level : int, a key of :data:`SHIFT_LEVELS`; 0 returns the points unchanged.
+    shape : (H, W, ...) of the image, pixels.
+    rng : numpy Generator.
+
+    Returns
+    -------
+    (N, 2) float64 array
+        Each point at a distance in the level's ``[lo, hi)`` pixels from its original and
+        inside ``[0, W - 1] x [0, H - 1]``; the distance is below ``lo`` only when no pixel
+        centre of the image is ``lo`` away (half diagonal < ``lo``).
+
+    Raises
+    ------
+    ValueError
+        Unknown level, bad shape, or a point outside the image.
+    """
+    lo, hi = _level_range(level)
+    h, w = _image_size(shape)
+    pts = np.array(points, dtype=np.float64).reshape(-1, 2)
+    top = np.array([w - 1, h - 1], dtype=np.float64)
+    if np.any(pts < 0) or np.any(pts > top):
+        raise ValueError(f"points must lie inside the {h} x {w} image")
+    if level == 0:
+        return pts
+    corners = np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], dtype=np.float64)
+    out = np.empty_like(pts)
+    for i, p in enumerate(pts):
+        gaps = np.hypot(*(corners - p).T)
+        far = int(np.argmax(gaps))
+        d_max = float(gaps[far])
+        if d_max < lo:  # no pixel centre is lo away: the largest shift the image allows
+            out[i] = corners[far]
+            continue
+        d = rng.uniform(lo, min(hi, d_max))
+        theta = rng.uniform(0.0, 2.0 * np.pi, N_DIRECTION_DRAWS)
+        cand = p + d * np.stack([np.cos(theta), np.sin(theta)], axis=1)
+        inside = np.all((cand >= 0) & (cand <= top), axis=1)
+        if inside.any():
+            out[i] = cand[int(np.argmax(inside))]
+        else:  # towards the farthest corner: that segment lies in the (convex) image
+            out[i] = p + d * (corners[far] - p) / d_max
+    # rounding only (the cases above are inside up to ~1e-13 pixel)
+    return np.clip(out, 0.0, top)
+
+
+def shift_box(box: np.ndarray, level: int, shape, rng: np.random.Generator) -> np.ndarray:
+    """A box whose edges moved by the rule of the module docstring ("Shifted prompts").
+
+    Parameters
+    ----------
+    box : (4,) ``[x0, y0, x1, y1]`` in pixels, inside the image, ``x0 <= x1``, ``y0 <= y1``.
+    level : int, a key of :data:`SHIFT_LEVELS`; 0 returns the box unchanged.
+    shape : (H, W, ...) of the image, pixels.
+    rng : numpy Generator.
+
+    Returns
+    -------
+    (4,) float64 array
+        Still inside the image with ``x0 <= x1`` and ``y0 <= y1``. Each edge moved by a
+        distance in the level's ``[lo, hi)`` pixels, outward or inward, unless neither the
+        room to the image border nor the room to the box centre exceeds ``lo``; then the edge
+        moves as far as it can (to the farther of the two limits).
+
+    Raises
+    ------
+    ValueError
+        Unknown level, bad shape, or an invalid box.
+    """
+    lo, hi = _level_range(level)
+    h, w = _image_size(shape)
+    b = np.array(box, dtype=np.float64).reshape(4)
+    x0, y0, x1, y1 = b
+    if not (0 <= x0 <= x1 <= w - 1 and 0 <= y0 <= y1 <= h - 1):
+        raise ValueError(f"box {b.tolist()} is not a valid box inside the {h} x {w} image")
+    if level == 0:
+        return b
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    # (edge index, outward sign, room outward to the border, room inward to the centre)
+    edges = ((0, -1.0, x0, cx - x0), (1, -1.0, y0, cy - y0),
+             (2, 1.0, (w - 1) - x1, x1 - cx), (3, 1.0, (h - 1) - y1, y1 - cy))
+    out = b.copy()
+    for k, sign, room_out, room_in in edges:
+        options = [(s, room) for s, room in ((sign, room_out), (-sign, room_in)) if room > lo]
+        if not options:  # too little room either way: as far as it can go
+            s, room = (sign, room_out) if room_out >= room_in else (-sign, room_in)
+            out[k] = b[k] + s * room
+            continue
+        s, room = options[int(rng.integers(len(options)))] if len(options) > 1 else options[0]
+        out[k] = b[k] + s * rng.uniform(lo, min(hi, room))
+    return np.clip(out, 0.0, [w - 1, h - 1, w - 1, h - 1])
+
+
+def shift_prompt(prompt: Prompt, level: int, shape, rng: np.random.Generator) -> Prompt:
+    """A prompt with its points, then its box, shifted (:func:`shift_points`, :func:`shift_box`).
+
+    Point labels are kept (a positive point moved off the object stays positive);
+    ``mask_input`` is dropped. Level 0 returns the same points and box as float arrays.
+
+    Parameters
+    ----------
+    prompt : Prompt
+    level : int, a key of :data:`SHIFT_LEVELS`.
+    shape : (H, W, ...) of the image, pixels.
+    rng : numpy Generator (the points draw from it first, then the box).
+
+    Returns
+    -------
+    Prompt
+    """
+    pts = None if prompt.points is None else shift_points(prompt.points, level, shape, rng)
+    box = None if prompt.box is None else shift_box(prompt.box, level, shape, rng)
+    labels = None if prompt.point_labels is None else np.array(prompt.point_labels, dtype=np.int64)
+    return Prompt(points=pts, point_labels=labels, box=box)
+
+
+def _check_levels(shift_levels, repeats) -> tuple[list[int], int]:
+    """The shifted levels (> 0, sorted, unique) and the repeat count (checked if any level)."""
+    for level in shift_levels:
+        _level_range(level)  # raises on an unknown level
+    levels = sorted({int(level) for level in shift_levels} - {0})
+    if levels and (isinstance(repeats, bool) or int(repeats) != repeats or int(repeats) < 1):
+        raise ValueError(f"repeats must be a positive integer; got {repeats!r}")
+    return levels, int(repeats)
+
+
+def _table_row(task, image_id, obj, strategy, seed, level, repeat, p: Prompt) -> dict:
+    return {
+        "task": task,
+        "image_id": image_id,
+        "label_value": int(obj.label_value),
+        "object": obj.object,
+        "strategy": strategy,
+        "seed": int(seed),
+        "shift_level": int(level),
+        "repeat": int(repeat),
+        "points": None if p.points is None else p.points.tolist(),
+        "point_labels": None if p.point_labels is None else p.point_labels.tolist(),
+        "box": None if p.box is None else p.box.tolist(),
+    }
 
 
 def make_prompt_table(
@@ -315,6 +528,8 @@ def make_prompt_table(
     strategies=STRATEGIES,
     sampling: str = DEFAULT_SAMPLING,
     skipped: list | None = None,
+    shift_levels=(0,),
+    repeats: int = 3,
 ):
     """Prompts of every object in a manifest under every strategy (the prompts table).
 
@@ -330,29 +545,39 @@ def make_prompt_table(
     skipped : list, optional
         If given, bad label files are recorded here as ``(path, reason)`` and skipped;
         otherwise the :class:`cosmoslib.io.InputError` propagates.
+    shift_levels : iterable of keys of :data:`SHIFT_LEVELS`
+        For each level > 0, ``repeats`` more rows per (object, strategy): the unshifted
+        prompt shifted by :func:`shift_prompt` with the Generator
+        ``object_rng(seed, task, image_id, label_value, strategy, level, repeat)``. The
+        unshifted rows (level 0) are always there, so ``(0,)`` (the default) gives the
+        unshifted table alone and ``(1, 2, 3)`` equals ``(0, 1, 2, 3)``.
+    repeats : positive int, shifted repeats per level (the paper's "Random 1-3": 3); not
+        used (nor checked) when no level is above 0.
 
     Returns
     -------
     pandas.DataFrame
-        Columns :data:`PROMPT_COLUMNS`, one row per (object, strategy), sorted by task,
-        image_id, label_value, strategy. ``points`` is a list of [x, y] floats or None,
-        ``point_labels`` a list of 0/1 or None, ``box`` ``[x0, y0, x1, y1]`` floats or None;
-        ``shift_level`` and ``repeat`` are 0.
+        Columns :data:`PROMPT_COLUMNS`, one row per (object, strategy, level, repeat), sorted
+        by task, image_id, label_value, strategy, shift_level, repeat. ``points`` is a list of
+        [x, y] floats or None, ``point_labels`` a list of 0/1 or None, ``box``
+        ``[x0, y0, x1, y1]`` floats or None. Unshifted rows have ``shift_level = 0`` and
+        ``repeat = 0``; shifted rows ``shift_level`` 1..3 and ``repeat`` 1..``repeats``.
 
     Raises
     ------
     cosmoslib.io.InputError
         A missing manifest column, an unreadable label file, or a label value not present.
+    ValueError
+        Unknown strategy or shift level, or ``repeats < 1`` with a level above 0.
     """
     import pandas as pd
     from tqdm.auto import tqdm
-
-    from cosmoslib.io import InputError
 
     strategies = tuple(strategies)
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise ValueError(f"unknown prompt strategies {bad}; choose from {STRATEGIES}")
+    levels, repeats = _check_levels(shift_levels, repeats)
     need = {"task", "image_id", "label_value", "object", "label_path"}
     missing = need - set(manifest.columns)
     if missing:
@@ -365,7 +590,7 @@ def make_prompt_table(
         path = root / label_path
         image_rows = []
         try:
-            label = _read_label(path)
+            label = np.asarray(read_label(path))
             if label.ndim != 2:
                 raise InputError(path, f"label map must be 2D; got shape {label.shape}")
             for obj in objects.sort_values("label_value").itertuples(index=False):
@@ -375,19 +600,14 @@ def make_prompt_table(
                 for strategy in strategies:
                     rng = object_rng(seed, task, image_id, obj.label_value)
                     p = make_prompt(mask, strategy, rng=rng, sampling=sampling)
-                    image_rows.append({
-                        "task": task,
-                        "image_id": image_id,
-                        "label_value": int(obj.label_value),
-                        "object": obj.object,
-                        "strategy": strategy,
-                        "seed": int(seed),
-                        "shift_level": 0,
-                        "repeat": 0,
-                        "points": None if p.points is None else p.points.tolist(),
-                        "point_labels": None if p.point_labels is None else p.point_labels.tolist(),
-                        "box": None if p.box is None else p.box.tolist(),
-                    })
+                    image_rows.append(_table_row(task, image_id, obj, strategy, seed, 0, 0, p))
+                    for level in levels:
+                        for repeat in range(1, repeats + 1):
+                            shift_rng = object_rng(seed, task, image_id, obj.label_value,
+                                                   strategy, level, repeat)
+                            q = shift_prompt(p, level, mask.shape, shift_rng)
+                            image_rows.append(
+                                _table_row(task, image_id, obj, strategy, seed, level, repeat, q))
         except InputError as exc:
             if skipped is None:
                 raise
@@ -395,7 +615,8 @@ def make_prompt_table(
             continue
         rows.extend(image_rows)
     table = pd.DataFrame(rows, columns=PROMPT_COLUMNS)
-    table = table.sort_values(["task", "image_id", "label_value", "strategy"], kind="stable")
+    table = table.sort_values(
+        ["task", "image_id", "label_value", "strategy", "shift_level", "repeat"], kind="stable")
     return table.reset_index(drop=True)
 
 

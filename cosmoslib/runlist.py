@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -44,7 +44,89 @@ CHAPTERS = (
     "02_timing",
     "03_everything_grid",
     "04_factors",
+    "05_randomness",
+    "06_interactive",
+    "07_annotation",
+    "09_volumes",
+    "10_findings",
 )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The settings of one run-list config, typed and frozen (what every chapter of it reads).
+
+    Papermill injects :meth:`as_parameters` into each notebook; :meth:`from_parameters` turns
+    them back into a ``Config``, so an unknown or misspelt field is an error, never a silent
+    default.
+
+    Attributes
+    ----------
+    name : config name (``smoke``, ``demo``, ``full``), part of every output's name.
+    smoke : True for the tiny config the test suite runs.
+    data_root : a COSMOS-layout folder; ``""`` = the embedded cosmos-demo dataset.
+    models : registry names (the first is the one the figures show).
+    max_images_per_task, max_objects_per_image : subsampling (0 = all), see
+        :func:`cosmoslib.dataset.subsample`.
+    s1_points_per_side : the S1 grid m of the strategies chapters (the paper: 32).
+    grid_sizes : the grid sizes m of the Everything-grid chapter (Table 5).
+    grid_max_images : cap on that chapter's multi-object images (0 = all).
+    seed : seed of every sampling step (prompts, subsampling, synthetic data).
+    protocol_max_objects : objects of the prompt-randomness and annotation chapters (Tables 7-8):
+        a seeded sample spread evenly over the tasks (0 = all).
+    shift_levels : prompt shift levels of Table 8 (1, 2, 3 = 0-10, 10-20, 20-30 pixels).
+    shift_repeats : seeded repeats per shift level ("Random 1-3").
+    interactive_max_objects : objects of the multi-round interaction chapter (Fig. 16), sampled
+        like ``protocol_max_objects`` (0 = all).
+    max_clicks : clicks per object in that chapter (the paper: 10).
+    """
+
+    name: str
+    smoke: bool = False
+    data_root: str = ""
+    models: tuple[str, ...] = ("litemedsam",)
+    max_images_per_task: int = 0
+    max_objects_per_image: int = 0
+    s1_points_per_side: int = 32
+    grid_sizes: tuple[int, ...] = (8, 16, 32, 64)
+    grid_max_images: int = 0
+    seed: int = 0
+    protocol_max_objects: int = 0
+    shift_levels: tuple[int, ...] = (1, 2, 3)
+    shift_repeats: int = 3
+    interactive_max_objects: int = 0
+    max_clicks: int = 10
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type.startswith("tuple"):
+                if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                    raise TypeError(f"config {self.name!r}: {f.name} must be a list, got {value!r}")
+                value = tuple(value)
+                object.__setattr__(self, f.name, value)
+                kind = str if "str" in f.type else int
+                items = value
+            else:
+                kind = {"str": str, "bool": bool, "int": int}[f.type]
+                items = (value,)
+            for item in items:
+                if not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
+                    raise TypeError(f"config {self.name!r}: {f.name} must be {f.type}, got {value!r}")
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Any]) -> "Config":
+        """The config papermill injected (``parameters`` = :meth:`as_parameters`)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(parameters) - known)
+        if unknown:
+            raise TypeError(f"unknown config field(s) {unknown}; the fields are {sorted(known)}")
+        return cls(**parameters)
+
+    def as_parameters(self) -> dict[str, Any]:
+        """Literals (lists, not tuples) for papermill's parameters cell."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -55,15 +137,18 @@ class Run:
     ----------
     notebook : str
         Notebook stem, e.g. ``"00_dataset"``.
-    config : str
-        Config name, part of the output file name.
-    parameters : Mapping[str, Any]
-        Literal values injected into the cell tagged ``parameters``.
+    config : Config
+        The settings injected (as literals) into the cell tagged ``parameters``.
     """
 
     notebook: str
-    config: str
-    parameters: Mapping[str, Any] = field(default_factory=dict)
+    config: Config
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """What papermill injects: the config's name, its smoke flag and all its settings."""
+        return dict(config=self.config.name, smoke=self.config.smoke,
+                    settings=self.config.as_parameters())
 
     @property
     def source(self) -> Path:
@@ -71,7 +156,7 @@ class Run:
 
     @property
     def output(self) -> Path:
-        return paths.runs_dir() / f"{self.notebook}--{self.config}.ipynb"
+        return paths.runs_dir() / f"{self.notebook}--{self.config.name}.ipynb"
 
     @property
     def docname(self) -> str:
@@ -79,50 +164,40 @@ class Run:
         return self.output.relative_to(paths.home()).with_suffix("").as_posix()
 
 
-def config_parameters(config: str) -> dict[str, Any]:
-    """Parameters shared by every notebook of one config (literals only).
+def config(name: str) -> Config:
+    """The :class:`Config` of one run-list config.
 
     Parameters
     ----------
-    config : {"smoke", "demo", "full"}
-
-    Returns
-    -------
-    dict
-        ``config``, ``smoke`` (bool), ``data_root`` (str; "" = cosmos-demo), ``models``
-        (list of registry names), ``max_images_per_task`` and ``max_objects_per_image`` (int,
-        0 = all), ``s1_points_per_side`` (the S1 grid m of the strategies chapters; the paper
-        uses 32), ``grid_sizes`` and ``grid_max_images`` (the Everything-grid chapter), ``seed``.
+    name : {"smoke", "demo", "full"}
 
     Notes
     -----
     On a CPU one Everything-mode point costs about one prompt decode (~0.08 s with LiteMedSAM's
     decoder on 2 cores; batching does not help), so S1 at the paper's m = 32 (1,024 points)
     takes ~30-80 s per image. The ``demo`` config therefore runs S1 at m = 8 and the grid
-    chapter on 4 multi-object images up to m = 64, to keep the whole book well under 30
-    minutes (about 16 on 2 cores, measured); ``full`` uses the paper's settings.
+    chapter on 4 multi-object images up to m = 64, to keep the whole book under 30 minutes on
+    2 cores; ``full`` uses the paper's settings. ``full`` reads ``COSMOS_FULL_ROOT`` and
+    ``COSMOS_FULL_MODELS`` (comma-separated registry names) when the run list is built.
     """
-    if config == "smoke":
-        return dict(config="smoke", smoke=True, data_root="", models=["litemedsam"],
-                    max_images_per_task=2, max_objects_per_image=4, s1_points_per_side=4,
-                    grid_sizes=[4, 8], grid_max_images=2, seed=0)
-    if config == "demo":
-        return dict(config="demo", smoke=False, data_root="", models=["litemedsam"],
-                    max_images_per_task=0, max_objects_per_image=0, s1_points_per_side=8,
-                    grid_sizes=[8, 16, 32, 64], grid_max_images=4, seed=0)
-    if config == "full":
-        root = os.environ.get("COSMOS_FULL_ROOT", "")
-        models = [m for m in os.environ.get("COSMOS_FULL_MODELS", "litemedsam").split(",") if m]
-        return dict(config="full", smoke=False, data_root=root, models=models,
-                    max_images_per_task=0, max_objects_per_image=0, s1_points_per_side=32,
-                    grid_sizes=[8, 16, 32, 64, 128, 256], grid_max_images=0, seed=0)
-    raise ValueError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
+    if name == "smoke":
+        return Config(name="smoke", smoke=True, max_images_per_task=2, max_objects_per_image=4,
+                      s1_points_per_side=4, grid_sizes=(4, 8), grid_max_images=2,
+                      protocol_max_objects=6, shift_repeats=2, interactive_max_objects=2, max_clicks=3)
+    if name == "demo":
+        return Config(name="demo", s1_points_per_side=8, grid_sizes=(8, 16, 32, 64), grid_max_images=4,
+                      protocol_max_objects=36, interactive_max_objects=12)
+    if name == "full":
+        models = tuple(m for m in os.environ.get("COSMOS_FULL_MODELS", "litemedsam").split(",") if m)
+        return Config(name="full", data_root=os.environ.get("COSMOS_FULL_ROOT", ""), models=models,
+                      s1_points_per_side=32, grid_sizes=(8, 16, 32, 64, 128, 256))
+    raise ValueError(f"unknown config {name!r}; choose one of {', '.join(CONFIGS)}")
 
 
-def runs(config: str) -> tuple[Run, ...]:
+def runs(config_name: str) -> tuple[Run, ...]:
     """The run list of one config, in book order."""
-    params = config_parameters(config)
-    return tuple(Run(nb, config, dict(params)) for nb in CHAPTERS)
+    cfg = config(config_name)
+    return tuple(Run(nb, cfg) for nb in CHAPTERS)
 
 
 def toc(config: str) -> dict:
@@ -177,17 +252,20 @@ class BookReport:
         return "\n".join(lines)
 
 
-def execute(run: Run) -> float:
-    """Execute one run with papermill into its output notebook (atomically); returns seconds."""
-    import papermill
+def execute(run: Run, progress: bool = True) -> float:
+    """Execute one run with papermill into its output notebook (atomically); returns seconds.
+
+    ``progress`` shows papermill's cell-by-cell progress bar (stderr) while the chapter runs.
+    """
+    import papermill  # optional [book] extra: only `cosmos book` needs it
 
     run.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = run.output.with_name(f".{run.output.name}.tmp.ipynb")
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
-            str(run.source), str(tmp), parameters=dict(run.parameters), kernel_name="python3",
-            cwd=str(paths.home()), progress_bar=False, report_mode=False,
+            str(run.source), str(tmp), parameters=run.parameters, kernel_name="python3",
+            cwd=str(paths.home()), progress_bar=progress, report_mode=False,
         )
         os.replace(tmp, run.output)
     except BaseException:

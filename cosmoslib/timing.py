@@ -5,12 +5,11 @@ from __future__ import annotations
 import platform
 
 import pandas as pd
+import torch
 
 
 def device_description() -> str:
     """The compute device in words, e.g. ``"CPU: AMD EPYC 7B13 (2 threads), torch 2.14.1"``."""
-    import torch
-
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         return f"GPU: {name}, torch {torch.__version__}"

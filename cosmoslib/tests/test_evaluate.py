@@ -140,3 +140,86 @@ def test_a_corrupt_image_is_recorded_and_the_rest_evaluated(demo_root, litemedsa
     assert set(results.image_id) == set(manifest.image_id) - {bad.image_id}
     skipped = pd.read_csv(out.with_suffix(".skipped.csv"))
     assert len(skipped) == 1 and "failed" in report.summary()
+
+
+def _copy_task(demo_root, root, task):
+    import shutil
+
+    shutil.copytree(demo_root / task, root / task)
+    shutil.copy(demo_root / f"{task}.json", root / f"{task}.json")
+
+
+def test_changing_one_label_recomputes_exactly_that_image(demo_root, litemedsam, tmp_path):
+    task = "mni152_tissue_t1w-mri"  # two objects per image (grey and white matter)
+    root = tmp_path / "root"
+    _copy_task(demo_root, root, task)
+    manifest = dataset.subsample(io.index(root), max_images_per_task=3, seed=0)
+    out = tmp_path / "r.parquet"
+    before, rep1 = evaluate.evaluate(manifest, root, [litemedsam], out, strategies=["S2", "S5"])
+    assert rep1.n_failed == 0 and rep1.n_parts_done == 3
+
+    # Fix a label as a user would: erase the left half of one object in one image.
+    target = manifest.iloc[0]
+    path = root / target.label_path
+    label = io.read_label(path).copy()
+    xs = np.nonzero(label == target.label_value)[1]
+    half = label[:, : int(np.median(xs))]
+    half[half == target.label_value] = 0
+    path.write_bytes(io.encode_png(label))
+
+    manifest2 = dataset.subsample(io.index(root), max_images_per_task=3, seed=0)
+    after, rep2 = evaluate.evaluate(manifest2, root, [litemedsam], out, strategies=["S2", "S5"])
+    assert rep2.n_parts_done == 1 and rep2.n_parts_resumed == 2
+    key = ["image_id", "label_value", "strategy", "selection_rule"]
+    cols = [c for c in before.columns if not c.startswith("t_")]
+    same = before["image_id"] != target.image_id
+    pd.testing.assert_frame_equal(before.loc[same, cols].reset_index(drop=True),
+                                  after.loc[after["image_id"] != target.image_id, cols].reset_index(drop=True))
+    old = before[~same].set_index(key).sort_index()
+    new = after[after["image_id"] == target.image_id].set_index(key).sort_index()
+    changed = old.loc[(target.image_id, target.label_value), "dice"] != new.loc[(target.image_id, target.label_value), "dice"]
+    assert changed.any()
+    prompts = pd.read_parquet(out.with_name("prompts.parquet"))
+    now = prompts[(prompts.image_id == target.image_id) & (prompts.label_value == target.label_value)]
+    assert set(now["label_sha"]) == {io.file_digest(path)}
+
+
+def test_same_ids_in_another_dataset_get_fresh_rows(demo_root, litemedsam, tmp_path):
+    task = "pyradiomics_brain_mri"
+    first, second = tmp_path / "a", tmp_path / "b"
+    _copy_task(demo_root, first, task)
+    _copy_task(demo_root, second, task)
+    for folder in ("images", "labels"):  # same task and ids, other content: every file mirrored
+        for png in sorted((second / task / folder).glob("*.png")):
+            arr = np.asarray(Image.open(png))
+            png.write_bytes(io.encode_png(np.ascontiguousarray(arr[:, ::-1])))
+    out = tmp_path / "r.parquet"
+    m1 = dataset.subsample(io.index(first), max_images_per_task=2, seed=0)
+    r1, _ = evaluate.evaluate(m1, first, [litemedsam], out, strategies=["S5"])
+    m2 = dataset.subsample(io.index(second), max_images_per_task=2, seed=0)
+    assert list(m2.image_id) == list(m1.image_id)
+    r2, rep = evaluate.evaluate(m2, second, [litemedsam], out, strategies=["S5"])
+    assert rep.n_parts_resumed == 0 and rep.n_parts_done == m2.image_id.nunique()
+    boxes = pd.read_parquet(out.with_name("prompts.parquet"))
+    assert len(boxes) == 5 * len(m2)  # the new content's prompts replaced the old ones
+    assert set(boxes["label_sha"]) == set(m2["label_sha"]) and not set(boxes["label_sha"]) & set(m1["label_sha"])
+
+
+def test_index_refuses_what_evaluate_cannot_read(demo_root, litemedsam, tmp_path):
+    task = "pyradiomics_lung_ct"
+    root = tmp_path / "root"
+    _copy_task(demo_root, root, task)
+    images = sorted((root / task / "images").glob("*.png"))
+    truncated, wide = images[0], images[1]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    arr = np.asarray(Image.open(wide)).astype(np.uint16) * 257  # real 16-bit data, 0..65535
+    Image.fromarray(arr).save(wide)
+    report = io.index_to_parquet(root, tmp_path / "manifest.parquet", progress=False)
+    skipped = pd.read_csv(report.skipped_csv)
+    reasons = dict(zip(skipped["file"].map(lambda f: f.split("/")[-1]), skipped["reason"]))
+    assert "unreadable image" in reasons[truncated.name]
+    assert "expected an 8-bit image" in reasons[wide.name]
+    manifest = pd.read_parquet(tmp_path / "manifest.parquet")
+    assert not set(manifest["image_id"]) & {truncated.stem, wide.stem}
+    _, rep = evaluate.evaluate(manifest, root, [litemedsam], tmp_path / "r.parquet", strategies=["S5"])
+    assert rep.n_failed == 0 and rep.n_images == len(images) - 2

@@ -151,15 +151,18 @@ def test_matches_sam_automatic_mask_generator(setup, params):
     ours = everything.generate_everything(model, embedding, image.shape[:2], **params)
     ref = SamAutomaticMaskGenerator(sam, **params).generate(image)
     assert len(ours) == len(ref) > 3
+    # Masks, and what is counted from them (boxes, areas), come from logits of two code paths:
+    # compared with pixel tolerances (a rounding flip moves a box edge by a pixel), not exactly.
     for i, ann in enumerate(ref):
         assert _mask_iou(ours.masks[i], ann["segmentation"]) > 0.999
         assert ours.predicted_iou[i] == pytest.approx(ann["predicted_iou"], abs=1e-5)
         assert ours.stability_score[i] == pytest.approx(ann["stability_score"], abs=1e-3)
-        np.testing.assert_allclose(ours.point_coords[i], ann["point_coords"][0])
+        np.testing.assert_allclose(ours.point_coords[i], ann["point_coords"][0], rtol=0, atol=1e-6)
         x, y, w, h = ann["bbox"]
-        np.testing.assert_allclose(ours.boxes[i], [x, y, x + w, y + h])
+        np.testing.assert_allclose(ours.boxes[i], [x, y, x + w, y + h], rtol=0, atol=1)
     assert ours.masks.shape == (len(ref), *image.shape[:2]) and ours.masks.dtype == bool
-    np.testing.assert_array_equal(ours.areas, [a["area"] for a in ref])
+    np.testing.assert_array_equal(ours.areas, ours.masks.sum(axis=(1, 2)))  # one path: RLE vs mask
+    np.testing.assert_allclose(ours.areas, [a["area"] for a in ref], rtol=1e-3, atol=1)
 
 
 def test_real_shapes():

@@ -69,8 +69,13 @@ def test_modality_aliases(spelling, canonical):
 
 
 def test_unknown_modalities():
-    for value in ("PET", "", None, float("nan")):
+    for value in ("PETS", "", None, float("nan"), "unknown", "M"):
         assert F.modality_code(value) == F.MODALITY_CODES["unknown"]
+    # Known names outside the paper's 18 get their own codes after "unknown", not 18.
+    from cosmoslib import vocabulary
+
+    assert F.modality_code("PET") == vocabulary.EXTRA_MODALITY_CODES["PET"] > 18
+    assert F.MODALITY_CODES is vocabulary.MODALITY_CODES
 
 
 # ------------------------------------------------------------------------------------------
@@ -187,7 +192,8 @@ def test_stop_by_dice_on_a_three_lobed_star():
 def test_stop_by_gain_on_a_ring_and_dice_against_the_full_mask():
     outer, inner = 30.0, 18.0
     ring = syn.star((100, 100), 0, 0.0, outer) & ~syn.star((100, 100), 0, 0.0, inner)
-    fo = F.fourier_order(ring)
+    fo = F.fourier_order(ring, reference="mask")
+    assert fo.reference == "mask"
     assert fo.stopped_by == "gain"
     assert fo.n_contours == 2
     assert fo.dices[-1] - fo.dices[-2] < 0.1
@@ -203,10 +209,70 @@ def test_two_components_fit_the_larger_one():
     shape = (80, 160)
     big = syn.star(shape, 0, 0.0, 25, center=(40, 40))
     small = syn.star(shape, 0, 0.0, 15, center=(120, 40))
-    fo = F.fourier_order(big | small)
+    fo = F.fourier_order(big | small, reference="mask")
     assert fo.n_contours == 2
     expected = 200.0 * big.sum() / (2 * big.sum() + small.sum())
     assert fo.dice == pytest.approx(expected, abs=1.0)
+    # The paper's reference is the larger part's filled outline: a disc, fitted at order 1.
+    paper = F.fourier_order(big | small)
+    assert paper.n_contours == 2 and paper.raw_order == 1 and paper.dice > 99
+    assert np.array_equal(F.outer_region(big | small), big)
+
+
+@pytest.mark.parametrize("k_lobes, amplitude", [(0, 0.0), (5, 0.15)])
+def test_ring_paper_fo_is_that_of_its_filled_outer_contour(k_lobes, amplitude):
+    # A myocardium-like ring: its paper-default FO is the FO of the filled outer region (the
+    # hole is no boundary complexity), while the whole-mask variant is dominated by the
+    # 2 x 100 x (1 - DICE) penalty of the hole.
+    shape = (120, 120)
+    filled = syn.star(shape, k_lobes, amplitude, 40, center=(61.3, 58.7), phase=0.3)
+    hole = syn.star(shape, 0, 0.0, 22, center=(64.0, 57.0))
+    ring = filled & ~hole
+    paper, disc = F.fourier_order(ring), F.fourier_order(filled)
+    assert (paper.reference, paper.n_contours, disc.n_contours) == ("outer", 2, 1)
+    assert paper.raw_order == disc.raw_order
+    assert paper.order == pytest.approx(disc.order, abs=0.5)
+    masked = F.fourier_order(ring, reference="mask")
+    assert masked.order > paper.order + 30
+    # DICE of the filled outline against the ring is capped by the hole's share.
+    cap = 200.0 * ring.sum() / (ring.sum() + filled.sum())
+    assert masked.dice < cap + 1.0
+
+
+def test_outer_region_and_holes_agree_with_skimage():
+    """outer_region = skimage.draw.polygon fill of the largest marching-squares boundary;
+    holes = components - Euler number (skimage, 8-connected object)."""
+    from scipy import ndimage
+    from skimage import measure
+
+    shape = (90, 120)
+    ring = syn.star(shape, 0, 0.0, 30, center=(40, 45)) & ~syn.star(shape, 0, 0.0, 15, center=(40, 45))
+    island = syn.star(shape, 0, 0.0, 5, center=(40, 45))
+    blob = syn.star(shape, 3, 0.2, 12, center=(100, 30))
+    diag = np.zeros(shape, bool)  # a 5 x 5 square with two hole pixels touching at a corner
+    diag[70:75, 95:100] = True
+    diag[72, 97] = False
+    diag[71, 96] = False
+    cases = [ring, ring | island, ring | island | blob, blob, diag, ring | diag]
+    for mask in cases:
+        curves = measure.find_contours(np.pad(mask.astype(float), 1), 0.5, fully_connected="high")
+        areas = []
+        for c in curves:
+            rr, cc = draw.polygon(c[:, 0] - 1, c[:, 1] - 1, shape=shape)
+            areas.append(len(rr))
+        rr, cc = draw.polygon(*(curves[int(np.argmax(areas))] - 1).T, shape=shape)
+        ref = np.zeros(shape, bool)
+        ref[rr, cc] = True
+        assert np.array_equal(F.outer_region(mask), ref)
+        n_comp = ndimage.label(mask, structure=np.ones((3, 3)))[1]
+        holes = n_comp - measure.euler_number(mask, connectivity=2)
+        assert F.count_holes(mask) == holes
+        assert F.fourier_order(mask, max_order=3).n_contours == n_comp + holes == len(curves)
+    assert F.count_holes(ring) == 1 and F.count_holes(blob) == 0
+    assert F.count_holes(ring | island) == 1  # the island sits in the one hole
+    assert F.count_holes(diag) == 2  # background is 4-connected: corner contact joins nothing
+    with pytest.raises(ValueError, match="reference"):
+        F.fourier_order(ring, reference="filled")
 
 
 def test_stop_by_cap():
@@ -319,14 +385,20 @@ def test_compute_factors_matches_the_single_functions(cosmos_root):
         fo = F.fourier_order(mask)
         assert row.size_px == mask.sum() == m.area_px
         assert row.aspect_ratio == pytest.approx(F.aspect_ratio(mask))
-        assert row.intensity_diff == pytest.approx(F.intensity_difference(image, mask))
+        assert row.intensity_diff_signed == pytest.approx(F.intensity_difference(image, mask))
+        assert row.intensity_diff == pytest.approx(abs(row.intensity_diff_signed))
         assert (row.fourier_order, row.fourier_order_raw, row.efd_dice, row.n_contours,
                 row.fo_stopped_by) == (fo.order, fo.raw_order, fo.dice, fo.n_contours,
                                        fo.stopped_by)
+        # One boundary: the whole-mask variant is the same search.
+        assert (row.n_contours, row.n_holes) == (1, 0)
+        assert row.fourier_order_mask == pytest.approx(row.fourier_order)
     codes = dict(zip(df["task"], df["modality_code"]))
     assert codes == {"organs_ct": F.MODALITY_CODES["CT"], "lesion_us": F.MODALITY_CODES["US"]}
     us = df[df["task"] == "lesion_us"].iloc[0]
-    assert us["intensity_diff"] == pytest.approx(0.299 * -30 + 0.587 * 10 + 0.114 * 50, abs=0.01)
+    assert us["intensity_diff_signed"] == pytest.approx(0.299 * -30 + 0.587 * 10 + 0.114 * 50,
+                                                        abs=0.01)
+    assert df.attrs["unknown_modality"] == {}
 
 
 def test_compute_factors_records_bad_files_and_objects(cosmos_root):
@@ -377,3 +449,87 @@ def test_cosmos_factors_command(cosmos_root, tmp_path, capsys):
     assert cli.main(["factors", str(cosmos_root), "--out", str(out)]) == 0
     assert "Factors of 5 objects" in capsys.readouterr().out
     assert len(pd.read_parquet(out)) == 5
+
+
+@pytest.fixture()
+def ring_root(tmp_path):
+    """One task in the authors' layout: a bright myocardium-like ring around a dark cavity,
+    a dark disc on a bright background (negative contrast) and a bright disc."""
+    from cosmoslib import io
+
+    shape = (96, 128)
+    root = tmp_path / "release"
+    io.write_task(root, "22_Heart", {1: "Myocardium", 2: "Cyst", 3: "Nodule"})
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        outer = syn.star(shape, 0, 0.0, 26 + 2 * i, center=(40, 46))
+        cavity = syn.star(shape, 0, 0.0, 17, center=(41, 47))
+        dark = syn.star(shape, 0, 0.0, 10, center=(100, 30))
+        bright = syn.star(shape, 3, 0.2, 9, center=(100, 72))
+        label = np.zeros(shape, np.uint8)
+        label[outer & ~cavity], label[dark], label[bright] = 1, 2, 3
+        image = np.full(shape, 150.0)
+        image[outer & ~cavity], image[cavity], image[dark], image[bright] = 220, 60, 40, 230
+        image = np.clip(image + rng.normal(0, 2, shape), 0, 255).round().astype(np.uint8)
+        io.write_pair(root, "22_Heart", f"22_Heart_{i}_5", image, label)
+    return root
+
+
+def test_abs_and_signed_contrast_and_fo_references_in_the_table(ring_root):
+    from cosmoslib import io
+
+    with pytest.warns(UserWarning, match="22_Heart"):
+        manifest = io.index(ring_root)
+    df = F.compute_factors(manifest, ring_root, progress=False)
+    assert df.attrs["unknown_modality"] == {"22_Heart": 6}
+    assert (df["modality_code"] == F.MODALITY_CODES["unknown"]).all()
+    by = df.set_index(["image_id", "object"])
+    for image_id in df["image_id"].unique():
+        dark, bright = by.loc[(image_id, "Cyst")], by.loc[(image_id, "Nodule")]
+        # Dark object on a brighter surround: signed < 0, magnitude = |signed| > 0.
+        assert dark.intensity_diff_signed < -60 and dark.intensity_diff == pytest.approx(
+            -dark.intensity_diff_signed)
+        assert bright.intensity_diff_signed > 40
+        assert bright.intensity_diff == pytest.approx(bright.intensity_diff_signed)
+        ring = by.loc[(image_id, "Myocardium")]
+        assert (ring.n_contours, ring.n_holes) == (2, 1)
+        assert ring.fourier_order_mask > ring.fourier_order + 30
+        assert ring.efd_dice > 97 > ring.efd_dice_mask
+    assert (df["intensity_diff"] >= 0).all()
+
+    effect = F.fo_reference_effect(df)
+    assert effect["object"].tolist() == ["Myocardium"]
+    row = effect.iloc[0]
+    rings = df[df["object"] == "Myocardium"]
+    assert (row.n, row.n_holed) == (2, 2)
+    assert row.fo_median == pytest.approx(rings["fourier_order"].median())
+    assert row.shift_median == pytest.approx(
+        (rings["fourier_order_mask"] - rings["fourier_order"]).median())
+    assert row.shift_max >= row.shift_median > 30
+    assert F.fo_reference_effect(df[df["object"] != "Myocardium"]).empty
+    with pytest.raises(KeyError, match="fourier_order_mask"):
+        F.fo_reference_effect(df.drop(columns="fourier_order_mask"))
+
+
+def test_factor_options_are_checked(ring_root, tmp_path):
+    from cosmoslib import io
+
+    manifest = io.index(ring_root, modality={"22_Heart": "Cine-MRI"})
+    with pytest.raises(TypeError, match="reference"):
+        F.compute_factors(manifest, ring_root, progress=False, reference="mask")
+    with pytest.raises(TypeError, match="reference"):
+        F.factors_cli(ring_root, tmp_path / "f.parquet", progress=False, reference="mask")
+
+
+def test_factors_cli_modality_override_refreshes_reused_rows(ring_root, tmp_path):
+    out = tmp_path / "factors.parquet"
+    with pytest.warns(UserWarning, match="modality unknown"):
+        first = F.factors_cli(ring_root, out, progress=False)
+    assert first.unknown_modality == {"22_Heart": 6}
+    assert "Modality unknown" in first.summary() and "--modality" in first.summary()
+    again = F.factors_cli(ring_root, out, progress=False, modality={"22_Heart": "cine mri"})
+    assert (again.n_reused, again.n_computed, again.unknown_modality) == (6, 0, {})
+    table = pd.read_parquet(out)
+    assert set(table["modality"]) == {"Cine-MRI"}
+    assert set(table["modality_code"]) == {F.MODALITY_CODES["Cine-MRI"]}
+    assert "Modality unknown" not in again.summary()

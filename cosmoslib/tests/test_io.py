@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -124,15 +125,20 @@ def test_layout_round_trip(tmp_path):
             values = sorted(objects)[: n + 1]
             image, label = _random_pair(rng, 40 + n, 30, values, rgb=task.startswith("skin"))
             image_id = f"case {n}_{n:04d}" if task == "liver_ct" else f"img-ü{n}"
-            io.write_pair(tmp_path, task, image_id, image, label)
-            provenance[image_id] = {"source": f"raw/{n}.nii.gz", "slice_index": n}
+            ipath, lpath = io.write_pair(tmp_path, task, image_id, image, label)
+            provenance[image_id] = {"source": f"raw/{n}.nii.gz", "slice_index": n, "plane": "axial",
+                                    "spacing": [0.5, 0.75, 2.0 + n]}
+            digests = {k: hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest()
+                       for k, p in (("image_sha", ipath), ("label_sha", lpath))}
             for v in values:
                 expected.append({"dataset": "DS " + task, "task": task, "modality": "M",
                                  "object": objects[v], "label_value": v, "image_id": image_id,
                                  "image_path": f"{task}/images/{image_id}.png",
                                  "label_path": f"{task}/labels/{image_id}.png",
                                  "source": f"raw/{n}.nii.gz", "slice_index": n,
-                                 "area_px": int((label == v).sum()), "height": 40 + n, "width": 30})
+                                 "area_px": int((label == v).sum()), "height": 40 + n, "width": 30,
+                                 **digests, "plane": "axial", "spacing_row": 0.5, "spacing_col": 0.75,
+                                 "spacing_slice": 2.0 + n})
         io.write_task(tmp_path, task, objects, dataset="DS " + task, modality="M", images=provenance)
     man = io.index(tmp_path)
     assert list(man.columns) == io.MANIFEST_COLUMNS
@@ -258,3 +264,14 @@ def test_index_of_demo_matches_independent_count(demo_root):
     assert man.groupby("task").image_id.nunique().sum() == len(io.list_images(demo_root))
     assert (man.area_px > 50).all()
     assert man.source.notna().all() and man.slice_index.notna().all()
+
+
+def test_modality_tokens_use_the_shared_vocabulary():
+    from cosmoslib import vocabulary
+
+    cases = {"epfl_em": "Electron Microscopy", "case_dwi_mri": "DW MRI", "brain_t1_mri": "T1W MRI",
+             "22_Heart": None, "6_Pancreas": None, "retina_oct": "OCT", "cxr_lungs": "X-ray",
+             "Ultrasound thyroid": "US"}
+    got = {k: io.modality_from_task_name(k) for k in cases}
+    assert got == cases
+    assert all(v is None or v in vocabulary.KNOWN_MODALITIES for v in got.values())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cosmoslib import evaluate, stats, synthetic
+from cosmoslib import stats, synthetic
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def study(litemedsam):
     cases = synthetic.known_answer_set(np.random.default_rng(0), ks=(0, 2, 4, 6, 8, 12, 16),
                                        contrasts=(5.0, 10.0, 20.0, 40.0, 80.0))
-    return evaluate.known_answer_study(litemedsam, cases)
+    return synthetic.known_answer_study(litemedsam, cases)
 
 
 def test_fourier_order_rises_with_lobes(study):

@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cosmoslib import paper
+from cosmoslib import paper, paths
 from cosmoslib.io import InputError
 
-PAPER_TEXT = Path("/work/shared/seed/000_870fad35e6a22e6c.txt")
-needs_text = pytest.mark.skipif(not PAPER_TEXT.is_file(), reason="paper text not available")
+PAPER_TEXT = paths.paper_text()  # $COSMOS_PAPER_TEXT or ../shared/seed/*.txt beside the checkout
+needs_text = pytest.mark.skipif(PAPER_TEXT is None, reason="the paper text is not available: set COSMOS_PAPER_TEXT or place it in ../shared/seed/ beside the checkout")
 
 MODELS = ["ViT-B", "ViT-H"]
 STRATEGIES = [f"S{i}" for i in range(1, 7)]

@@ -392,7 +392,8 @@ def test_prepare_4d_volume(tmp_path):
     man = io.index(tmp_path / "out")
     assert "cine_img_t002_0002" in set(man.image_id)
     info = io.read_task_json(tmp_path / "out", "synth_ct")
-    assert info.images["cine_img_t001_0003"] == {"source": "cine_img.nii.gz", "slice_index": 3, "frame": 1}
+    assert info.images["cine_img_t001_0003"] == {"source": "cine_img.nii.gz", "slice_index": 3, "frame": 1,
+                                                 "plane": "axial", "spacing": [1.0, 1.0, 1.0]}
     np.testing.assert_array_equal(io.read_image(tmp_path / "out/synth_ct/images/cine_img_t002_0002.png"),
                                   preprocess.minmax_normalize(image[2, 2]))
     # a 3D label with a 4D image applies to every frame
@@ -574,3 +575,89 @@ def test_prepare_refuses_catalog_only_descriptor(tmp_path):
         preprocess.prepare(tmp_path, d, tmp_path / "out")
     with pytest.raises(InputError, match="not found"):
         preprocess.prepare(tmp_path / "missing", descriptor(tmp_path), tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- provenance: plane, spacing
+
+
+def save_nii_spacing(path, arr, zooms_xyz):
+    """Like :func:`save_nii` but with voxel sizes ``(x, y, z)`` in mm (RAS+ diagonal affine)."""
+    ras = np.asarray(arr)[:, ::-1, ::-1].transpose(2, 1, 0)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(ras), np.diag([*zooms_xyz, 1.0])), str(path))
+
+
+@pytest.mark.parametrize("plane, expected", [
+    # NIfTI x (L axis) 0.5 mm, y (P axis) 0.8 mm, z (S axis) 3.0 mm; [row, column, slice]:
+    ("axial", [0.8, 0.5, 3.0]),     # rows along P, columns along L, slices along S
+    ("coronal", [3.0, 0.5, 0.8]),   # rows along S, columns along L, slices along P
+    ("sagittal", [3.0, 0.8, 0.5]),  # rows along S, columns along P, slices along L
+])
+def test_prepared_volume_slices_record_plane_and_spacing(tmp_path, plane, expected):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    image = rng.normal(100, 20, size=(12, 40, 50)).astype(np.float32)
+    label = np.zeros((12, 40, 50), np.uint8)
+    label[2:10, 5:25, 10:30] = 1  # > 50 px on every slice of every plane that cuts it
+    save_nii_spacing(src / "case1_img.nii.gz", image, (0.5, 0.8, 3.0))
+    save_nii_spacing(src / "case1_seg.nii.gz", label.astype(np.uint8), (0.5, 0.8, 3.0))
+    d = descriptor(tmp_path, main_plane=plane)
+    rep = preprocess.prepare(src, d, tmp_path / "out", progress=False)
+    assert rep.n_done == 1 and rep.n_images > 0
+    info = io.read_task_json(tmp_path / "out", "synth_ct")
+    assert len(info.images) == rep.n_images == {"axial": 8, "coronal": 20, "sagittal": 20}[plane]
+    for image_id, prov in info.images.items():
+        assert prov["plane"] == plane and prov["source"] == "case1_img.nii.gz"
+        np.testing.assert_allclose(prov["spacing"], expected, rtol=1e-6)
+        # the spacing's row/column order is that of the stored PNG: its shape matches the
+        # volume's extent along those axes (S=12, P=40, L=50)
+        extent = {"axial": (40, 50), "coronal": (12, 50), "sagittal": (12, 40)}[plane]
+        assert io.read_label(tmp_path / "out/synth_ct/labels" / f"{image_id}.png").shape == extent
+
+
+def test_slice_spacing_matches_simpleitk_on_an_nrrd(tmp_path):
+    """An anisotropic NRRD written by SimpleITK with a non-identity (flipped) direction: the
+    spacing recorded for axial slices is SimpleITK's own (x, y, z) spacing, reordered."""
+    import SimpleITK as sitk
+
+    src = tmp_path / "src"
+    src.mkdir()
+    image, label = synthetic_volume()
+    for arr, name in ((image, "case1_img.nrrd"), (label.astype(np.uint8), "case1_seg.nrrd")):
+        im = sitk.GetImageFromArray(arr)
+        im.SetSpacing((0.7, 0.9, 2.5))  # x, y, z
+        im.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
+        sitk.WriteImage(im, str(src / name))
+    d = descriptor(tmp_path, pairs={"image": "*_img.nrrd", "label": "{stem}_seg.nrrd"})
+    preprocess.prepare(src, d, tmp_path / "out", progress=False)
+    sx, sy, sz = sitk.ReadImage(str(src / "case1_img.nrrd")).GetSpacing()
+    info = io.read_task_json(tmp_path / "out", "synth_ct")
+    assert info.images
+    for prov in info.images.values():
+        # LPS: x runs along L (columns of an axial slice), y along P (rows), z along S (slices)
+        np.testing.assert_allclose(prov["spacing"], [sy, sx, sz], rtol=1e-6)
+        assert prov["plane"] == "axial"
+
+
+def test_slice_spacing_rule_and_2d_sources_have_none(tmp_path):
+    assert preprocess.slice_spacing((3.0, 0.8, 0.5), "axial") == [0.8, 0.5, 3.0]
+    assert preprocess.slice_spacing((3.0, 0.8, 0.5), "coronal") == [3.0, 0.5, 0.8]
+    assert preprocess.slice_spacing((3.0, 0.8, 0.5), "sagittal") == [3.0, 0.8, 0.5]
+    with pytest.raises(ValueError):
+        preprocess.slice_spacing((1, 1, 1), "oblique")
+    # a 2D source: no plane, no spacing (unknown), slice_index -1
+    src = tmp_path / "src"
+    src.mkdir()
+    img = (np.arange(40 * 30) % 251).astype(np.uint8).reshape(40, 30)
+    lab = np.zeros((40, 30), np.uint8)
+    lab[5:20, 5:20] = 1
+    Image.fromarray(img).save(src / "a_img.png")
+    Image.fromarray(lab).save(src / "a_seg.png")
+    d = catalog.descriptor_from_mapping({
+        "name": "Synthetic2D", "modalities": ["X-ray"], "task": "synth_xray", "modality": "X-ray",
+        "format": "image", "objects": [{"name": "Thing", "source_values": [1], "value": 255}],
+        "pairs": {"image": "*_img.png", "label": "{stem}_seg.png"}}, tmp_path / "s2d.yaml")
+    preprocess.prepare(src, d, tmp_path / "out", progress=False)
+    info = io.read_task_json(tmp_path / "out", "synth_xray")
+    assert info.images == {"a_img": {"source": "a_img.png", "slice_index": -1}}
+

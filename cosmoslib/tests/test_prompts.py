@@ -291,3 +291,214 @@ def test_table_bad_input(cosmos_root):
     assert "img0" not in set(table.image_id) and len(table) == (len(manifest) - 3) * 5
     with pytest.raises(InputError, match="lacks columns"):
         prompts.make_prompt_table(manifest.drop(columns="label_path"), root)
+
+
+# ---- shifted prompts (Table 8) ----------------------------------------------------------------
+
+TOL = 1e-6  # pixels; shifted coordinates are computed in float64
+
+
+def _corners(shape):
+    h, w = shape
+    return np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], float)
+
+
+def check_shift(orig: prompts.Prompt, shifted: prompts.Prompt, level: int, shape,
+                strict: bool = False) -> None:
+    """The documented contract of a shifted prompt (prompts module docstring).
+
+    Every point and box edge lies inside the image and moved by a distance in the level's
+    [lo, hi) pixels; the only exceptions are the documented size-limited cases, checked
+    exactly. ``strict=True`` asserts that no exception applies (the geometry allows a move in
+    range everywhere).
+    """
+    lo, hi = prompts.SHIFT_LEVELS[level]
+    h, w = shape
+    top = np.array([w - 1, h - 1], float)
+    if orig.points is None:
+        assert shifted.points is None and shifted.point_labels is None
+    else:
+        p, q = np.asarray(orig.points, float), np.asarray(shifted.points, float)
+        assert q.shape == p.shape
+        np.testing.assert_array_equal(shifted.point_labels, orig.point_labels)  # labels kept
+        assert np.all(q >= 0) and np.all(q <= top), "every shifted point inside the image"
+        d = np.hypot(*(q - p).T)
+        for pi, qi, di in zip(p, q, d):
+            gaps = np.hypot(*(_corners(shape) - pi).T)
+            if gaps.max() >= lo:
+                assert lo - TOL <= di < hi + TOL, f"point moved {di:.3f} px, level {level}"
+            else:  # image too small: moved to the farthest corner
+                assert not strict
+                np.testing.assert_allclose(qi, _corners(shape)[np.argmax(gaps)], atol=TOL)
+    if orig.box is None:
+        assert shifted.box is None
+        return
+    b, c = np.asarray(orig.box, float), np.asarray(shifted.box, float)
+    assert 0 <= c[0] <= c[2] <= w - 1 and 0 <= c[1] <= c[3] <= h - 1, "valid box in the image"
+    centre = [(b[0] + b[2]) / 2, (b[1] + b[3]) / 2] * 2
+    border = [0, 0, w - 1, h - 1]
+    for k in range(4):
+        room_out, room_in = abs(b[k] - border[k]), abs(centre[k] - b[k])
+        move = abs(c[k] - b[k])
+        outward = (c[k] - b[k]) * (1 if k >= 2 else -1) > 0
+        if max(room_out, room_in) > lo:
+            assert lo - TOL <= move < hi + TOL, f"edge {k} moved {move:.3f} px, level {level}"
+            assert move <= (room_out if outward else room_in) + TOL
+        else:  # no room for a move in range: as far as it can go
+            assert not strict
+            assert move == pytest.approx(max(room_out, room_in), abs=TOL)
+
+
+def padded_mask(seed: int, margin_lo: int = 21) -> np.ndarray:
+    """A random mask with at least ``margin_lo`` pixels of background on every side."""
+    rng = np.random.default_rng(seed + 1)
+    mask = random_mask(seed)
+    pads = rng.integers(margin_lo, margin_lo + 20, size=4)
+    return np.pad(mask, ((pads[0], pads[1]), (pads[2], pads[3])))
+
+
+def test_shift_levels():
+    assert prompts.SHIFT_LEVELS == {0: (0, 0), 1: (0, 10), 2: (10, 20), 3: (20, 30)}
+    p = make_prompt(ring(), "S6")
+    same = prompts.shift_prompt(p, 0, (40, 40), np.random.default_rng(0))
+    np.testing.assert_array_equal(same.points, p.points)
+    np.testing.assert_array_equal(same.box, p.box)
+
+
+@settings(max_examples=120, deadline=None)
+@given(seed=st.integers(0, 10**6), strategy=st.sampled_from(prompts.STRATEGIES),
+       level=st.sampled_from([1, 2, 3]), sampling=st.sampled_from(prompts.SAMPLINGS))
+def test_shift_within_range_and_inside(seed, strategy, level, sampling):
+    """With >= 21 px of background around the object every move is in the level's range."""
+    mask = padded_mask(seed)
+    p = make_prompt(mask, strategy, np.random.default_rng(seed), sampling)
+    q = prompts.shift_prompt(p, level, mask.shape, np.random.default_rng(seed))
+    check_shift(p, q, level, mask.shape, strict=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 10**6), strategy=st.sampled_from(prompts.STRATEGIES),
+       level=st.sampled_from([1, 2, 3]))
+def test_shift_small_images_stay_inside(seed, strategy, level):
+    """3..50 px images, objects on the border: inside, valid, in range where room allows."""
+    mask = random_mask(seed)
+    p = make_prompt(mask, strategy)
+    q = prompts.shift_prompt(p, level, mask.shape, np.random.default_rng(seed))
+    check_shift(p, q, level, mask.shape)
+
+
+def test_shift_small_image_fallbacks():
+    # 9 x 9 image, point in the centre (4, 4): every corner is sqrt(32) = 5.66 px away, below
+    # level 2's 10 px, so the point goes to the farthest corner (the first of the four ties).
+    q = prompts.shift_points([[4, 4]], 2, (9, 9), np.random.default_rng(0))
+    np.testing.assert_allclose(q, [[0, 0]])
+    # box [2, 2, 6, 6] in a 9 x 9 image at level 3: every edge has 2 px of room outward and
+    # 2 px inward (to the centre 4): it moves 2 px outward, to the image border.
+    b = prompts.shift_box([2, 2, 6, 6], 3, (9, 9), np.random.default_rng(0))
+    np.testing.assert_allclose(b, [0, 0, 8, 8])
+
+
+def test_shift_point_near_corner_keeps_the_distance():
+    # (1, 1) in a 100 x 100 image at level 3: ~3/4 of the directions leave the image; the
+    # point is still 20..30 px away and inside, for every draw.
+    for s in range(200):
+        q = prompts.shift_points([[1, 1]], 3, (100, 100), np.random.default_rng(s))[0]
+        assert 20 - TOL <= np.hypot(q[0] - 1, q[1] - 1) < 30 + TOL
+        assert np.all(q >= 0) and np.all(q <= 99)
+
+
+def test_shift_distribution():
+    """Distance uniform in [lo, hi), direction uniform, box edges outward and inward."""
+    rng = np.random.default_rng(7)
+    p = np.full((4000, 2), 100.0)
+    q = prompts.shift_points(p, 2, (201, 201), rng)
+    d = np.hypot(*(q - p).T)
+    assert d.min() >= 10 - TOL and d.max() < 20 + TOL
+    # uniform on [10, 20): mean 15, sd 10 / sqrt(12) = 2.89; 4000 draws: se of the mean 0.05
+    assert abs(d.mean() - 15) < 0.25 and abs(d.std() - 10 / np.sqrt(12)) < 0.15
+    angle = np.arctan2(q[:, 1] - 100, q[:, 0] - 100)
+    counts = np.histogram(angle, bins=4, range=(-np.pi, np.pi))[0]
+    assert counts.min() > 900  # 1000 expected per quadrant
+    box = np.array([60.0, 60.0, 140.0, 140.0])  # 40 px room both ways
+    moves = np.array([prompts.shift_box(box, 3, (201, 201), np.random.default_rng(s)) - box
+                      for s in range(200)])
+    grow = np.concatenate([-moves[:, :2], moves[:, 2:]], axis=1) > 0
+    assert 0.35 < grow.mean() < 0.65, "outward and inward about equally often"
+
+
+def test_shift_bad_input():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="shift level"):
+        prompts.shift_points([[1, 1]], 4, (10, 10), rng)
+    with pytest.raises(ValueError, match="inside"):
+        prompts.shift_points([[10, 1]], 1, (10, 10), rng)
+    with pytest.raises(ValueError, match="valid box"):
+        prompts.shift_box([5, 1, 4, 3], 1, (10, 10), rng)
+
+
+def test_object_rng_without_keys_is_unchanged():
+    """Unshifted prompts keep the Generator they always had; keys give new streams."""
+    h = prompts._stable_hash
+    want = np.random.default_rng(np.random.SeedSequence([3, h("t"), h("i"), 2])).random(4)
+    np.testing.assert_array_equal(prompts.object_rng(3, "t", "i", 2).random(4), want)
+    a = prompts.object_rng(3, "t", "i", 2, "S2", 1, 1).random(4)
+    np.testing.assert_array_equal(a, prompts.object_rng(3, "t", "i", 2, "S2", 1, 1).random(4))
+    for other in (("S2", 1, 2), ("S3", 1, 1), ("S2", 2, 1)):
+        assert not np.array_equal(a, prompts.object_rng(3, "t", "i", 2, *other).random(4))
+    with pytest.raises(ValueError, match="non-negative"):
+        prompts.object_rng(3, "t", "i", 2, -1)
+
+
+def test_table_shifted_rows(cosmos_root):
+    from PIL import Image
+
+    root, manifest = cosmos_root
+    default = prompts.make_prompt_table(manifest, root, seed=3)
+    table = prompts.make_prompt_table(manifest, root, seed=3, shift_levels=(1, 2, 3), repeats=3)
+    assert list(table.columns) == prompts.PROMPT_COLUMNS
+    assert len(table) == len(manifest) * 5 * (1 + 3 * 3)
+    # the unshifted rows are the default table, row for row
+    unshifted = table[table.shift_level == 0].reset_index(drop=True)
+    assert unshifted.equals(default)
+    assert (unshifted["repeat"] == 0).all()
+    shifted = table[table.shift_level > 0]
+    assert set(zip(shifted.shift_level, shifted["repeat"])) == {
+        (lv, r) for lv in (1, 2, 3) for r in (1, 2, 3)}
+    # (0, 1, 2, 3) is the same table: level 0 is always there once
+    assert table.equals(prompts.make_prompt_table(
+        manifest, root, seed=3, shift_levels=(0, 1, 2, 3), repeats=3))
+    keyed = default.set_index(["image_id", "label_value", "strategy"])
+    for row in shifted.itertuples(index=False):
+        path = manifest.query("image_id == @row.image_id").label_path.iloc[0]
+        shape = np.asarray(Image.open(root / path)).shape
+        orig = prompts.prompt_from_row(keyed.loc[(row.image_id, row.label_value, row.strategy)])
+        check_shift(orig, prompts.prompt_from_row(row), row.shift_level, shape)
+
+
+def test_table_shifts_reproducible_and_distinct(cosmos_root):
+    root, manifest = cosmos_root
+    kw = {"shift_levels": (1, 3), "repeats": 2}
+    a = prompts.make_prompt_table(manifest, root, seed=0, **kw)
+    again = prompts.make_prompt_table(manifest.sample(frac=1.0, random_state=1), root, seed=0, **kw)
+    assert a.equals(again)
+    b = prompts.make_prompt_table(manifest, root, seed=1, **kw)
+    key = ["image_id", "label_value", "strategy", "shift_level", "repeat"]
+    a, b = a.set_index(key), b.set_index(key)
+    level0 = a.index.get_level_values("shift_level") == 0
+    # even sampling: the seed leaves the unshifted prompts alone and moves every shifted one
+    assert a[level0].points.equals(b[level0].points)
+    for col in ("points", "box"):
+        va, vb = a.loc[~level0, col].dropna(), b.loc[~level0, col].dropna()
+        assert len(va) > 0 and all(x != y for x, y in zip(va, vb))
+    # repeats differ from each other
+    r1 = a.xs(1, level="repeat").points.dropna()
+    r2 = a.xs(2, level="repeat").points.dropna()
+    assert all(x != y for x, y in zip(r1, r2.loc[r1.index]))
+
+
+def test_table_shift_bad_input(cosmos_root):
+    root, manifest = cosmos_root
+    with pytest.raises(ValueError, match="shift level"):
+        prompts.make_prompt_table(manifest, root, shift_levels=(1, 5))
+    with pytest.raises(ValueError, match="repeats"):
+        prompts.make_prompt_table(manifest, root, shift_levels=(1,), repeats=0)

@@ -43,7 +43,25 @@ def test_notebook_parameters_are_literals_with_a_smoke_flag_and_match_the_run_li
     assert "smoke" in names and isinstance(names["smoke"], bool)
     # every parameter papermill injects exists in the notebook (no silently ignored parameter)
     for config in runlist.CONFIGS:
-        assert set(runlist.config_parameters(config)) <= set(names)
+        for run in runlist.runs(config):
+            assert set(run.parameters) == set(names)
+            assert runlist.Config.from_parameters(run.parameters["settings"]) == run.config
+
+
+def test_config_is_typed_and_refuses_unknown_or_misspelt_fields():
+    demo = runlist.config("demo").as_parameters()
+    with pytest.raises(TypeError, match="unknown config field.*s1_point_per_side"):
+        runlist.Config.from_parameters({**demo, "s1_point_per_side": 16})
+    with pytest.raises(TypeError, match="seed must be int"):
+        runlist.Config.from_parameters({**demo, "seed": "0"})
+    with pytest.raises(TypeError, match="models must be a list"):
+        runlist.Config.from_parameters({**demo, "models": "litemedsam"})
+    with pytest.raises(TypeError, match="smoke must be bool"):
+        runlist.Config.from_parameters({**demo, "smoke": 1})
+    cfg = runlist.Config.from_parameters(demo)
+    assert cfg == runlist.config("demo") and isinstance(cfg.grid_sizes, tuple)
+    with pytest.raises(Exception):
+        cfg.seed = 1  # frozen
 
 
 @pytest.mark.parametrize("notebook", runlist.CHAPTERS)
@@ -62,7 +80,7 @@ def test_unknown_config_is_a_clear_error():
 def test_full_config_reads_the_users_data_and_models(monkeypatch):
     monkeypatch.setenv("COSMOS_FULL_ROOT", "/data/cosmos")
     monkeypatch.setenv("COSMOS_FULL_MODELS", "sam_vit_b,sam_vit_h")
-    params = runlist.config_parameters("full")
-    assert params["data_root"] == "/data/cosmos"
-    assert params["models"] == ["sam_vit_b", "sam_vit_h"]
-    assert params["smoke"] is False
+    cfg = runlist.config("full")
+    assert cfg.data_root == "/data/cosmos"
+    assert cfg.models == ("sam_vit_b", "sam_vit_h")
+    assert cfg.smoke is False

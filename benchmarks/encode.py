@@ -1,0 +1,206 @@
+"""Encoder throughput, side by side in one run (issue 14). Prints ratios, never asserts.
+
+For each model (SAM ViT-B with random weights -- the speed of a network does not depend on
+its weights, its embeddings would be meaningless -- and LiteMedSAM with its real weights),
+on the same images, interleaved over repeats, three paths each produce and store one fp32
+or fp16 embedding per image:
+
+(a) ``authors``: stock ``SamPredictor.set_image`` then ``np.savez_compressed`` of the fp32
+    embedding per image -- the authors' released way;
+(b) ``stock``: the project's path before issue 14 -- ``EmbeddingCache.ensure`` (read,
+    preprocess, encode, write an fp16 zarr entry) with ``fast_encoder=False``;
+(c) ``fast``: the same with ``fast_encoder=True`` (:mod:`cosmoslib.fast_encoder`).
+
+Each path reads the images from disk itself. Reported per model and path: images/s (total
+images / total wall seconds over the repeats), seconds per image, ratio to (a) and to (b),
+and peak resident memory above the process's level before the path started (sampled every
+10 ms from /proc; "n/a" where /proc is missing). Every path gets a fresh output folder, so
+nothing is reused from a cache.
+
+Run: ``.venv/bin/python benchmarks/encode.py [--n-images 3] [--repeats 1] [--threads 2]
+[--models vit_b,litemedsam]``. On a shared machine the absolute figures move with the load;
+the ratios of paths measured in the same run are the figure of merit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+PATHS = ("authors", "stock", "fast")
+
+
+class PeakRSS:
+    """Peak resident set size (bytes) above the level at entry, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self.peak = None
+
+    @staticmethod
+    def _rss() -> int | None:
+        try:
+            with open("/proc/self/statm") as handle:
+                return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __enter__(self):
+        self.base = self._rss()
+        self._max = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if self.base is not None:
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = self._rss()
+            if rss is not None and rss > self._max:
+                self._max = rss
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.base is not None:
+            self._thread.join()
+            self.peak = self._max - self.base
+
+
+def _pick_images(root, n: int) -> list[Path]:
+    """n distinct images spread over the tasks (round robin, largest objects first)."""
+    from cosmoslib import io
+
+    manifest = io.index(root)
+    by_task = {t: g.sort_values("area_px", ascending=False)["image_path"].drop_duplicates().tolist()
+               for t, g in manifest.groupby("task", sort=True)}
+    chosen: list[str] = []
+    while len(chosen) < n and any(by_task.values()):
+        for task in sorted(by_task):
+            if by_task[task] and len(chosen) < n:
+                chosen.append(by_task[task].pop(0))
+    return [Path(root) / p for p in chosen]
+
+
+def _vit_b_random(device):
+    """SAM ViT-B with random weights behind the project's model class (speed only)."""
+    import torch
+
+    from cosmoslib import models
+
+    torch.manual_seed(0)
+    sam = models._build_sam("vit_b").to(device).eval()
+    return models.SamFamilyModel(
+        name="sam_vit_b_random", arch="vit_b", sam=sam, checkpoint_path=Path("random-init"),
+        checkpoint_sha256="0" * 64, device=torch.device(device), supports_points=True,
+        default_multimask=True)
+
+
+def _run_authors(model, paths: list[Path], out: Path) -> None:
+    from segment_anything import SamPredictor
+
+    from cosmoslib import io
+
+    model.fast_encoder = False
+    model._sync_encoder()  # stock forwards on sam.image_encoder
+    predictor = SamPredictor(model.sam)
+    for i, path in enumerate(paths):
+        img = io.read_image(path)
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        predictor.set_image(img)
+        emb = predictor.get_image_embedding().cpu().numpy().astype(np.float32)
+        np.savez_compressed(out / f"{i:05d}.npz", embedding=emb)
+
+
+def _run_cache(model, paths: list[Path], out: Path, fast: bool, batch_size: int) -> None:
+    from cosmoslib.cache import EmbeddingCache
+
+    model.fast_encoder = fast
+    cache = EmbeddingCache(out, model, dtype="float16", batch_size=batch_size)
+    report = cache.ensure(paths, progress=False)
+    if report.n_computed != len({p for p in paths}) or report.failures:
+        raise RuntimeError(f"benchmark run incomplete: {report.summary()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=None, help="COSMOS root (default cosmos-demo)")
+    parser.add_argument("--n-images", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--models", default="vit_b,litemedsam",
+                        help="comma-separated: vit_b (random weights), litemedsam")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images per encoder call on the cache paths (b) and (c)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from cosmoslib import models
+    from cosmoslib.dataset import resolve_root
+
+    if args.threads is not None:
+        models.set_threads(args.threads)
+    root = resolve_root(args.root)
+    paths = _pick_images(root, args.n_images)
+    print(f"device {args.device}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{len(paths)} images from {root}; {args.repeats} repeat(s), paths interleaved; "
+          f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if name == "vit_b":
+            model = _vit_b_random(args.device)
+            label = "SAM ViT-B (random weights: speed only)"
+        else:
+            model = models.load_model(name, device=args.device)
+            label = f"{name} (real weights)"
+        # warm-up of both encoder paths (first-call allocations, oneDNN kernel selection)
+        from cosmoslib import io
+
+        warm = io.read_image(paths[0])
+        for fast in (False, True):
+            model.fast_encoder = fast
+            model.encode([warm])
+        seconds = {p: 0.0 for p in PATHS}
+        peaks = {p: 0 for p in PATHS}
+        for rep in range(args.repeats):
+            order = PATHS[rep % 3:] + PATHS[:rep % 3]  # rotate who goes first
+            for path_name in order:
+                with tempfile.TemporaryDirectory(prefix="cosmos-bench-") as tmp, PeakRSS() as mem:
+                    start = time.perf_counter()
+                    if path_name == "authors":
+                        _run_authors(model, paths, Path(tmp))
+                    else:
+                        _run_cache(model, paths, Path(tmp), path_name == "fast", args.batch_size)
+                    seconds[path_name] += time.perf_counter() - start
+                if mem.peak is not None:
+                    peaks[path_name] = max(peaks[path_name], mem.peak)
+        n = len(paths) * args.repeats
+        print(f"\n{label}, input {model.input_size} px")
+        print(f"  {'path':<8} {'images/s':>9} {'s/image':>8} {'vs (a)':>7} {'vs (b)':>7} "
+              f"{'peak RSS +MB':>13}")
+        for p in PATHS:
+            rate = n / seconds[p]
+            print(f"  {p:<8} {rate:9.3f} {seconds[p] / n:8.2f} "
+                  f"{seconds['authors'] / seconds[p]:6.2f}x {seconds['stock'] / seconds[p]:6.2f}x "
+                  f"{peaks[p] / 2**20:13.0f}")
+        model.fast_encoder = True
+        del model
+    print("\n(a) authors: SamPredictor.set_image + np.savez_compressed (fp32), stock encoder; "
+          "(b) stock: EmbeddingCache.ensure, fast_encoder=False; (c) fast: fast_encoder=True. "
+          "Ratios are of wall seconds measured in this run.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

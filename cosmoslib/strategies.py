@@ -1,0 +1,30 @@
+"""The paper's six test strategies (section 3.3), named once for the whole library.
+
+``S1`` is the *Everything* mode (a grid of point prompts, filtered); ``S2``-``S6`` prompt one
+object each, with the rules of :mod:`cosmoslib.prompts`.
+"""
+
+from __future__ import annotations
+
+#: Every strategy, in the paper's order.
+STRATEGIES = ("S1", "S2", "S3", "S4", "S5", "S6")
+#: The strategies that prompt one object (rows of the prompt table).
+PROMPT_STRATEGIES = ("S2", "S3", "S4", "S5", "S6")
+#: Short names used in figure legends.
+STRATEGY_NAMES = {
+    "S1": "Everything",
+    "S2": "1 positive point",
+    "S3": "5 positive points",
+    "S4": "5 positive + 5 negative points",
+    "S5": "box",
+    "S6": "box + 1 positive point",
+}
+
+
+def check(strategies) -> list[str]:
+    """Upper-cased ``strategies``, or a ``ValueError`` naming the unknown ones."""
+    wanted = [str(s).strip().upper() for s in strategies]
+    bad = [s for s in wanted if s not in STRATEGIES]
+    if bad:
+        raise ValueError(f"unknown strategies {bad}; choose from {', '.join(STRATEGIES)}")
+    return wanted

@@ -1,0 +1,124 @@
+"""The runner on a Dask LocalCluster (2 workers, 1 thread each) against the single process.
+
+Real LiteMedSAM on four cosmos-demo images. The same table (every column but the timings), the
+same skipped list, every row exactly once after a worker is killed mid-run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from cosmoslib import dataset, evaluate, io, models
+
+distributed = pytest.importorskip("distributed")
+from cosmoslib import distributed as cosmos_dask  # noqa: E402
+
+KW = dict(strategies=["S1", "S5"], points_per_side=4, seed=0, progress=False)
+TASKS = ["mni152_tissue_t1w-mri", "pyradiomics_lung_ct"]
+KEY = ["model", "task", "image_id", "label_value", "strategy", "shift_level", "repeat", "selection_rule"]
+
+
+def _values(df: pd.DataFrame) -> pd.DataFrame:
+    return df[[c for c in df.columns if not c.startswith("t_")]].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = models.torch.get_num_threads()
+    models.set_threads(1)  # as each worker: same thread count, same float rounding
+    yield
+    models.set_threads(before)
+
+
+@pytest.fixture(scope="module")
+def manifest(demo_root):
+    m = dataset.subsample(io.index(demo_root), max_images_per_task=2, max_objects_per_image=2, seed=1)
+    return m[m["task"].isin(TASKS)].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def single(manifest, demo_root, litemedsam, one_thread, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    results, report = evaluate.evaluate(manifest, demo_root, [litemedsam], tmp / "r.parquet",
+                                        cache_dir=tmp / "cache", **KW)
+    assert report.n_failed == 0 and report.n_parts_done == manifest.groupby(["task", "image_id"]).ngroups
+    return results, report, tmp
+
+
+@pytest.fixture(scope="module")
+def client():
+    client = cosmos_dask.client_for("local:2", threads=1)
+    client.wait_for_workers(2, timeout=60)
+    yield client
+    cosmos_dask.close(client)
+
+
+def test_two_workers_give_the_single_process_table(single, manifest, demo_root, litemedsam, client, tmp_path):
+    reference, ref_report, tmp = single
+    results, report = evaluate.evaluate(manifest, demo_root, [litemedsam], tmp_path / "r.parquet",
+                                        cache_dir=tmp / "cache", scheduler=client, shard_size=2, **KW)
+    assert report.n_failed == 0 and report.n_parts_done == ref_report.n_parts_done
+    pd.testing.assert_frame_equal(_values(results), _values(reference))
+    # 2 shard files of 2 images, not one file per image; the S1 masks are found through the report
+    assert len(list((tmp_path / "r.parquet.parts").rglob("*.parquet"))) == 2
+    key = next(iter(ref_report.parts))
+    assert [m.sum() for m in report.s1_masks(*key)] == [m.sum() for m in ref_report.s1_masks(*key)]
+    # a rerun on the cluster finds every shard finished and submits nothing
+    again, rep2 = evaluate.evaluate(manifest, demo_root, [litemedsam], tmp_path / "r.parquet",
+                                    cache_dir=tmp / "cache", scheduler=client, shard_size=2, **KW)
+    assert rep2.n_parts_done == 0 and rep2.n_parts_resumed == report.n_parts_done
+    pd.testing.assert_frame_equal(again, results)
+
+
+def test_a_corrupt_image_on_a_worker_is_skipped_as_in_one_process(demo_root, litemedsam, client, one_thread,
+                                                                  tmp_path):
+    task = "pyradiomics_brain_mri"
+    root = tmp_path / "root"
+    shutil.copytree(demo_root / task, root / task)
+    shutil.copy(demo_root / f"{task}.json", root / f"{task}.json")
+    manifest = dataset.subsample(io.index(root), max_images_per_task=2, max_objects_per_image=1, seed=0)
+    bad = manifest.iloc[0]
+    (root / bad.image_path).write_bytes(b"not a png")
+    kw = dict(KW, strategies=["S5"], cache_dir=tmp_path / "cache")
+    one, rep1 = evaluate.evaluate(manifest, root, [litemedsam], tmp_path / "one.parquet", **kw)
+    many, rep2 = evaluate.evaluate(manifest, root, [litemedsam], tmp_path / "many.parquet", scheduler=client, **kw)
+    assert rep1.n_failed == 1 and rep2.failures == rep1.failures
+    assert bad.image_id in rep2.failures[0][0] and "unreadable image" in rep2.failures[0][1]
+    pd.testing.assert_frame_equal(pd.read_csv(rep2.skipped_csv), pd.read_csv(rep1.skipped_csv))
+    pd.testing.assert_frame_equal(_values(many), _values(one))
+    assert bad.image_id not in set(many["image_id"]) and many["image_id"].nunique() == len(manifest) - 1
+
+
+def test_a_killed_worker_still_gives_every_row_once(single, manifest, demo_root, litemedsam, client, tmp_path):
+    reference, _, _ = single
+    out = tmp_path / "r.parquet"
+    box: dict = {}
+
+    def run():  # a fresh cache: the workers encode, so each shard takes seconds
+        box["value"] = evaluate.evaluate(manifest, demo_root, [litemedsam], out, cache_dir=tmp_path / "cache",
+                                         scheduler=client, shard_size=1, **KW)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    victim = None
+    deadline = time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline and thread.is_alive():
+        busy = [w for w, tasks in client.processing().items() if tasks]
+        if busy and list((out.with_name(out.name + ".parts")).rglob("*.parquet")):
+            victim = busy[0]  # mid-run: some shards finished, this worker holds one in flight
+            pid = client.run(os.getpid, workers=[victim])[victim]
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(timeout=120)
+    assert victim is not None, "the run ended before a worker could be killed"
+    results, report = box["value"]
+    assert report.n_failed == 0
+    assert not results.duplicated(KEY).any()
+    pd.testing.assert_frame_equal(_values(results), _values(reference))

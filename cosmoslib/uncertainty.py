@@ -1,0 +1,406 @@
+"""Uncertainty of the book's numbers: cluster bootstrap intervals, paired tests, Holm (issue 13).
+
+The paper's tables give means over objects (2D slices) without uncertainty. The slices of one
+volume are not independent samples: neighbouring slices of one tumour look alike and a model
+that fails on one tends to fail on the next. An interval that resamples *slices* treats 30 slices
+of one patient as 30 patients and comes out far too narrow. Every interval here therefore
+resamples the **independent unit** ("cluster"): the source volume or source file of a slice
+(:func:`cluster_key`: ``task`` + ``source``; a 2D image without a recorded source is its own
+cluster), and every object or slice of a resampled cluster comes along with it.
+
+* :func:`cluster_bootstrap_ci` -- one statistic (by default the mean over all rows, as the
+  tables report it) with a seeded cluster bootstrap interval;
+* :func:`mean_with_ci` -- a grouped mean table with interval columns (every table cell, every
+  bar);
+* :func:`paired_comparisons` -- strategies (or models) compared on the same objects: the mean
+  paired difference with its cluster bootstrap interval, and a Wilcoxon signed-rank test on the
+  per-cluster mean differences, Holm-corrected across all comparisons of the call;
+* :func:`holm` -- Holm's step-down adjusted p-values.
+
+The bootstrap itself is :func:`scipy.stats.bootstrap`, fed with per-cluster quantities so that
+its resampling unit is the cluster; its BCa acceleration then comes from the leave-one-*cluster*-
+out jackknife, as it should. Randomness only comes from ``numpy.random.default_rng(seed)``: the
+same seed gives the same interval, and each table cell uses the same seed, so a cell's interval
+does not depend on which other cells are in the table.
+
+Patients: the datasets the book reads do not say which volumes belong to one patient (e.g.
+several MRI sequences of one subject). Pass a ``cluster`` column with a patient id where one is
+known; without it the volume is the unit, which is still optimistic when one patient gives
+several volumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import pandas as pd
+import pingouin
+from scipy import stats as sps
+
+#: Default confidence level, percent.
+CI = 95.0
+#: Default number of bootstrap resamples.
+N_RESAMPLES = 9999
+#: Default bootstrap interval; see :func:`cluster_bootstrap_ci`.
+METHOD = "BCa"
+
+
+class ClusterCI(NamedTuple):
+    """A statistic with its cluster bootstrap interval (unpacks as a 4-tuple).
+
+    Attributes
+    ----------
+    estimate : float
+        The statistic on all rows (NaN when no row has a finite value).
+    low, high : float
+        Interval bounds, in the unit of the value; NaN with fewer than two clusters.
+    n_clusters : int
+        Independent units (clusters) with at least one finite value.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    n_clusters: int
+
+
+def cluster_key(df: pd.DataFrame) -> pd.Series:
+    """The independent unit of each row: ``"<task>/<source>"``, or ``"<task>/<image_id>"``.
+
+    Parameters
+    ----------
+    df : DataFrame
+        With ``task`` and ``source`` (a manifest, or a results table merged with the
+        manifest's ``source``); ``image_id`` is used where ``source`` is null.
+
+    Returns
+    -------
+    Series of str, named ``"cluster"``, aligned with ``df``. All slices of one source volume
+    share a key; so do the sub-images an instance map was split into (same source file).
+
+    Raises
+    ------
+    KeyError
+        ``source`` is missing: resampling rows instead would silently treat the slices of one
+        volume as independent, so the caller must say what the unit is.
+    """
+    if "source" not in df or "task" not in df:
+        raise KeyError("cluster_key needs 'task' and 'source' columns (merge the manifest's source into the "
+                       "results first, or pass an explicit cluster column)")
+    source = df["source"].astype(object)
+    fallback = df["image_id"].astype(str) if "image_id" in df else pd.Series(pd.NA, index=df.index)
+    unit = source.where(source.notna(), fallback)
+    if unit.isna().any():
+        raise KeyError("rows without source and image_id: cannot tell their independent unit")
+    return (df["task"].astype(str) + "/" + unit.astype(str)).rename("cluster")
+
+
+def _clusters(df: pd.DataFrame, cluster) -> pd.Series:
+    if cluster is None:
+        return cluster_key(df)
+    if isinstance(cluster, pd.Series):
+        return cluster.reindex(df.index)
+    cols = [cluster] if isinstance(cluster, str) else list(cluster)
+    if missing := [c for c in cols if c not in df]:
+        raise KeyError(f"cluster column(s) {missing} not in the table")
+    if df[cols].isna().any(axis=None):
+        raise ValueError(f"cluster column(s) {cols} have missing values: every row needs its independent unit")
+    if len(cols) == 1:
+        return df[cols[0]]
+    return df[cols].astype(str).agg("/".join, axis=1)
+
+
+def _is_mean(statistic) -> bool:
+    return statistic is np.mean or statistic is np.nanmean or (isinstance(statistic, str) and statistic == "mean")
+
+
+def cluster_bootstrap_ci(
+    df: pd.DataFrame,
+    value: str,
+    cluster=None,
+    statistic: Callable | str = np.mean,
+    n_resamples: int = N_RESAMPLES,
+    ci: float = CI,
+    seed: int | np.random.Generator = 0,
+    method: str = METHOD,
+) -> ClusterCI:
+    """Seeded bootstrap interval of a statistic over rows, resampling whole clusters.
+
+    Parameters
+    ----------
+    df : DataFrame
+        One row per observation (object on a slice, volume, ...).
+    value : str
+        Column to summarise (e.g. ``"dice"``, %; ``"hd95"``, pixels or mm). NaN/inf rows are
+        left out (e.g. distances under the ``"nan"`` empty-mask policy).
+    cluster : str, list of str, Series or None
+        The independent unit: a column, several columns (combined), a Series aligned with
+        ``df``, or None for :func:`cluster_key` (source volume/file).
+    statistic : callable or "mean"
+        Applied to the pooled values of the (resampled) clusters. The mean (``np.mean`` or
+        ``"mean"``) is the row-weighted mean, i.e. the number the tables print; it runs
+        vectorised on per-cluster sums and counts. Any other callable ``f(1D array) ->
+        float`` (e.g. ``np.median``) is evaluated once per resample on the pooled rows.
+    n_resamples : int
+        Bootstrap resamples (default 9999).
+    ci : float
+        Confidence level in percent, 0 < ci < 100.
+    seed : int or numpy.random.Generator
+        Source of the resampling randomness; same seed, same interval.
+    method : {"BCa", "percentile", "basic"}
+        Interval of :func:`scipy.stats.bootstrap`. Default BCa (bias-corrected and
+        accelerated): DICE is bounded at 100 % and skewed near it, where the percentile
+        interval is biased; BCa corrects bias and skewness to second order, with the
+        acceleration from the leave-one-cluster-out jackknife. Where BCa is undefined (a
+        degenerate jackknife) the percentile interval is returned.
+
+    Returns
+    -------
+    ClusterCI
+        ``(estimate, low, high, n_clusters)``. No finite value: all NaN, 0 clusters. One
+        cluster: the estimate with NaN bounds (no between-cluster variation to resample).
+        All values equal: ``low == high == estimate``.
+
+    Notes
+    -----
+    The resampling draws ``n_clusters`` clusters with replacement and pools all their rows, so
+    clusters of different sizes keep their weight (the bootstrap of a ratio estimator). The
+    interval describes sampling *clusters* from the same population: with few clusters (< ~10)
+    any bootstrap interval is too narrow, and n_clusters is returned so tables can show it.
+    """
+    if not 0 < ci < 100:
+        raise ValueError(f"ci must be in (0, 100), got {ci}")
+    if value not in df:
+        raise KeyError(f"column {value!r} not in the table")
+    units = _clusters(df, cluster)
+    x = pd.to_numeric(df[value], errors="coerce").astype(float)
+    ok = np.isfinite(x.to_numpy())
+    x, units = x[ok], units[ok]
+    if len(x) == 0:
+        return ClusterCI(float("nan"), float("nan"), float("nan"), 0)
+    values = x.to_numpy()
+    codes, uniques = pd.factorize(units, sort=True)
+    k = len(uniques)
+    estimate = float(np.mean(values) if _is_mean(statistic) else statistic(values))
+    if k < 2:
+        return ClusterCI(estimate, float("nan"), float("nan"), k)
+    if np.all(values == values[0]):
+        return ClusterCI(estimate, estimate, estimate, k)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    # batches bound the memory of the (resamples x clusters) arrays scipy builds
+    batch = int(min(n_resamples, max(1, 4_000_000 // k)))
+    kwargs = dict(n_resamples=int(n_resamples), confidence_level=ci / 100.0, batch=batch)
+    if _is_mean(statistic):
+        sums = np.bincount(codes, weights=values, minlength=k)
+        counts = np.bincount(codes, minlength=k).astype(float)
+
+        def stat(s, c, axis=-1):
+            return np.sum(s, axis=axis) / np.sum(c, axis=axis)
+
+        data, kwargs = (sums, counts), dict(kwargs, paired=True, vectorized=True)
+    else:
+        order = np.argsort(codes, kind="stable")
+        groups = np.split(values[order], np.cumsum(np.bincount(codes, minlength=k))[:-1])
+
+        def stat(idx):
+            return statistic(np.concatenate([groups[i] for i in idx]))
+
+        data, kwargs = (np.arange(k),), dict(kwargs, vectorized=False)
+    state = rng.bit_generator.state
+    res = _bootstrap(sps, data, stat, kwargs, method, rng)
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if method.lower() == "bca" and not (math.isfinite(low) and math.isfinite(high)):
+        rng.bit_generator.state = state  # same resamples, percentile interval
+        res = _bootstrap(sps, data, stat, kwargs, "percentile", rng)
+        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return ClusterCI(estimate, low, high, k)
+
+
+def _bootstrap(sps, data, stat, kwargs, method, rng):
+    with warnings.catch_warnings():
+        # scipy warns when BCa is undefined (degenerate jackknife); we fall back explicitly
+        warnings.simplefilter("ignore", getattr(sps, "DegenerateDataWarning", RuntimeWarning))
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return sps.bootstrap(data, stat, method=method, rng=rng, **kwargs)
+
+
+def mean_with_ci(
+    df: pd.DataFrame,
+    by: Sequence[str] | str,
+    value: str | Sequence[str] = "dice",
+    cluster=None,
+    ci: float = CI,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    method: str = METHOD,
+) -> pd.DataFrame:
+    """Grouped mean table with cluster bootstrap intervals: one row per group.
+
+    Parameters
+    ----------
+    df : DataFrame
+        One row per observation (e.g. the results table merged with the manifest's ``source``).
+    by : column(s) to group by (e.g. ``["model", "strategy"]``; ``[]`` for one overall row).
+    value : column(s) to average (e.g. ``"dice"``).
+    cluster : the independent unit, as for :func:`cluster_bootstrap_ci` (default
+        :func:`cluster_key`).
+    ci, n_resamples, seed, method : as for :func:`cluster_bootstrap_ci`. Every cell uses the
+        same ``seed``.
+
+    Returns
+    -------
+    DataFrame
+        ``*by``, then for each value ``<value>`` (the mean over finite rows),
+        ``<value>_low``, ``<value>_high``, then ``n`` (rows with a finite first value) and
+        ``n_clusters`` (clusters of the first value). Sorted by ``by``.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    values = [value] if isinstance(value, str) else list(value)
+    units = _clusters(df, cluster).rename("_cluster")
+    data = df.assign(_cluster=units.to_numpy())
+    groups = data.groupby(by, sort=True, dropna=False) if by else [((), data)]
+    rows = []
+    for key, block in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key))
+        for i, v in enumerate(values):
+            res = cluster_bootstrap_ci(block, v, "_cluster", n_resamples=n_resamples, ci=ci, seed=seed,
+                                       method=method)
+            row.update({v: res.estimate, f"{v}_low": res.low, f"{v}_high": res.high})
+            if i == 0:
+                row["n"] = int(np.isfinite(pd.to_numeric(block[v], errors="coerce").astype(float)).sum())
+                row["n_clusters"] = res.n_clusters
+        rows.append(row)
+    columns = [*by, *[c for v in values for c in (v, f"{v}_low", f"{v}_high")], "n", "n_clusters"]
+    out = pd.DataFrame(rows, columns=columns)
+    return out.astype({"n": "int64", "n_clusters": "int64"})
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control).
+
+    Parameters
+    ----------
+    pvalues : array_like of float in [0, 1]; NaN entries stay NaN and do not count as tests.
+
+    Returns
+    -------
+    ndarray of float, same shape: with ``m`` tests sorted ``p_(1) <= ... <= p_(m)``, the
+    adjusted ``p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``; reject where ``<= alpha``.
+    Computed by :func:`pingouin.multicomp` (``method="holm"``).
+    """
+    p = np.asarray(pvalues, dtype=float)
+    if p.size == 0:
+        return p.copy()
+    finite = p[~np.isnan(p)]
+    if ((finite < 0) | (finite > 1)).any():
+        raise ValueError("p-values must lie in [0, 1]")
+    if finite.size == 0:
+        return p.copy()
+    return np.asarray(pingouin.multicomp(p.ravel(), method="holm")[1], dtype=float).reshape(p.shape)
+
+
+def paired_comparisons(
+    df: pd.DataFrame,
+    value: str = "dice",
+    between: str = "strategy",
+    pairs: Sequence[tuple] | None = None,
+    within: Sequence[str] = ("task", "image_id", "label_value"),
+    by: Sequence[str] | str = (),
+    cluster=None,
+    ci: float = CI,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    method: str = METHOD,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Compare levels of ``between`` (strategies or models) on the same objects, Holm-corrected.
+
+    Parameters
+    ----------
+    df : DataFrame
+        One row per object and level (e.g. the results table for one selection rule, merged
+        with the manifest's ``source``), with ``value``, ``between``, ``within``, ``by`` and the
+        cluster column(s).
+    value : column compared (e.g. ``"dice"``, %).
+    between : column whose levels are compared (``"strategy"`` or ``"model"``).
+    pairs : list of ``(a, b)`` levels; default every pair of levels in sorted order.
+    within : columns identifying one object (the pairing).
+    by : columns fixed within a comparison (e.g. ``"model"`` when comparing strategies);
+        comparisons are made in each group.
+    cluster : the independent unit (default :func:`cluster_key`); it must be constant within an
+        object.
+    ci, n_resamples, seed, method : for the interval of the mean difference
+        (:func:`cluster_bootstrap_ci`).
+    alpha : family-wise level for ``significant``.
+
+    Returns
+    -------
+    DataFrame
+        One row per group and pair: ``*by, a, b, n_objects, n_clusters, mean_a, mean_b, mean_diff,
+        diff_low, diff_high, statistic, p, p_holm, significant``. ``mean_diff`` is the mean over
+        objects measured under both levels of ``value[a] - value[b]`` (so ``mean_a - mean_b``
+        on those objects) with its cluster bootstrap interval. ``p`` is the two-sided Wilcoxon
+        signed-rank test (:func:`scipy.stats.wilcoxon`, zero differences dropped) on the
+        *per-cluster mean* differences: one number per independent unit, so the slices of one
+        volume do not count as independent evidence; ``statistic`` is its W. ``p`` is 1 when
+        every cluster difference is zero and NaN without any cluster. ``p_holm`` is Holm's
+        adjustment (:func:`holm`) across *all* rows returned (one family per call);
+        ``significant`` is ``p_holm < alpha``.
+
+    Raises
+    ------
+    ValueError
+        An object appears twice under one level within a group (e.g. both selection rules left
+        in the table: filter first or add the column to ``by``).
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    within = list(within)
+    units = _clusters(df, cluster)
+    data = df.assign(_cluster=units.to_numpy())
+    groups = data.groupby(by, sort=True, dropna=False) if by else [((), data)]
+    rows = []
+    for key, block in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        if block.duplicated([*within, between]).any():
+            raise ValueError(f"objects repeated under one {between!r} level in group {key}: "
+                             "filter the table (e.g. one selection_rule) or add the column to `by`")
+        if (block.groupby(within, dropna=False)["_cluster"].nunique() > 1).any():
+            raise ValueError("the cluster of an object differs between its rows")
+        wide = block.pivot_table(index=[*within, "_cluster"], columns=between, values=value,
+                                 aggfunc="first", dropna=False)
+        levels = sorted(block[between].dropna().unique().tolist())
+        for a, b in (pairs if pairs is not None else itertools.combinations(levels, 2)):
+            row = dict(zip(by, key), a=a, b=b)
+            if a not in wide or b not in wide:
+                both = pd.DataFrame(columns=["a", "b", "_cluster"])
+            else:
+                both = pd.DataFrame({"a": pd.to_numeric(wide[a], errors="coerce"),
+                                     "b": pd.to_numeric(wide[b], errors="coerce")}).reset_index()
+                both = both[np.isfinite(both["a"].astype(float)) & np.isfinite(both["b"].astype(float))]
+            both = both.assign(d=both["a"].astype(float) - both["b"].astype(float))
+            res = cluster_bootstrap_ci(both, "d", "_cluster", n_resamples=n_resamples, ci=ci, seed=seed,
+                                       method=method)
+            per_cluster = both.groupby("_cluster")["d"].mean().to_numpy()
+            if per_cluster.size == 0:
+                w, p = float("nan"), float("nan")
+            elif np.all(per_cluster == 0):
+                w, p = 0.0, 1.0
+            else:
+                test = sps.wilcoxon(per_cluster, zero_method="wilcox", alternative="two-sided")
+                w, p = float(test.statistic), float(test.pvalue)
+            row.update(n_objects=len(both), n_clusters=res.n_clusters,
+                       mean_a=float(both["a"].mean()) if len(both) else float("nan"),
+                       mean_b=float(both["b"].mean()) if len(both) else float("nan"),
+                       mean_diff=res.estimate, diff_low=res.low, diff_high=res.high, statistic=w, p=p)
+            rows.append(row)
+    columns = [*by, "a", "b", "n_objects", "n_clusters", "mean_a", "mean_b", "mean_diff", "diff_low", "diff_high",
+               "statistic", "p"]
+    out = pd.DataFrame(rows, columns=columns)
+    out["p_holm"] = holm(out["p"].to_numpy(dtype=float)) if len(out) else np.array([], dtype=float)
+    out["significant"] = (out["p_holm"] < alpha).astype(bool)
+    return out.astype({"n_objects": "int64", "n_clusters": "int64"})

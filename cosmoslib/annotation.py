@@ -28,6 +28,7 @@ Quirks of pysodmetrics (1.6.2) handled here
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 #: Relaxation (pixels) and RDP tolerance (pixels) of Qin et al. (and pysodmetrics' defaults).
 HCE_RELAX = 5
@@ -92,7 +93,6 @@ def hce_by_image(per_object, keys=("task", "image_id"), column: str = "hce"):
     KeyError
         A missing column.
     """
-    import pandas as pd
 
     keys = list(keys)
     missing = [c for c in keys + [column] if c not in per_object.columns]

@@ -44,15 +44,20 @@ import socket
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
+from tqdm.auto import tqdm
+from zarr.codecs import BloscCodec, BloscShuffle
 
-from cosmoslib import paths
-from cosmoslib.io import InputError
+from cosmoslib import models, paths
+from cosmoslib.io import InputError, atomic_write_bytes, list_images, read_image
 
 __all__ = ["STORE_VERSION", "EmbedReport", "EmbeddingCache", "image_key", "embed_root",
            "export_npy", "import_npy"]
@@ -200,7 +205,6 @@ class EmbeddingCache:
     # ---- store and entries
 
     def _open_root(self) -> None:
-        import zarr
 
         self.store.mkdir(parents=True, exist_ok=True)
         attrs = {"cosmos_embedding_cache": STORE_VERSION, "signature": self._signature,
@@ -256,7 +260,6 @@ class EmbeddingCache:
 
     def _read(self, key: str) -> tuple[np.ndarray | None, dict | None, str]:
         """``(stored array, attributes, "")`` for a valid entry, else ``(None, None, reason)``."""
-        import zarr
 
         path = self.store / key
         if not path.is_dir():
@@ -316,8 +319,6 @@ class EmbeddingCache:
     def _write(self, key: str, embedding: np.ndarray, original_size: Sequence[int],
                encode_seconds: float, source: str | None) -> np.ndarray:
         """Store one embedding atomically; returns the stored array (in the cache dtype)."""
-        import zarr
-        from zarr.codecs import BloscCodec, BloscShuffle
 
         data = np.ascontiguousarray(np.asarray(embedding, dtype=np.float32).astype(self.dtype))
         if data.shape != tuple(self.model.embedding_shape):
@@ -370,7 +371,6 @@ class EmbeddingCache:
     @staticmethod
     def _image(image) -> tuple[np.ndarray, str | None]:
         if isinstance(image, (str, os.PathLike)):
-            from cosmoslib.io import read_image
 
             return read_image(image), str(image)
         return np.asarray(image), None
@@ -422,7 +422,6 @@ class EmbeddingCache:
         EmbedReport
             Unreadable images are recorded in ``failures`` and skipped.
         """
-        from tqdm.auto import tqdm
 
         start = time.perf_counter()
         image_paths = [Path(p) for p in image_paths]
@@ -476,7 +475,6 @@ class EmbeddingCache:
 
 def _load_for_cache(path: Path):
     """``(path, image, key, None)``, or ``(path, None, None, error)`` when unreadable."""
-    from cosmoslib.io import read_image
 
     try:
         img = read_image(path)
@@ -493,8 +491,6 @@ def _prefetch(image_paths: Sequence[Path], depth: int):
         for path in image_paths:
             yield _load_for_cache(path)
         return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cosmos-read") as pool:
         pending: deque = deque()
@@ -510,7 +506,6 @@ def _prefetch(image_paths: Sequence[Path], depth: int):
 
 
 def _as_model(model, checkpoint=None, device=None):
-    from cosmoslib import models
 
     if isinstance(model, models.SamFamilyModel):
         return model
@@ -518,7 +513,6 @@ def _as_model(model, checkpoint=None, device=None):
 
 
 def _list_images(root) -> list[tuple[str, str, Path]]:
-    from cosmoslib.io import list_images
 
     root = Path(root)
     if not root.is_dir():
@@ -574,7 +568,6 @@ def export_npy(root, model, out_dir, cache_dir=None, dtype: str = "float16",
     EmbedReport
         Of the embedding pass, with ``n_exported`` files written.
     """
-    from cosmoslib.io import atomic_write_bytes, read_image
 
     items = _list_images(root)
     model = _as_model(model, checkpoint, device)
@@ -614,9 +607,7 @@ def import_npy(npy_dir, root, model, cache_dir=None, dtype: str = "float16",
     EmbedReport
         ``n_imported``; missing, wrongly shaped or non-finite files are in ``failures``.
     """
-    from tqdm.auto import tqdm
 
-    from cosmoslib.io import read_image
 
     start = time.perf_counter()
     items = _list_images(root)

@@ -31,11 +31,22 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cosmoslib import (__version__, annotation, dataset, evaluate, interactive, io, matching, paths, plots,
-                       prompts)
+from cosmoslib import (
+    __version__,
+    annotation,
+    dataset,
+    evaluate,
+    interactive,
+    io,
+    matching,
+    paths,
+    plots,
+    prompts,
+)
 from cosmoslib import cache as cache_mod
 from cosmoslib import models as models_mod
-from cosmoslib.runlist import Config, config as config_named
+from cosmoslib.runlist import Config
+from cosmoslib.runlist import config as config_named
 from cosmoslib.strategies import PROMPT_STRATEGIES
 
 # Per-process memory: each model is loaded, and each root indexed, at most once per process.
@@ -189,7 +200,8 @@ class Chapter:
     def manifest(self) -> pd.DataFrame:
         """The objects this config evaluates (the config's subsample of :attr:`full_manifest`)."""
         c = self.config
-        return dataset.subsample(self.full_manifest, c.max_images_per_task, c.max_objects_per_image, c.seed)
+        return dataset.subsample(self.full_manifest, c.max_images_per_task, c.max_objects_per_image, c.seed,
+                                 object_sampling=c.object_sampling)
 
     def model(self, name: str | None = None):
         """A model of the config (default: the first), loaded once per process."""

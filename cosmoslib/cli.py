@@ -11,7 +11,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from cosmoslib import cache, dataset, demo, evaluate, factors, finetune, io, models, preprocess, runlist
+from cosmoslib import (
+    cache,
+    dataset,
+    demo,
+    evaluate,
+    factors,
+    finetune,
+    io,
+    models,
+    preprocess,
+    runlist,
+)
 from cosmoslib.files import InputError
 
 
@@ -85,12 +96,14 @@ def _evaluate(args: argparse.Namespace) -> int:
               for i, name in enumerate(args.model)]
     manifest = io.index(args.root)
     if args.max_objects:
-        manifest = dataset.subsample(manifest, max_objects_per_image=args.max_objects, seed=args.seed)
+        manifest = dataset.subsample(manifest, max_objects_per_image=args.max_objects, seed=args.seed,
+                                     object_sampling=args.object_sampling)
     _, report = evaluate.evaluate(
         manifest, args.root, loaded, args.out,
         strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
         cache_dir=args.cache, save_masks=args.save_masks, seed=args.seed,
-        points_per_side=args.points_per_side, shift_levels=args.shift_levels, repeats=args.repeats)
+        points_per_side=args.points_per_side, shift_levels=args.shift_levels, repeats=args.repeats,
+        scheduler=args.scheduler, threads=args.threads or 1, shard_size=args.shard_size)
     print(report.summary())
     return 1 if report.n_failed else 0
 
@@ -108,7 +121,7 @@ def _finetune(args: argparse.Namespace) -> int:
     settings = finetune.Settings(
         curriculum=args.prompts, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
         batch_images=args.batch_images, seed=args.seed, max_objects_per_image=args.max_objects_per_image,
-        max_val_objects=args.max_val_objects, shift_levels=args.shift_levels or (0,),
+        max_val_objects=args.max_val_objects, shift_levels=args.shift_levels or (0,), iou_weight=args.iou_weight,
         fractions=(1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction))
     result = finetune.finetune(manifest, args.root, model, args.out, settings, name=args.name,
                                cache_dir=args.cache, device=args.device, overwrite=args.overwrite)
@@ -180,13 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--points-per-side", type=int, default=32, help="S1 grid size m (m x m points)")
     p.add_argument("--max-objects", type=int, default=None,
-                   help="keep at most this many objects per image (see cosmoslib.dataset.subsample)")
+                   help="at most N objects per image: a seeded uniform sample (--seed), or the N largest "
+                        "with --object-sampling largest")
+    p.add_argument("--object-sampling", choices=list(dataset.OBJECT_SAMPLING), default="random",
+                   help="how --max-objects chooses objects (default: random)")
     p.add_argument("--shift-levels", type=_levels, default=(0,),
                    help="prompt shift levels besides the unshifted prompt, e.g. 1,2,3 "
                         "(1: 0-10, 2: 10-20, 3: 20-30 pixels; paper Table 8)")
     p.add_argument("--repeats", type=int, default=3, help="seeded repeats per shift level")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (set it when several processes share a machine)")
+                   help="torch CPU threads of this process, or of each Dask worker (set it when several "
+                        "processes share a machine)")
+    p.add_argument("--scheduler", default=None,
+                   help="run on Dask: local:N (N worker processes here), tcp://HOST:PORT (a running "
+                        "cluster), slurm:FILE / pbs:FILE / sge:FILE / lsf:FILE (dask-jobqueue options "
+                        "in a YAML file); default: this process")
+    p.add_argument("--shard-size", type=int, default=1,
+                   help="images per result shard (one Parquet file each; 64-256 at COSMOS scale)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("factors", help="object factors: size, aspect ratio, intensity difference, Fourier order")
@@ -219,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-objects-per-image", type=int, default=0,
                    help="objects of one image per step, a seeded draw per epoch (0 = all)")
     p.add_argument("--max-val-objects", type=int, default=0, help="validation objects scored per epoch (0 = all)")
+    p.add_argument("--iou-weight", type=float, default=0.0,
+                   help="weight of SAM's IoU-head loss (0 = none, the authors' script; Everything mode needs it)")
     p.add_argument("--shift-levels", type=_levels, default=None,
                    help="prompt shift levels drawn per training prompt, e.g. 0,1,2,3 (Table 8; default 0)")
     p.add_argument("--val-fraction", type=float, default=finetune.DEFAULT_FRACTIONS[1],

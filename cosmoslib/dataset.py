@@ -8,13 +8,15 @@ images and objects. The ``fig3_*`` functions compute the four panels of the pape
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
 
-from cosmoslib import paths
+from cosmoslib import demo, io, paths
+from cosmoslib.io import InputError
 
 #: Upper edges of the paper's Fig. 3(d) image-area bins: (0, 128²], (128², 256²], ... in pixels².
 AREA_BIN_SIDES = (128, 256, 512, 1024, 2048, 4096)
@@ -31,11 +33,9 @@ def resolve_root(data_root: str | Path | None) -> Path:
     if data_root:
         root = Path(data_root).expanduser().resolve()
         if not root.is_dir():
-            from cosmoslib.io import InputError
 
             raise InputError(root, "data_root is not a folder")
         return root
-    from cosmoslib import demo
 
     root = paths.demo_root()
     demo.build_demo(out=root)
@@ -53,7 +53,6 @@ def _object_keys(df: pd.DataFrame, seed: int) -> np.ndarray:
     The k smallest keys of an image are a uniformly random k-subset of its objects that does
     not depend on row order, on the other images present, or on the process (no ``hash()``).
     """
-    import hashlib
 
     def key(task, image_id, value) -> int:
         text = f"objects\0{int(seed)}\0{task}\0{image_id}\0{int(value)}".encode("utf-8")
@@ -133,7 +132,6 @@ def load_manifest(data_root: str | Path | None = "", max_images_per_task: int = 
 
     The manifest gains a ``root`` attribute (``df.attrs["root"]``) with the absolute root.
     """
-    from cosmoslib import io
 
     root = resolve_root(data_root)
     df = subsample(io.index(root), max_images_per_task, max_objects_per_image, seed,

@@ -41,15 +41,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import dask_jobqueue
+import torch
+import yaml
+from distributed import Client, LocalCluster, as_completed, get_worker
+from distributed import WorkerPlugin as _WorkerPlugin
+from tqdm.auto import tqdm
+
+from cosmoslib import evaluate, models
 from cosmoslib.files import InputError
 
 __all__ = ["client_for", "connect", "ModelSpec", "ModelPlugin", "run_units", "JOBQUEUE_KINDS",
            "PLUGIN_NAME"]
 
-try:  # the plugin base class; the module stays importable without Dask
-    from distributed import WorkerPlugin as _WorkerPlugin
-except ImportError:  # pragma: no cover
-    _WorkerPlugin = object
 
 PLUGIN_NAME = "cosmos-models"
 JOBQUEUE_KINDS = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster",
@@ -79,7 +83,6 @@ def client_for(scheduler: str | None, threads: int = 1, config: str | os.PathLik
     """
     if scheduler is None:
         return None
-    from distributed import Client
 
     text = str(scheduler).strip()
     kind, _, arg = text.partition(":")
@@ -90,7 +93,6 @@ def client_for(scheduler: str | None, threads: int = 1, config: str | os.PathLik
             raise InputError(None, f"--scheduler local:N wants a number of workers, got {text!r}") from None
         if n < 1:
             raise InputError(None, f"--scheduler local:N needs N >= 1, got {text!r}")
-        from distributed import LocalCluster
 
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                dashboard_address=None, silence_logs=logging.ERROR,
@@ -107,13 +109,6 @@ def client_for(scheduler: str | None, threads: int = 1, config: str | os.PathLik
 
 
 def _jobqueue_client(kind: str, config, threads: int):
-    import yaml
-    from distributed import Client
-
-    try:
-        import dask_jobqueue
-    except ImportError:
-        raise InputError(None, f"--scheduler {kind} needs dask-jobqueue (pip install dask-jobqueue)") from None
     options: dict[str, Any] = {}
     if config:
         path = Path(config)
@@ -197,7 +192,6 @@ def worker_device(name, requested: str | None = None) -> str:
     worker sees GPUs (``cuda:(index mod GPUs)``), else ``cpu``."""
     if requested:
         return requested
-    import torch
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n == 0:
@@ -221,12 +215,10 @@ class ModelPlugin(_WorkerPlugin):
         self.device = "cpu"
 
     def setup(self, worker) -> None:
-        from cosmoslib import models
 
         models.set_threads(self.threads)
         self.device = worker_device(worker.name, self.specs[0].device if self.specs else None)
         if self.device.startswith("cuda"):
-            import torch
 
             torch.cuda.set_device(self.device)
 
@@ -237,7 +229,6 @@ class ModelPlugin(_WorkerPlugin):
     def models(self) -> list:
         """The run's models, loaded on first use (once per worker)."""
         if self._models is None:
-            from cosmoslib import models
 
             loaded = []
             for spec in self.specs:
@@ -257,9 +248,7 @@ class ModelPlugin(_WorkerPlugin):
 
 def _run_unit_task(unit, settings):
     """One Dask task: a shard, computed with the worker's models."""
-    from distributed import get_worker
 
-    from cosmoslib import evaluate
 
     plugin = get_worker().plugins[PLUGIN_NAME]
     return evaluate.run_unit(unit, plugin.models(), settings, keep_tables=False, caches=plugin.caches)
@@ -272,8 +261,6 @@ def run_units(scheduler, units: list, models: Sequence, settings, threads: int =
     Returns the :class:`cosmoslib.evaluate.UnitResult` of each unit, in the order of ``units``.
     A unit that still fails after ``retries`` (or whose workers keep dying) raises.
     """
-    from distributed import as_completed
-    from tqdm.auto import tqdm
 
     if not units:
         return []

@@ -60,12 +60,29 @@ import pyarrow.parquet as pq
 from segment_anything.utils.amg import rle_to_mask
 from tqdm.auto import tqdm
 
-from cosmoslib import __version__, everything, matching, metrics, paths, prompts, volumes
+from cosmoslib import (
+    __version__,
+    everything,
+    matching,
+    metrics,
+    paths,
+    prompts,
+    volumes,
+)
 from cosmoslib import cache as cache_mod
-from cosmoslib.files import (InputError, atomic_write_bytes, atomic_write_csv, atomic_write_json,
-                             atomic_write_parquet, file_digest, mask_filename, slug)
-from cosmoslib.io import encode_png, read_label
-from cosmoslib.strategies import PROMPT_STRATEGIES, STRATEGIES, check as check_strategies
+from cosmoslib.files import (
+    InputError,
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_parquet,
+    file_digest,
+    mask_filename,
+    slug,
+)
+from cosmoslib.io import encode_png, read_image, read_label
+from cosmoslib.strategies import PROMPT_STRATEGIES, STRATEGIES
+from cosmoslib.strategies import check as check_strategies
 
 RESULT_COLUMNS = [
     "task", "image_id", "label_value", "object", "modality", "model", "strategy", "shift_level",
@@ -509,7 +526,6 @@ def run_unit(unit: WorkUnit, models: Sequence, settings: RunSettings, keep_table
     :func:`evaluate_image`; bad input is recorded as a failure of that (model, image) and the
     rest goes on. Per model the shard is written atomically with its S1 masks beside it.
     """
-    from cosmoslib.io import read_image
 
     result = UnitResult(index=unit.index)
     caches = {} if caches is None else caches
@@ -710,6 +726,7 @@ def evaluate(manifest: pd.DataFrame, root: str | Path, models: Iterable, out: st
         for unit in bar:
             done.append(run_unit(unit, models, settings, keep_tables=True, caches=caches))
     else:
+        # Dask loads only for --scheduler runs (and cosmoslib.distributed imports this module).
         from cosmoslib import distributed
 
         done = distributed.run_units(scheduler, units, models, settings, threads=threads,

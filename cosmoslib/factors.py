@@ -41,8 +41,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyefd
+from scipy import ndimage
+from skimage import measure
+from tqdm.auto import tqdm
 
-from cosmoslib import vocabulary
+from cosmoslib import io, vocabulary
 from cosmoslib.prompts import object_mask
 
 #: Re-exported from :mod:`cosmoslib.vocabulary` (the one modality vocabulary): the paper's 18
@@ -238,7 +242,6 @@ def _contours(mask: np.ndarray) -> list[np.ndarray]:
     :func:`skimage.draw.polygon`) gives back exactly the pixels it encloses;
     ``fully_connected='high'`` makes the object 8-connected (and the background 4-connected).
     """
-    from skimage import measure
 
     padded = np.pad(mask.astype(float), 1)
     return [c[:, ::-1] - 1.0 for c in measure.find_contours(padded, 0.5, fully_connected="high")]
@@ -266,7 +269,6 @@ def outer_region(mask: np.ndarray) -> np.ndarray:
     (H, W) bool array
         Equal to ``mask`` for a single component without holes.
     """
-    from scipy import ndimage
 
     mask = object_mask(mask)
     labels, n = ndimage.label(mask, structure=_EIGHT)
@@ -283,7 +285,6 @@ def count_holes(mask: np.ndarray) -> int:
     (4-connected background, as :func:`_contours`), so ``n_contours = components + holes``.
     A myocardium ring has 1, a disc 0.
     """
-    from scipy import ndimage
 
     mask = object_mask(mask)
     return int(ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)[1])
@@ -312,7 +313,6 @@ def _n_points(contour: np.ndarray, order: int) -> int:
 
 
 def _efd(contour: np.ndarray, max_order: int):
-    import pyefd
 
     coeffs = pyefd.elliptic_fourier_descriptors(contour, order=max_order, normalize=False)
     locus = pyefd.calculate_dc_coefficients(contour)
@@ -320,7 +320,6 @@ def _efd(contour: np.ndarray, max_order: int):
 
 
 def _reconstruct(coeffs: np.ndarray, locus, order: int, num_points: int) -> np.ndarray:
-    import pyefd
 
     # Each harmonic's coefficients do not depend on how many are computed, so truncating the
     # max_order series to its first `order` rows is the order-`order` EFD.
@@ -597,9 +596,7 @@ def object_factors(image: np.ndarray, mask: np.ndarray, modality: str | None = N
 def _iter_images(manifest: pd.DataFrame, root: Path, fo_kwargs: dict, progress: bool):
     """Yield ``(rows, skipped)`` per image: factor dicts (with the manifest row number in
     ``_row``) for its objects, and ``(file, reason)`` pairs for the objects that failed."""
-    from tqdm.auto import tqdm
 
-    from cosmoslib import io
 
     groups = manifest.groupby(["image_path", "label_path"], sort=False, dropna=False)
     for (image_path, label_path), group in tqdm(
@@ -676,7 +673,6 @@ def compute_factors(
         ``{task: n_objects}`` for the tasks whose modality the vocabulary does not know
         (``modality_code`` 18; see :func:`cosmoslib.io.unknown_modalities`).
     """
-    from cosmoslib import io
 
     _check_fo_kwargs(fo_kwargs)
     missing = {"task", "image_id", "label_value", "image_path", "label_path"} - set(manifest)
@@ -846,9 +842,7 @@ def factors_cli(
         current index. Problems of this run go to ``<out stem>.skipped.csv``
         (``file, reason``) next to ``out``.
     """
-    from tqdm.auto import tqdm
 
-    from cosmoslib import io
 
     _check_fo_kwargs(fo_kwargs)
     t0 = time.perf_counter()

@@ -52,7 +52,21 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import (
+    Attention,
+    Block,
+    ImageEncoderViT,
+    get_rel_pos,
+)
 from torch import nn
+
+from cosmoslib.tinyvit import (
+    AttentionStage,
+    ConvBN,
+    ConvStage,
+    TinyViT,
+    WindowAttention,
+)
 
 __all__ = ["BIAS_ELEMENTS", "set_fast_encoder", "is_fast", "fast_kind", "maybe_compile"]
 
@@ -68,9 +82,7 @@ _CACHE = "_cosmos_fast_cache"
 
 def fast_kind(encoder: nn.Module) -> str | None:
     """``"vit"`` or ``"tinyvit"`` when a fast path exists for ``encoder``, else None."""
-    from segment_anything.modeling.image_encoder import ImageEncoderViT
 
-    from cosmoslib.tinyvit import TinyViT
 
     if type(encoder) is TinyViT:
         return "tinyvit"
@@ -111,7 +123,6 @@ def set_fast_encoder(encoder: nn.Module, enabled: bool = True) -> bool:
                 module.__dict__.pop(_CACHE, None)
         return False
     if kind == "vit":
-        from segment_anything.modeling.image_encoder import Attention, Block
 
         for block in encoder.blocks:
             if type(block) is Block and type(block.attn) is Attention:
@@ -151,7 +162,6 @@ def _stock(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _vit_attention(attn, x: torch.Tensor) -> torch.Tensor:
     """``segment_anything`` ``Attention.forward`` through SDPA; ``x (B, H, W, C)``."""
-    from segment_anything.modeling.image_encoder import get_rel_pos
 
     b, h, w, _ = x.shape
     heads = attn.num_heads
@@ -223,7 +233,6 @@ def _tinyvit_params(enc) -> dict:
     cache = enc.__dict__.get(_CACHE)
     if cache is not None and cache["version"] == version:
         return cache
-    from cosmoslib.tinyvit import ConvBN, WindowAttention
 
     params: dict = {"version": version}
     # Plain tensors even when first called under inference_mode (usable outside it later).
@@ -289,7 +298,6 @@ def _tinyvit_block(params, block, x: torch.Tensor) -> torch.Tensor:
 
 def _tinyvit_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``TinyViT.forward`` in channels-last with folded batch norms (same output)."""
-    from cosmoslib.tinyvit import AttentionStage, ConvStage
 
     if self.training:
         return _stock(self, x)

@@ -40,7 +40,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats as sps
 
+from cosmoslib import models as models_mod
 from cosmoslib import uncertainty
 
 #: The three verdicts.
@@ -677,7 +679,6 @@ def fisher_ci(r: float, n: int, k: int, ci: float = 95.0) -> tuple[float, float]
     (low, high) : ``tanh(atanh(r) -+ z / sqrt(n - 3 - k))``; NaN when ``n - 3 - k < 1`` or ``r``
     is NaN; ``(r, r)`` when ``|r| == 1``.
     """
-    from scipy import stats as sps
 
     dof = n - 3 - k
     if not math.isfinite(r) or dof < 1:
@@ -859,7 +860,6 @@ def finetuned_pairs(model_names: Sequence[str]) -> dict[str, str]:
     attribute is a finetuned model of that base; both must be among ``model_names``. Entries
     without the attribute (today every built-in one) give an empty mapping.
     """
-    from cosmoslib import models as models_mod
 
     registry = models_mod.registered_models()
     names = set(model_names)

@@ -12,8 +12,9 @@ What is trained, and how
   (``requires_grad=False`` on every parameter). **Trained**: ``sam.mask_decoder`` alone, with
   AdamW (lr 1e-4, weight decay 0.01, the authors' released ``train_only_box.py``). Only the
   single-mask output (mask token 0, ``multimask_output=False``) is trained, as in that script;
-  the IoU head and the three multimask tokens receive no gradient and keep their weights.
-  A finetuned model is therefore registered with ``default_multimask=False``.
+  the three multimask tokens receive no gradient and keep their weights, and so does the IoU
+  head unless ``iou_weight > 0`` adds SAM's own IoU-prediction term (off by default, as in the
+  authors' script). A finetuned model is therefore registered with ``default_multimask=False``.
 * **Batches**: 2 images per optimiser step; each image brings all its objects (at most
   ``max_objects_per_image``, a seeded draw per epoch, when set), each with its own prompt.
 * **Loss**: Dice + binary cross-entropy, each averaged over the objects of an image, then over
@@ -106,7 +107,7 @@ from cosmoslib.strategies import PROMPT_STRATEGIES
 
 __all__ = [
     "CURRICULA", "PARTS", "DEFAULT_FRACTIONS", "LOW_RES", "Settings", "Split", "FinetuneResult",
-    "group_keys", "split_manifest", "lowres_target", "dice_bce_loss", "trainable_sam",
+    "group_keys", "split_manifest", "lowres_target", "dice_bce_loss", "iou_head_loss", "trainable_sam",
     "run_key", "finetune", "load_finetuned", "read_provenance", "register_saved", "registry_path",
     "default_name", "share_embeddings",
 ]
@@ -159,6 +160,11 @@ class Settings:
         shift).
     sampling : {"random", "even"}
         Point sampling of the training prompts (:func:`cosmoslib.prompts.make_prompt`).
+    iou_weight : float
+        Weight of an IoU-head term, ``(predicted IoU - IoU of the predicted low-res mask with
+        the target)^2`` per object, as in SAM's own training (0 = no such term: the authors'
+        script, where the IoU head keeps its weights). The Everything mode keeps masks by
+        predicted IoU, so a model that learns points needs it there.
     objects_per_pass : int
         Objects decoded in one forward/backward pass (memory only: the gradients of an image's
         objects are accumulated, so the result does not depend on it beyond float rounding).
@@ -176,6 +182,7 @@ class Settings:
     max_val_objects: int = 0
     shift_levels: tuple[int, ...] = (0,)
     sampling: str = "random"
+    iou_weight: float = 0.0
     objects_per_pass: int = 8
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
 
@@ -191,9 +198,9 @@ class Settings:
         for name in ("seed", "max_objects_per_image", "max_val_objects"):
             if int(getattr(self, name)) < 0:
                 raise InputError(None, f"{name} must be non-negative, got {getattr(self, name)!r}")
-        if not (self.lr > 0 and self.weight_decay >= 0):
-            raise InputError(None, f"lr must be > 0 and weight_decay >= 0, got {self.lr}, "
-                                   f"{self.weight_decay}")
+        if not (self.lr > 0 and self.weight_decay >= 0 and self.iou_weight >= 0):
+            raise InputError(None, f"lr must be > 0, weight_decay and iou_weight >= 0, got {self.lr}, "
+                                   f"{self.weight_decay}, {self.iou_weight}")
         bad = [v for v in self.shift_levels if v not in prompts.SHIFT_LEVELS]
         if bad or not self.shift_levels:
             raise InputError(None, f"shift levels must be among {sorted(prompts.SHIFT_LEVELS)}, "
@@ -412,7 +419,7 @@ def split_manifest(manifest: pd.DataFrame, fractions: Sequence[float] = DEFAULT_
         if k == 1:
             singles.append(name)
             continue
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), prompts._stable_hash(name)]))
+        rng = prompts.object_rng(int(seed), "finetune-split", name, 0)
         order = [groups[i] for i in rng.permutation(k)]
         if k == 2:
             second = "test" if fr[2] > 0 else ("val" if fr[1] > 0 else "train")
@@ -488,6 +495,30 @@ def lowres_target(mask: np.ndarray, model) -> torch.Tensor:
     if mask.any() and not target.any():
         target = ((soft == soft.max()) & (soft > 0)).float()
     return target
+
+
+def iou_head_loss(iou_pred: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Squared error of the predicted IoU against the IoU of the predicted mask (per object).
+
+    Parameters
+    ----------
+    iou_pred : tensor (B,)
+        The decoder's IoU prediction of the trained mask.
+    logits, targets : tensors (B, 256, 256)
+        Low-res logits (thresholded at 0, no gradient) and 0/1 targets.
+
+    Returns
+    -------
+    tensor (B,)
+        ``(iou_pred - IoU)^2``, IoU in [0, 1] (0 when prediction and target are both empty).
+    """
+    with torch.no_grad():
+        pred = (logits > 0).flatten(1).float()
+        t = targets.flatten(1)
+        inter = (pred * t).sum(1)
+        union = pred.sum(1) + t.sum(1) - inter
+        iou = torch.where(union > 0, inter / union.clamp(min=1.0), torch.zeros_like(union))
+    return (iou_pred - iou) ** 2
 
 
 def dice_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -721,7 +752,7 @@ def _val_objects(val: pd.DataFrame, settings: Settings) -> pd.DataFrame:
     n = settings.max_val_objects
     if not n or n >= len(val):
         return val
-    rng = np.random.default_rng(np.random.SeedSequence([settings.seed, prompts._stable_hash("val")]))
+    rng = prompts.object_rng(settings.seed, "finetune-val", "", 0)
     queues = [part.iloc[rng.permutation(len(part))] for _, part in val.groupby("task", sort=True)]
     picked, depth = [], 0
     while len(picked) < n:
@@ -807,17 +838,18 @@ class _Trainer:
                 targets = torch.stack([items[i][3] for i in chunk]).to(self.device)
                 with torch.no_grad():
                     sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-                low, _ = self.decoder(image_embeddings=emb, image_pe=image_pe,
-                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                      multimask_output=False)
+                low, iou_pred = self.decoder(image_embeddings=emb, image_pe=image_pe,
+                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                             multimask_output=False)
                 losses = dice_bce_loss(low[:, 0], targets)
+                if self.s.iou_weight:
+                    losses = losses + self.s.iou_weight * iou_head_loss(iou_pred[:, 0], low[:, 0], targets)
                 (losses.sum() * (weight / n)).backward()
                 total += float(losses.detach().sum())
         return total / n, n
 
     def train_epoch(self, epoch: int) -> tuple[float, int]:
-        order = np.random.default_rng(np.random.SeedSequence(
-            [self.s.seed, prompts._stable_hash("finetune-order"), int(epoch)])).permutation(len(self.images))
+        order = prompts.object_rng(self.s.seed, "finetune-order", "", 0, int(epoch)).permutation(len(self.images))
         batches = [order[i:i + self.s.batch_images] for i in range(0, len(order), self.s.batch_images)]
         self.decoder.train()
         losses, n_objects = [], 0
@@ -1059,11 +1091,13 @@ def finetune(manifest: pd.DataFrame, root: str | os.PathLike, model, out_dir: st
         supports_points=bool(settings.curriculum == "mixed" or model.supports_points),
         hyperparameters=settings.as_dict(),
         optimizer="AdamW on mask_decoder parameters; image and prompt encoders frozen",
-        loss="Dice (squared, smooth 1e-5) + BCE per object on 256x256 low-res logits, mean over objects, "
-             "then over the images of a batch",
+        loss="Dice (squared, smooth 1e-5) + BCE per object on 256x256 low-res logits"
+             + (f" + {settings.iou_weight:g} x squared error of the IoU head" if settings.iou_weight else "")
+             + ", mean over objects, then over the images of a batch",
         low_res_target="resize longest side to S (bilinear, antialiased), pad to SxS, mean over "
                        "(S/256)^2 blocks, threshold 0.5",
-        output="single-mask output (multimask_output=False); IoU head and multimask tokens unchanged",
+        output="single-mask output (multimask_output=False); multimask tokens unchanged; IoU head "
+               + ("trained" if settings.iou_weight else "unchanged"),
         split=split.summary(),
         data=dict(train_digest=_rows_digest(train), val_digest=_rows_digest(val), test_digest=_rows_digest(test),
                   n_train_objects=int(len(train)), n_val_objects=int(len(val)), n_test_objects=int(len(test)),
@@ -1201,23 +1235,30 @@ except Exception as _exc:  # pragma: no cover
 # ----------------------------------------------------------------------------- the chapter (08_finetune)
 
 #: The chapter's settings per run-list config, used where the Config lacks the ``finetune_*``
-#: fields: epochs, objects per image per step, validation objects per epoch (0 = all), curricula.
+#: fields: epochs, objects per image per step, validation objects per epoch (0 = all), curricula,
+#: and the test images S1 (Everything, the costliest strategy: one decode per grid point) is
+#: evaluated on (0 = all; else that many, spread evenly over the sorted test images).
 CHAPTER_DEFAULTS: dict[str, dict[str, Any]] = {
     "smoke": dict(finetune_epochs=1, finetune_max_objects_per_image=1, finetune_max_val_objects=2,
-                  finetune_curricula=("box", "mixed")),
-    "demo": dict(finetune_epochs=3, finetune_max_objects_per_image=4, finetune_max_val_objects=12,
-                 finetune_curricula=("box", "mixed")),
+                  finetune_curricula=("box", "mixed"), finetune_s1_max_images=2),
+    "demo": dict(finetune_epochs=20, finetune_max_objects_per_image=4, finetune_max_val_objects=12,
+                 finetune_curricula=("box", "mixed"), finetune_s1_max_images=6),
     "full": dict(finetune_epochs=20, finetune_max_objects_per_image=0, finetune_max_val_objects=0,
-                 finetune_curricula=("box", "mixed")),
+                 finetune_curricula=("box", "mixed"), finetune_s1_max_images=0),
 }
+
+
+#: IoU-head loss weight per curriculum in the chapter: ``box`` follows the authors' script
+#: exactly; ``mixed`` also trains the IoU head, which the Everything mode (S1) filters by.
+CHAPTER_IOU_WEIGHT = {"box": 0.0, "mixed": 1.0}
 
 
 def chapter_settings(config) -> dict[str, Any]:
     """The finetuning chapter's settings of a run-list Config.
 
     Reads the Config's ``finetune_epochs``, ``finetune_max_objects_per_image``,
-    ``finetune_max_val_objects`` and ``finetune_curricula`` where it has them, else
-    :data:`CHAPTER_DEFAULTS` of its name (``full``'s for other names).
+    ``finetune_max_val_objects``, ``finetune_curricula`` and ``finetune_s1_max_images`` where it
+    has them, else :data:`CHAPTER_DEFAULTS` of its name (``full``'s for other names).
     """
     defaults = CHAPTER_DEFAULTS.get(config.name, CHAPTER_DEFAULTS["full"])
     return {k: getattr(config, k, v) for k, v in defaults.items()}
@@ -1254,13 +1295,13 @@ class ChapterRuns:
 def run_chapter(ch, progress: bool = False) -> ChapterRuns:
     """Train (or reuse) every (base model, curriculum) run of a chapter and evaluate on the test part.
 
-    Runs live in ``<results>/finetune/<base>-<curriculum>/``; the test evaluations in
-    ``<results>/finetune/test/`` (:func:`cosmoslib.evaluate.evaluate`, keyed by content). Base
-    models and ``mixed`` models are evaluated under S1-S6 (S1 with the config's grid), ``box``
-    models under S2-S6.
+    The ``mixed`` runs also train the IoU head (:data:`CHAPTER_IOU_WEIGHT`). Runs live in
+    ``<results>/finetune/<base>-<curriculum>/``; the test evaluations in
+    ``<results>/finetune/test/`` (:func:`cosmoslib.evaluate.evaluate`, keyed by content): every
+    model under S2-S6 on every test object (``s2_s6.parquet``), base and ``mixed`` models under
+    S1 with the config's grid on ``finetune_s1_max_images`` test images (``s1.parquet``).
     """
     from cosmoslib import evaluate as evaluate_mod
-    from cosmoslib.strategies import STRATEGIES
 
     cs = chapter_settings(ch.config)
     manifest = ch.manifest
@@ -1272,7 +1313,8 @@ def run_chapter(ch, progress: bool = False) -> ChapterRuns:
         for curriculum in cs["finetune_curricula"]:
             settings = Settings(curriculum=curriculum, epochs=int(cs["finetune_epochs"]), seed=ch.config.seed,
                                 max_objects_per_image=int(cs["finetune_max_objects_per_image"]),
-                                max_val_objects=int(cs["finetune_max_val_objects"]))
+                                max_val_objects=int(cs["finetune_max_val_objects"]),
+                                iou_weight=CHAPTER_IOU_WEIGHT.get(curriculum, 0.0))
             result = finetune(manifest, ch.root, base, folder / f"{base_name}-{curriculum}", settings,
                               split=split, progress=progress, overwrite=True)
             runs[(base_name, curriculum)] = result
@@ -1281,22 +1323,30 @@ def run_chapter(ch, progress: bool = False) -> ChapterRuns:
     frames = []
     if len(test):
         loaded = {name: load_finetuned(runs[pair].out_dir) for name, pair in pairs.items()}
-        full_set = [ch.model(b) for b in ch.config.models] + [
-            m for name, m in loaded.items() if pairs[name][1] == "mixed"]
-        box_set = [m for name, m in loaded.items() if pairs[name][1] != "mixed"]
-        for models_, strategies, stem in ((full_set, STRATEGIES, "s1_s6"), (box_set, PROMPT_STRATEGIES, "s2_s6")):
-            if not models_:
-                continue
-            res, _ = evaluate_mod.evaluate(test, ch.root, models_, folder / "test" / f"{stem}.parquet",
-                                           strategies=strategies, seed=ch.config.seed,
-                                           points_per_side=ch.config.s1_points_per_side, progress=progress)
-            frames.append(res)
+        bases = [ch.model(b) for b in ch.config.models]
+        res, _ = evaluate_mod.evaluate(test, ch.root, bases + list(loaded.values()), folder / "test" / "s2_s6.parquet",
+                                       strategies=PROMPT_STRATEGIES, seed=ch.config.seed, progress=progress)
+        frames.append(res)
+        s1_models = bases + [m for name, m in loaded.items() if pairs[name][1] == "mixed"]
+        s1_test = _spread_images(test, int(cs["finetune_s1_max_images"]))
+        res, _ = evaluate_mod.evaluate(s1_test, ch.root, s1_models, folder / "test" / "s1.parquet",
+                                       strategies=["S1"], seed=ch.config.seed,
+                                       points_per_side=ch.config.s1_points_per_side, progress=progress)
+        frames.append(res)
     results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if len(results):
         info = {name: pair for name, pair in pairs.items()}
         results["base"] = [info.get(m, (m, "none"))[0] for m in results["model"]]
         results["curriculum"] = [info.get(m, (m, "none"))[1] for m in results["model"]]
     return ChapterRuns(split, runs, test, results, pairs, cs)
+
+
+def _spread_images(manifest: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The rows of at most ``n`` images (0 = all), spread evenly over the sorted image list."""
+    keys = manifest[["task", "image_id"]].drop_duplicates().sort_values(["task", "image_id"])
+    if n and len(keys) > n:
+        keys = keys.iloc[np.unique(np.linspace(0, len(keys) - 1, n).round().astype(int))]
+    return manifest.merge(keys, on=["task", "image_id"]).reset_index(drop=True)
 
 
 def history_table(runs: dict) -> pd.DataFrame:

@@ -41,8 +41,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
 
+import cv2
 import numpy as np
+import pandas as pd
 from scipy import ndimage as ndi
+from skimage.segmentation import random_walker
 
 from cosmoslib import metrics
 from cosmoslib.prompts import Prompt, make_prompt, object_mask
@@ -184,7 +187,6 @@ def run_interaction(segmenter: InteractiveSegmenter, image: np.ndarray, gt: np.n
         Empty or non-2D ``gt``, ``image`` of another size, ``max_clicks < 1``, or a segmenter
         mask of the wrong shape.
     """
-    import pandas as pd
 
     gt = object_mask(gt)
     if tuple(np.shape(image)[:2]) != gt.shape:
@@ -399,7 +401,6 @@ class GrabCutSegmenter:
     def segment(self, image: np.ndarray, clicks: Sequence[Click],
                 previous: Round | None = None) -> np.ndarray:
         """The GrabCut mask (H, W) bool for these clicks."""
-        import cv2
 
         img = _as_uint8_rgb(image)
         h, w = img.shape[:2]
@@ -455,7 +456,6 @@ class RandomWalkerSegmenter:
     def segment(self, image: np.ndarray, clicks: Sequence[Click],
                 previous: Round | None = None) -> np.ndarray:
         """The random-walker mask (H, W) bool for these clicks."""
-        from skimage.segmentation import random_walker
 
         img = np.asarray(image)
         if img.ndim == 3 and img.shape[2] == 1:

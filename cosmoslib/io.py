@@ -67,8 +67,14 @@ from pathlib import Path
 import numpy as np
 
 from cosmoslib.files import (  # noqa: F401  (re-exported: io was their first home)
-    InputError, atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_parquet,
-    file_digest, merge_skipped_csv)
+    InputError,
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_parquet,
+    file_digest,
+    merge_skipped_csv,
+)
 
 # --------------------------------------------------------------------------------------------
 # small shared helpers
@@ -137,7 +143,6 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...]]
         raise InputError(path, "file not found")
     if path.name.lower().endswith((".nii", ".nii.gz", ".mgz", ".mgh")):
         return _read_volume_nibabel(path)
-    import SimpleITK as sitk
 
     try:
         image = sitk.ReadImage(str(path))
@@ -172,7 +177,6 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...]]
 
 
 def _read_volume_nibabel(path: Path):
-    import nibabel as nib
 
     try:
         img = nib.load(str(path))
@@ -216,7 +220,6 @@ def read_raw_image(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         raise InputError(path, "file not found")
     if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
 
         try:
             arr = np.asarray(tifffile.imread(path))
@@ -225,7 +228,6 @@ def read_raw_image(path: str | os.PathLike) -> np.ndarray:
         if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
             arr = np.moveaxis(arr, 0, -1)
     else:
-        from PIL import Image
 
         try:
             with Image.open(path) as im:
@@ -264,7 +266,6 @@ def read_raw_label(path: str | os.PathLike) -> np.ndarray:
     if path.suffix.lower() in (".tif", ".tiff"):
         arr = read_raw_image(path)
     else:
-        from PIL import Image
 
         if not path.is_file():
             raise InputError(path, "file not found")
@@ -347,7 +348,6 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
 
 def encode_png(arr: np.ndarray) -> bytes:
     """PNG bytes of a uint8 ``(H, W)`` or ``(H, W, 3)`` array (deterministic: no timestamps)."""
-    from PIL import Image
 
     arr = np.ascontiguousarray(arr)
     if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
@@ -576,6 +576,14 @@ def list_images(root) -> list[tuple[str, str, Path]]:
     return sorted(out, key=lambda t: (t[0], t[1]))
 
 
+import nibabel as nib
+import pandas as pd
+import SimpleITK as sitk
+import tifffile
+from PIL import Image
+from tqdm.auto import tqdm
+
+from cosmoslib import catalog
 from cosmoslib import vocabulary as _vocabulary  # noqa: E402  (no cosmoslib imports: no cycle)
 
 #: Every modality name the vocabulary knows (re-exported from :mod:`cosmoslib.vocabulary`).
@@ -722,7 +730,6 @@ def modality_from_catalog(task: str, objects=(), descriptors=None) -> CatalogMat
 
 def _load_descriptors() -> list:
     try:
-        from cosmoslib import catalog
 
         return catalog.load_catalog()
     except Exception as exc:  # the catalog is an optional hint here, never a reason to fail
@@ -838,7 +845,6 @@ def _scan(root, info_dir=None, progress=False, modality=None):
     ``modality`` is the ``{task: name}`` override of :func:`index`; ``modality_sources`` is
     ``{task: (modality, source, detail)}`` (see :func:`_resolve_task`).
     """
-    from tqdm.auto import tqdm
 
     root = Path(root)
     tasks = find_tasks(root)
@@ -929,7 +935,6 @@ def _scan(root, info_dir=None, progress=False, modality=None):
 
 
 def _manifest_frame(rows):
-    import pandas as pd
 
     df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     for col in ("label_value", "area_px", "height", "width"):
@@ -1040,7 +1045,6 @@ def index_to_parquet(root, out, info_dir=None, progress: bool = True, modality=N
     ``{task: name}`` override of :func:`index`; unknown modalities are warned about once and
     named in :meth:`IndexReport.summary`.
     """
-    import pandas as pd
 
     out = Path(out)
     rows, skipped, n_tasks, n_images, sources = _scan(root, info_dir=info_dir, progress=progress,

@@ -42,11 +42,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from segment_anything import sam_model_registry
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from cosmoslib import paths
+from cosmoslib import __version__, paths
+from cosmoslib.fast_encoder import maybe_compile, set_fast_encoder
 from cosmoslib.io import InputError
+from cosmoslib.tinyvit import litemedsam_encoder
 
 __all__ = [
     "ARCHES", "ModelEntry", "Decoded", "SamFamilyModel", "register_model", "registered_models",
@@ -95,6 +99,8 @@ class ModelEntry:
     supports_points : bool
         Whether the model was trained with point prompts.
     description : str
+    base : str or None
+        The registry name of the model this one was fine-tuned from (None for base models).
     """
 
     name: str
@@ -103,6 +109,7 @@ class ModelEntry:
     default_multimask: bool
     supports_points: bool
     description: str = ""
+    base: str | None = None
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -119,7 +126,7 @@ def _normalise_arch(arch: str) -> str:
 
 def register_model(name: str, arch: str, checkpoint: str | os.PathLike | None = None, *,
                    default_multimask: bool | None = None, supports_points: bool | None = None,
-                   description: str = "", overwrite: bool = False) -> ModelEntry:
+                   description: str = "", overwrite: bool = False, base: str | None = None) -> ModelEntry:
     """Register a named model (e.g. a fine-tuned checkpoint) as a registry entry.
 
     Parameters
@@ -139,6 +146,9 @@ def register_model(name: str, arch: str, checkpoint: str | os.PathLike | None = 
     description : str
     overwrite : bool
         Replace an existing entry of the same name (otherwise that is an error).
+    base : str, optional
+        The registry name of the model this checkpoint was fine-tuned from (the findings
+        chapter compares the two).
 
     Returns
     -------
@@ -157,7 +167,7 @@ def register_model(name: str, arch: str, checkpoint: str | os.PathLike | None = 
         name=name, arch=arch, checkpoint=None if checkpoint is None else str(checkpoint),
         default_multimask=(not lite) if default_multimask is None else bool(default_multimask),
         supports_points=(not lite) if supports_points is None else bool(supports_points),
-        description=description)
+        description=description, base=base)
     _REGISTRY[name] = entry
     return entry
 
@@ -302,7 +312,6 @@ def _guess_arch(state: dict[str, torch.Tensor]) -> str:
 def _build_sam(arch: str) -> Sam:
     """An untrained ``Sam`` of the given architecture (on the current default device)."""
     if arch == "litemedsam":
-        from cosmoslib.tinyvit import litemedsam_encoder
 
         return Sam(
             image_encoder=litemedsam_encoder(),
@@ -317,7 +326,6 @@ def _build_sam(arch: str) -> Sam:
             pixel_mean=[0.0, 0.0, 0.0],
             pixel_std=[255.0, 255.0, 255.0],
         )
-    from segment_anything import sam_model_registry
 
     return sam_model_registry[arch]()
 
@@ -458,7 +466,6 @@ def _resize_operator(n_low: int, side: int, n_kept: int, n_out: int,
 
 def _fast_decoder_supported(sam: Sam) -> bool:
     """Whether ``sam``'s mask decoder has the stock SAM structure the fast path re-arranges."""
-    from segment_anything.modeling.common import LayerNorm2d
 
     dec = sam.mask_decoder
     if type(dec) is not MaskDecoder or type(dec.transformer) is not TwoWayTransformer:
@@ -707,7 +714,6 @@ class SamFamilyModel:
         order 1 on LiteMedSAM, measured), the size of the differences between runs of the
         stock encoder with different thread counts, so both share one cache.
         """
-        from cosmoslib import __version__
 
         sig = {"arch": self.arch, "checkpoint_sha256": self.checkpoint_sha256,
                "input_size": self.input_size, "cosmoslib_version": __version__}
@@ -820,7 +826,6 @@ class SamFamilyModel:
     def _sync_encoder(self) -> torch.nn.Module:
         """Put ``sam.image_encoder`` on the path :attr:`fast_encoder` asks for; the module to
         call (compiled when :attr:`compile_encoder`)."""
-        from cosmoslib.fast_encoder import maybe_compile, set_fast_encoder
 
         encoder = self.sam.image_encoder
         fast = bool(self.fast_encoder)

@@ -92,7 +92,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage as ndi
+from tqdm.auto import tqdm
 
 from cosmoslib.io import InputError, read_label
 
@@ -570,8 +572,6 @@ def make_prompt_table(
     ValueError
         Unknown strategy or shift level, or ``repeats < 1`` with a level above 0.
     """
-    import pandas as pd
-    from tqdm.auto import tqdm
 
     strategies = tuple(strategies)
     bad = [s for s in strategies if s not in STRATEGIES]

@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import yaml
 
 from cosmoslib import paths
+from cosmoslib.dataset import OBJECT_SAMPLING
 
 CONFIGS = ("smoke", "demo", "full")
 
@@ -68,6 +69,8 @@ class Config:
     models : registry names (the first is the one the figures show).
     max_images_per_task, max_objects_per_image : subsampling (0 = all), see
         :func:`cosmoslib.dataset.subsample`.
+    object_sampling : how objects are chosen when an image has more than
+        ``max_objects_per_image``: ``"random"`` (seeded, unbiased in size) or ``"largest"``.
     s1_points_per_side : the S1 grid m of the strategies chapters (the paper: 32).
     grid_sizes : the grid sizes m of the Everything-grid chapter (Table 5).
     grid_max_images : cap on that chapter's multi-object images (0 = all).
@@ -87,6 +90,7 @@ class Config:
     models: tuple[str, ...] = ("litemedsam",)
     max_images_per_task: int = 0
     max_objects_per_image: int = 0
+    object_sampling: str = "random"
     s1_points_per_side: int = 32
     grid_sizes: tuple[int, ...] = (8, 16, 32, 64)
     grid_max_images: int = 0
@@ -98,6 +102,9 @@ class Config:
     max_clicks: int = 10
 
     def __post_init__(self):
+        if self.object_sampling not in OBJECT_SAMPLING:
+            raise TypeError(f"config {self.name!r}: object_sampling must be one of {OBJECT_SAMPLING}, "
+                            f"got {self.object_sampling!r}")
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type.startswith("tuple"):

@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
+import pingouin
+from scipy import stats as sps
 
 #: The five factor columns of Table 6, in the paper's column order.
 TABLE6_FACTORS = ("size_px", "intensity_diff", "fourier_order", "modality_code", "aspect_ratio")
@@ -155,7 +157,6 @@ def partial_spearman(df: pd.DataFrame, x: str, y: str, covar: Sequence[str] | st
                 # versions return a meaningless number.
                 return undefined(f"covariate {c} has the same ranks as {col}: partial "
                                  "correlation undefined")
-    import pingouin
 
     with warnings.catch_warnings():
         # pingouin >= 0.7 warns on a rank-deficient covariance; that is checked below for
@@ -357,7 +358,6 @@ def bootstrap_ci(
         return BootstrapCI(estimate, float("nan"), float("nan"), ci, n, n_dropped)
     if np.all(finite == finite[0]):
         return BootstrapCI(estimate, estimate, estimate, ci, n, n_dropped)
-    from scipy import stats as sps
 
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
     res = sps.bootstrap((finite,), stat, n_resamples=n_boot, confidence_level=ci / 100.0,

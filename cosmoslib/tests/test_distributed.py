@@ -17,8 +17,7 @@ import pytest
 
 from cosmoslib import dataset, evaluate, io, models
 
-distributed = pytest.importorskip("distributed")
-from cosmoslib import distributed as cosmos_dask  # noqa: E402
+from cosmoslib import distributed as cosmos_dask
 
 KW = dict(strategies=["S1", "S5"], points_per_side=4, seed=0, progress=False)
 TASKS = ["mni152_tissue_t1w-mri", "pyradiomics_lung_ct"]

@@ -9,6 +9,7 @@ from scipy import ndimage as ndi
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
+from skimage import data as skimage_data
 
 from cosmoslib import everything
 
@@ -240,7 +241,6 @@ def test_real_weights_litemedsam(litemedsam):
     SamFamilyModel.encode fed to generate_everything gives SamAutomaticMaskGenerator's masks.
     LiteMedSAM was trained with boxes, so its single-point masks are poor and the default
     thresholds keep none; thresholds 0 keep them all for the comparison."""
-    skimage_data = pytest.importorskip("skimage.data")
     image = skimage_data.camera()[::4, ::3]  # 128 x 171 grey, non-square
     embedding = litemedsam.encode([image])[0]
     params = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}

@@ -123,6 +123,15 @@ def test_dice_bce_loss_known_values():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_iou_head_loss_known_values():
+    t = torch.zeros(2, 256, 256)
+    t[:, :100, :100] = 1
+    logits = torch.full((2, 256, 256), -5.0)
+    logits[0, :100, :50] = 5.0  # half of the target: IoU 0.5
+    loss = finetune.iou_head_loss(torch.tensor([0.5, 0.3]), logits, t)
+    assert loss[0].item() == pytest.approx(0.0) and loss[1].item() == pytest.approx(0.09)
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 
+import medpy.metric.binary as medpy_binary
+import monai.metrics as monai_metrics
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 from scipy import ndimage as ndi
 
 from cosmoslib import metrics
 
-medpy_binary = pytest.importorskip("medpy.metric.binary")
 
 
 def random_blob(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -154,7 +157,6 @@ def test_empty_policy_nan():
 
 
 def test_empty_counts():
-    pd = pytest.importorskip("pandas")
     gt = np.zeros((8, 8), bool)
     gt[2:4, 2:4] = True
     empty = np.zeros_like(gt)
@@ -284,8 +286,6 @@ def test_nsd_matches_brute_force(ndim):
 def test_nsd_and_assd_match_monai():
     """MONAI's compute_surface_dice (boundary voxels counted once, KD-tree distances) and its
     symmetric average surface distance, on anisotropic 3D and 2D masks."""
-    torch = pytest.importorskip("torch")
-    monai_metrics = pytest.importorskip("monai.metrics")
     rng = np.random.default_rng(50)
     for i in range(40):
         if i % 2:

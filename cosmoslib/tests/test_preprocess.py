@@ -126,12 +126,20 @@ def test_axial_slice_of_real_nrrd_matches_pynrrd(demo_root, member):
 # --------------------------------------------------------------------------- normalisation
 
 
+def _assert_rounds_like(got, unrounded):
+    """``got`` (uint8) equals ``rint(unrounded)`` wherever the value is clear of a .5 tie (two
+    code paths may round a tie differently), and is never more than one grey level off."""
+    ref = np.rint(unrounded)
+    clear = np.abs(unrounded - np.floor(unrounded) - 0.5) > 1e-6
+    np.testing.assert_array_equal(got[clear], ref[clear].astype(np.uint8))
+    assert np.abs(got.astype(float) - ref).max() <= 1
+
+
 def test_minmax_matches_skimage_and_paper_formula():
     rng = np.random.default_rng(1)
     img = rng.normal(-300, 400, size=(30, 40))
     got = preprocess.minmax_normalize(img)
-    ref = np.rint(rescale_intensity(img, out_range=(0.0, 255.0))).astype(np.uint8)
-    np.testing.assert_array_equal(got, ref)
+    _assert_rounds_like(got, rescale_intensity(img, out_range=(0.0, 255.0)))
     assert got.dtype == np.uint8 and got.min() == 0 and got.max() == 255
 
 
@@ -143,8 +151,7 @@ def test_minmax_with_percentile_clipping():
     assert np.median(plain) == 0
     clipped = preprocess.minmax_normalize(img, clip_percentiles=(0.95, 99.5))
     lo, hi = np.percentile(img, (0.95, 99.5))
-    ref = np.rint(rescale_intensity(img, in_range=(lo, hi), out_range=(0.0, 255.0))).astype(np.uint8)
-    np.testing.assert_array_equal(clipped, ref)
+    _assert_rounds_like(clipped, rescale_intensity(img, in_range=(lo, hi), out_range=(0.0, 255.0)))
     assert 100 < np.median(clipped) < 160
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -214,7 +215,6 @@ def test_bad_input():
 @pytest.fixture
 def cosmos_root(tmp_path):
     """Three label PNGs with several objects each, and their manifest rows."""
-    pd = pytest.importorskip("pandas")
     from PIL import Image
 
     rows = []
@@ -265,7 +265,6 @@ def test_table_independent_of_order_and_subset(cosmos_root, sampling):
 
 
 def test_table_parquet_roundtrip(cosmos_root, tmp_path):
-    pd = pytest.importorskip("pandas")
     root, manifest = cosmos_root
     table = prompts.make_prompt_table(manifest, root)
     table.to_parquet(tmp_path / "p.parquet")

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import math
 
+import medpy.metric.binary as medpy_binary
+import monai.metrics as monai_metrics
 import nibabel as nib
 import numpy as np
+import torch
 import pandas as pd
 import pytest
 
 from cosmoslib import catalog, io, metrics, preprocess, volumes
 from cosmoslib.tests.test_metrics import brute_force_nsd
 
-medpy_binary = pytest.importorskip("medpy.metric.binary")
 
 ROW, COL, SLICE = 0.7, 0.9, 3.0  # mm; a volume's voxel is (SLICE, ROW, COL)
 VOXEL = (SLICE, ROW, COL)
@@ -155,8 +157,6 @@ def test_volume_metrics_match_medpy_monai_and_brute_force():
     assert (r.height, r.width, r.spacing_known, r.object, r.modality) == (40, 44, True, "Thing", "CT")
     assert (perfect.dice, perfect.hd, perfect.hd95, perfect.assd, perfect.nsd) == (100.0, 0.0, 0.0, 0.0, 100.0)
     # MONAI's surface Dice (independent edges and KD-tree distances) agrees
-    torch = pytest.importorskip("torch")
-    monai_metrics = pytest.importorskip("monai.metrics")
     ref = monai_metrics.compute_surface_dice(torch.from_numpy(pred_vol[None, None].astype(np.float32)),
                                              torch.from_numpy(gt_vol[None, None].astype(np.float32)),
                                              class_thresholds=[2.0], include_background=True, spacing=list(VOXEL))

@@ -79,7 +79,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import inspect
 import io as _stdio
 import json
 import math
@@ -88,7 +87,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,20 +95,29 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
 from cosmoslib import __version__, metrics, paths, prompts
 from cosmoslib import cache as cache_mod
+from cosmoslib import evaluate as evaluate_mod
 from cosmoslib import models as models_mod
-from cosmoslib.files import InputError, atomic_write_bytes, atomic_write_csv, atomic_write_json
-from cosmoslib.io import read_label
+from cosmoslib.evaluate import with_digests
+from cosmoslib.files import (
+    InputError,
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_json,
+)
+from cosmoslib.io import read_image, read_label
 from cosmoslib.strategies import PROMPT_STRATEGIES
 
 __all__ = [
     "CURRICULA", "PARTS", "DEFAULT_FRACTIONS", "LOW_RES", "Settings", "Split", "FinetuneResult",
     "group_keys", "split_manifest", "lowres_target", "dice_bce_loss", "iou_head_loss", "trainable_sam",
     "run_key", "finetune", "load_finetuned", "read_provenance", "register_saved", "registry_path",
-    "default_name", "share_embeddings",
+    "default_name", "share_embeddings", "CHAPTER_DEFAULTS", "CHAPTER_IOU_WEIGHT", "chapter_settings",
+    "ChapterRuns", "run_chapter", "history_table", "before_after", "per_class", "strategy_table",
 ]
 
 #: Prompt curricula: name -> the strategies an object's training prompt is drawn from.
@@ -551,7 +559,6 @@ def trainable_sam(model) -> tuple[Any, torch.nn.Module]:
     The base model is not modified. Returns ``(sam, mask_decoder)``; every parameter outside
     the mask decoder has ``requires_grad=False``.
     """
-    from segment_anything.modeling import Sam
 
     base = model.sam
     sam = Sam.__new__(Sam)
@@ -633,7 +640,6 @@ def share_embeddings(base, target, image_paths, cache_dir: str | os.PathLike | N
     InputError
         The two image encoders differ.
     """
-    from cosmoslib.io import read_image
 
     if not _same_encoder(base, target):
         raise InputError(None, f"{target.name}'s image encoder differs from {base.name}'s: its embeddings "
@@ -988,7 +994,6 @@ def finetune(manifest: pd.DataFrame, root: str | os.PathLike, model, out_dir: st
     InputError
         No training objects, an unreadable image or label, or ``out_dir`` holding another run.
     """
-    from cosmoslib.evaluate import with_digests
 
     settings = dataclasses.replace(settings or Settings(), **changes) if changes else (settings or Settings())
     if isinstance(model, str):
@@ -1138,14 +1143,11 @@ def registry_path() -> Path:
 
 
 def _register(out_dir: Path, prov: dict, persist: bool = True) -> models_mod.ModelEntry:
-    kwargs = {}
-    if "base" in inspect.signature(models_mod.register_model).parameters:
-        kwargs["base"] = prov["base_model"]["name"]
     entry = models_mod.register_model(
         prov["name"], prov["arch"], out_dir / prov["checkpoint"], default_multimask=False,
         supports_points=bool(prov.get("supports_points", prov["curriculum"] == "mixed")),
         description=(f"{prov['base_model']['name']} with its mask decoder finetuned on {prov['curriculum']} "
-                     f"prompts ({out_dir.name})"), overwrite=True, **kwargs)
+                     f"prompts ({out_dir.name})"), overwrite=True, base=prov["base_model"]["name"])
     if persist:
         path = registry_path()
         try:
@@ -1301,7 +1303,6 @@ def run_chapter(ch, progress: bool = False) -> ChapterRuns:
     model under S2-S6 on every test object (``s2_s6.parquet``), base and ``mixed`` models under
     S1 with the config's grid on ``finetune_s1_max_images`` test images (``s1.parquet``).
     """
-    from cosmoslib import evaluate as evaluate_mod
 
     cs = chapter_settings(ch.config)
     manifest = ch.manifest
@@ -1367,6 +1368,8 @@ def before_after(results: pd.DataFrame, pairs: dict, strategy: str = "S5",
         object; unshifted prompts, selection rule ``rule``.
     """
     cols = ["task", "image_id", "label_value", "object", "modality"]
+    if len(results) == 0 or not pairs:
+        return pd.DataFrame(columns=["model", "base", "curriculum", *cols, "dice_before", "dice_after", "delta"])
     keep = ((results["strategy"] == strategy) & (results["selection_rule"] == rule)
             & (results["shift_level"] == 0))
     df = results[keep]
@@ -1408,9 +1411,11 @@ def strategy_table(results: pd.DataFrame, pairs: dict, curriculum: str = "mixed"
     DataFrame
         Index ``(base, strategy)``; columns ``before, after, delta, n``.
     """
+    rows = []
+    if len(results) == 0:
+        results = pd.DataFrame(columns=["model", "strategy", "dice", "selection_rule", "shift_level"])
     keep = (results["selection_rule"] == rule) & (results["shift_level"] == 0)
     df = results[keep]
-    rows = []
     for name, (base, cur) in pairs.items():
         if cur != curriculum:
             continue

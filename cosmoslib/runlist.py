@@ -48,6 +48,7 @@ CHAPTERS = (
     "05_randomness",
     "06_interactive",
     "07_annotation",
+    "08_finetune",
     "09_volumes",
     "10_findings",
 )
@@ -82,6 +83,10 @@ class Config:
     interactive_max_objects : objects of the multi-round interaction chapter (Fig. 16), sampled
         like ``protocol_max_objects`` (0 = all).
     max_clicks : clicks per object in that chapter (the paper: 10).
+    finetune_epochs, finetune_max_objects_per_image, finetune_max_val_objects,
+    finetune_curricula, finetune_s1_max_images : the decoder-finetuning chapter (paper 4.12;
+        :mod:`cosmoslib.finetune`): epochs (the paper: 20), objects per training image and
+        validation objects (0 = all), prompt curricula (``box``, ``mixed``), and S1 test images.
     """
 
     name: str
@@ -100,6 +105,11 @@ class Config:
     shift_repeats: int = 3
     interactive_max_objects: int = 0
     max_clicks: int = 10
+    finetune_epochs: int = 20
+    finetune_max_objects_per_image: int = 0
+    finetune_max_val_objects: int = 0
+    finetune_curricula: tuple[str, ...] = ("box", "mixed")
+    finetune_s1_max_images: int = 0
 
     def __post_init__(self):
         if self.object_sampling not in OBJECT_SAMPLING:
@@ -190,10 +200,13 @@ def config(name: str) -> Config:
     if name == "smoke":
         return Config(name="smoke", smoke=True, max_images_per_task=2, max_objects_per_image=4,
                       s1_points_per_side=4, grid_sizes=(4, 8), grid_max_images=2,
-                      protocol_max_objects=6, shift_repeats=2, interactive_max_objects=2, max_clicks=3)
+                      protocol_max_objects=6, shift_repeats=2, interactive_max_objects=2, max_clicks=3,
+                      finetune_epochs=1, finetune_max_objects_per_image=1, finetune_max_val_objects=2,
+                      finetune_s1_max_images=2)
     if name == "demo":
         return Config(name="demo", s1_points_per_side=8, grid_sizes=(8, 16, 32, 64), grid_max_images=4,
-                      protocol_max_objects=36, interactive_max_objects=12)
+                      protocol_max_objects=36, interactive_max_objects=12,
+                      finetune_max_objects_per_image=4, finetune_max_val_objects=12, finetune_s1_max_images=6)
     if name == "full":
         models = tuple(m for m in os.environ.get("COSMOS_FULL_MODELS", "litemedsam").split(",") if m)
         return Config(name="full", data_root=os.environ.get("COSMOS_FULL_ROOT", ""), models=models,

@@ -265,16 +265,9 @@ class Chapter:
         manifest = self.manifest
         if not n or n >= len(manifest):
             return manifest.reset_index(drop=True)
-        rng = np.random.default_rng(self.config.seed)
-        queues = [part.iloc[rng.permutation(len(part))] for _, part in manifest.groupby("task", sort=True)]
-        picked, depth = [], 0
-        while len(picked) < n:
-            for q in queues:
-                if depth < len(q) and len(picked) < n:
-                    picked.append(q.iloc[depth])
-            depth += 1
-        keys = pd.DataFrame(picked)[["task", "image_id", "label_value"]]
-        return manifest.merge(keys, on=["task", "image_id", "label_value"]).reset_index(drop=True)
+        keys = dataset.spread_objects(manifest, n, np.random.default_rng(self.config.seed))
+        return manifest.merge(keys[["task", "image_id", "label_value"]],
+                              on=["task", "image_id", "label_value"]).reset_index(drop=True)
 
     @cached_property
     def _randomness(self) -> pd.DataFrame:

@@ -206,3 +206,23 @@ def per_task(manifest: pd.DataFrame) -> pd.DataFrame:
             .agg(images=("image_id", "size"), masks=("n_objects", "sum"),
                  median_height=("height", "median"), median_width=("width", "median"))
             .reset_index())
+
+
+def spread_objects(manifest: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFrame:
+    """``n`` rows of ``manifest`` spread evenly over its tasks (all rows when ``n`` is 0 or more
+    than there are).
+
+    Rows are shuffled within each task with ``rng``, then taken one per task in turn (tasks in
+    name order) until ``n`` are chosen, so small tasks are never crowded out. Returned in pick
+    order.
+    """
+    if not n or n >= len(manifest):
+        return manifest
+    queues = [part.iloc[rng.permutation(len(part))] for _, part in manifest.groupby("task", sort=True)]
+    picked, depth = [], 0
+    while len(picked) < n:
+        for q in queues:
+            if depth < len(q) and len(picked) < n:
+                picked.append(q.iloc[depth])
+        depth += 1
+    return pd.DataFrame(picked)

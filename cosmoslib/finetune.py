@@ -98,7 +98,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
-from cosmoslib import __version__, metrics, paths, prompts
+from cosmoslib import __version__, dataset, metrics, paths, prompts
 from cosmoslib import cache as cache_mod
 from cosmoslib import evaluate as evaluate_mod
 from cosmoslib import models as models_mod
@@ -758,15 +758,8 @@ def _val_objects(val: pd.DataFrame, settings: Settings) -> pd.DataFrame:
     n = settings.max_val_objects
     if not n or n >= len(val):
         return val
-    rng = prompts.object_rng(settings.seed, "finetune-val", "", 0)
-    queues = [part.iloc[rng.permutation(len(part))] for _, part in val.groupby("task", sort=True)]
-    picked, depth = [], 0
-    while len(picked) < n:
-        for q in queues:
-            if depth < len(q) and len(picked) < n:
-                picked.append(q.iloc[depth])
-        depth += 1
-    return pd.DataFrame(picked)[val.columns].sort_values(_KEY).reset_index(drop=True)
+    picked = dataset.spread_objects(val, n, prompts.object_rng(settings.seed, "finetune-val", "", 0))
+    return picked[val.columns].sort_values(_KEY).reset_index(drop=True)
 
 
 class _Trainer:

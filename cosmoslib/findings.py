@@ -636,7 +636,7 @@ def finding6(interaction: pd.DataFrame | None, manifest: pd.DataFrame | None = N
         return _verdict(6, CANNOT_DECIDE, "This run did not compute the interaction table (Fig. 16).")
     df = with_source(interaction, manifest)
     methods = sorted(df["method"].unique().tolist())
-    others = [m for m in methods if not str(m).startswith("sam")]
+    others = [m for m in methods if not str(m).startswith(sam)]  # SAM and its variants are not "others"
     first, last = int(df["click"].min()), int(df["click"].max())
     if sam not in methods or not others or first == last:
         return _verdict(6, CANNOT_DECIDE, f"The interaction table needs method {sam!r}, at least one "
@@ -804,6 +804,17 @@ def finding8(results: pd.DataFrame, manifest: pd.DataFrame | None, finetuned: Ma
 # --------------------------------------------------------------------------------------------
 
 
+def _sam_method(interaction: pd.DataFrame | None, results: pd.DataFrame) -> str:
+    """The interaction table's name for the SAM-family model: ``"sam"``, or the run's first model
+    (the chapter layer names the model's curves after it, e.g. ``"litemedsam"``)."""
+    if interaction is None or "sam" in set(interaction["method"]):
+        return "sam"
+    for name in results["model"].drop_duplicates():
+        if name in set(interaction["method"]):
+            return str(name)
+    return "sam"
+
+
 def all_findings(results: pd.DataFrame, manifest: pd.DataFrame | None, *, table6: pd.DataFrame | None = None,
                  randomness: pd.DataFrame | None = None, interaction: pd.DataFrame | None = None,
                  annotation: pd.DataFrame | None = None, finetuned: Mapping[str, str] | None = None,
@@ -830,7 +841,7 @@ def all_findings(results: pd.DataFrame, manifest: pd.DataFrame | None, *, table6
         finding3(results, manifest, **kw),
         finding4(annotation, manifest, **kw),
         finding5(randomness, manifest, **kw),
-        finding6(interaction, manifest, **kw),
+        finding6(interaction, manifest, sam=_sam_method(interaction, results), **kw),
         finding7(table6),
         finding8(results, manifest, finetuned, objects=finetune_objects, **kw),
     ]

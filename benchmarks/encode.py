@@ -75,18 +75,11 @@ class PeakRSS:
 
 
 def _pick_images(root, n: int) -> list[Path]:
-    """n distinct images spread over the tasks (round robin, largest objects first)."""
+    """n distinct images spread over the tasks: the cache benchmark's choice (same images)."""
     from cosmoslib import io
+    from embed_cache import _pick_images as pick  # benchmarks/ is on sys.path when run as a script
 
-    manifest = io.index(root)
-    by_task = {t: g.sort_values("area_px", ascending=False)["image_path"].drop_duplicates().tolist()
-               for t, g in manifest.groupby("task", sort=True)}
-    chosen: list[str] = []
-    while len(chosen) < n and any(by_task.values()):
-        for task in sorted(by_task):
-            if by_task[task] and len(chosen) < n:
-                chosen.append(by_task[task].pop(0))
-    return [Path(root) / p for p in chosen]
+    return [Path(root) / p for p in pick(io.index(root), n)]
 
 
 def _vit_b_random(device):

@@ -55,16 +55,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from cosmoslib import io, metrics, models
-    from cosmoslib.cache import EmbeddingCache, image_key
-    from cosmoslib.prompts import make_prompt
+    from cosmoslib import models
+    from cosmoslib.protocol import metrics
+    from cosmoslib.data import indexer, readers
+    from cosmoslib.models.cache import EmbeddingCache, image_key
+    from cosmoslib.protocol.prompts import make_prompt
 
-    from cosmoslib.dataset import resolve_root
+    from cosmoslib.data.dataset import resolve_root
 
     root = resolve_root(args.root)  # None: cosmos-demo, built on first use
-    manifest = io.index(root)
+    manifest = indexer.index(root)
     rel_paths = _pick_images(manifest, args.n_images)
-    images = [io.read_image(root / p) for p in rel_paths]
+    images = [readers.read_image(root / p) for p in rel_paths]
     lite = models.load_model("litemedsam", device=args.device)
     print(f"device: {lite.device}; torch threads: {torch.get_num_threads()}; "
           f"images: {len(images)} from {root}")
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         for rel, img, key in zip(rel_paths, images, keys):
             e16, e32 = caches["float16"].load(key), caches["float32"].load(key)
             rows = manifest[manifest["image_path"] == rel]
-            label = io.read_label(root / rows.iloc[0]["label_path"])
+            label = readers.read_label(root / rows.iloc[0]["label_path"])
             for value in rows.nlargest(max(args.dice_max_objects - n_obj, 0), "area_px")["label_value"]:
                 prompt = make_prompt(label == value, "S5")  # the tight GT box
                 m16 = lite.decode(e16, prompt, img.shape[:2]).masks[0]

@@ -9,7 +9,7 @@ or fp16 embedding per image:
     embedding per image -- the authors' released way;
 (b) ``stock``: the project's path before issue 14 -- ``EmbeddingCache.ensure`` (read,
     preprocess, encode, write an fp16 zarr entry) with ``fast_encoder=False``;
-(c) ``fast``: the same with ``fast_encoder=True`` (:mod:`cosmoslib.fast_encoder`).
+(c) ``fast``: the same with ``fast_encoder=True`` (:mod:`cosmoslib.models.fast_encoder`).
 
 Each path reads the images from disk itself. Reported per model and path: images/s (total
 images / total wall seconds over the repeats), seconds per image, ratio to (a) and to (b),
@@ -76,10 +76,10 @@ class PeakRSS:
 
 def _pick_images(root, n: int) -> list[Path]:
     """n distinct images spread over the tasks: the cache benchmark's choice (same images)."""
-    from cosmoslib import io
+    from cosmoslib.data import indexer
     from embed_cache import _pick_images as pick  # benchmarks/ is on sys.path when run as a script
 
-    return [Path(root) / p for p in pick(io.index(root), n)]
+    return [Path(root) / p for p in pick(indexer.index(root), n)]
 
 
 def _vit_b_random(device):
@@ -87,9 +87,10 @@ def _vit_b_random(device):
     import torch
 
     from cosmoslib import models
+    from cosmoslib.models import checkpoints
 
     torch.manual_seed(0)
-    sam = models._build_sam("vit_b").to(device).eval()
+    sam = checkpoints._build_sam("vit_b").to(device).eval()
     return models.SamFamilyModel(
         name="sam_vit_b_random", arch="vit_b", sam=sam, checkpoint_path=Path("random-init"),
         checkpoint_sha256="0" * 64, device=torch.device(device), supports_points=True,
@@ -99,13 +100,13 @@ def _vit_b_random(device):
 def _run_authors(model, paths: list[Path], out: Path) -> None:
     from segment_anything import SamPredictor
 
-    from cosmoslib import io
+    from cosmoslib.data import readers
 
     model.fast_encoder = False
     model._sync_encoder()  # stock forwards on sam.image_encoder
     predictor = SamPredictor(model.sam)
     for i, path in enumerate(paths):
-        img = io.read_image(path)
+        img = readers.read_image(path)
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
         predictor.set_image(img)
@@ -114,7 +115,7 @@ def _run_authors(model, paths: list[Path], out: Path) -> None:
 
 
 def _run_cache(model, paths: list[Path], out: Path, fast: bool, batch_size: int) -> None:
-    from cosmoslib.cache import EmbeddingCache
+    from cosmoslib.models.cache import EmbeddingCache
 
     model.fast_encoder = fast
     cache = EmbeddingCache(out, model, dtype="float16", batch_size=batch_size)
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cosmoslib import models
-    from cosmoslib.dataset import resolve_root
+    from cosmoslib.data.dataset import resolve_root
 
     if args.threads is not None:
         models.set_threads(args.threads)
@@ -158,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             model = models.load_model(name, device=args.device)
             label = f"{name} (real weights)"
         # warm-up of both encoder paths (first-call allocations, oneDNN kernel selection)
-        from cosmoslib import io
+        from cosmoslib.data import readers
 
-        warm = io.read_image(paths[0])
+        warm = readers.read_image(paths[0])
         for fast in (False, True):
             model.fast_encoder = fast
             model.encode([warm])

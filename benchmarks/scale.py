@@ -66,17 +66,17 @@ class StandIn:
 
 def _synthetic_root(folder: Path) -> tuple[Path, str, str]:
     """One 32x32 image and a label with 5 square objects; every manifest row points at them."""
-    from cosmoslib import io
+    from cosmoslib.data import readers
 
     task = folder / "synthetic" / "images"
     task.mkdir(parents=True)
     (folder / "synthetic" / "labels").mkdir()
     rng = np.random.default_rng(0)
-    (task / "img.png").write_bytes(io.encode_png(rng.integers(0, 255, (SIDE, SIDE), dtype=np.uint8)))
+    (task / "img.png").write_bytes(readers.encode_png(rng.integers(0, 255, (SIDE, SIDE), dtype=np.uint8)))
     label = np.zeros((SIDE, SIDE), np.uint8)
     for v in range(1, OBJECTS_PER_IMAGE + 1):
         label[(v - 1) * 6 + 1:(v - 1) * 6 + 5, 4 + v:12 + v] = v
-    (folder / "synthetic" / "labels" / "img.png").write_bytes(io.encode_png(label))
+    (folder / "synthetic" / "labels" / "img.png").write_bytes(readers.encode_png(label))
     return folder, "synthetic/images/img.png", "synthetic/labels/img.png"
 
 
@@ -94,8 +94,8 @@ def _manifest(n_rows: int, image_path: str, label_path: str, root: Path) -> pd.D
 
 def _prompts(manifest: pd.DataFrame, root: Path, seed: int) -> pd.DataFrame:
     """The prompt table (S2-S6) of the synthetic manifest: one label, so computed once and repeated
-    per image (what :func:`cosmoslib.prompts.make_prompt_table` would give, much faster)."""
-    from cosmoslib import prompts
+    per image (what :func:`cosmoslib.protocol.prompts.make_prompt_table` would give, much faster)."""
+    from cosmoslib.protocol import prompts
 
     one = manifest[manifest["image_id"] == manifest["image_id"].iloc[0]]
     base = prompts.make_prompt_table(one, root, seed=seed)
@@ -107,7 +107,7 @@ def _prompts(manifest: pd.DataFrame, root: Path, seed: int) -> pd.DataFrame:
 
 
 def bookkeeping(rows: list[int], sample: int) -> None:
-    from cosmoslib import evaluate
+    from cosmoslib.protocol import evaluate
 
     model = StandIn()
     print(f"Per-image bookkeeping (trivial model stand-in, not a network; {OBJECTS_PER_IMAGE} objects "
@@ -147,13 +147,16 @@ def bookkeeping(rows: list[int], sample: int) -> None:
 def dask_scaling(n_images: int) -> None:
     import torch
 
-    from cosmoslib import dataset, evaluate, io, models, paths
-    from cosmoslib import demo as demo_mod
+    from cosmoslib import models, paths
+    from cosmoslib.data import dataset
+    from cosmoslib.protocol import evaluate
+    from cosmoslib.data import indexer
+    from cosmoslib.data import demo as demo_mod
 
     torch.set_num_threads(1)
     root = paths.demo_root()
     demo_mod.build_demo(out=root)
-    manifest = io.index(root)
+    manifest = indexer.index(root)
     manifest = manifest[manifest["image_id"].isin(manifest["image_id"].drop_duplicates().head(n_images))]
     manifest = dataset.subsample(manifest, max_objects_per_image=2, seed=0)
     model = models.load_model("litemedsam", device="cpu", threads=1)

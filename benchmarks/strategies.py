@@ -47,7 +47,7 @@ def _pick_image(manifest):
 
 def _prompts(label: np.ndarray, max_prompts: int, seed: int = 0):
     """Prompts S2..S6 for every object of ``label`` (round robin), at most ``max_prompts``."""
-    from cosmoslib.prompts import make_prompt
+    from cosmoslib.protocol.prompts import make_prompt
 
     rng = np.random.default_rng(seed)
     out = []
@@ -128,7 +128,7 @@ def bench_everything(model, rgb: np.ndarray, embedding: np.ndarray, params: dict
     import torch
     from segment_anything import SamAutomaticMaskGenerator
 
-    from cosmoslib import everything
+    from cosmoslib.models import everything
 
     size = rgb.shape[:2]
     t0 = time.perf_counter()
@@ -204,16 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from segment_anything import build_sam_vit_b
 
-    from cosmoslib import io, models
+    from cosmoslib import models
+    from cosmoslib.data import indexer, readers
 
     torch.set_num_threads(args.threads)
-    from cosmoslib.dataset import resolve_root
+    from cosmoslib.data.dataset import resolve_root
 
     root = resolve_root(args.root)  # None: cosmos-demo, built on first use
-    manifest = io.index(root)
+    manifest = indexer.index(root)
     rel = _pick_image(manifest)
     row = manifest[manifest["image_path"] == rel].iloc[0]
-    image, label = io.read_image(root / rel), io.read_label(root / row["label_path"])
+    image, label = readers.read_image(root / rel), readers.read_label(root / row["label_path"])
     prompts = _prompts(label, args.max_prompts)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; image {rel} "
           f"(task {row['task']})")

@@ -11,19 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from cosmoslib import (
-    cache,
-    dataset,
-    demo,
-    evaluate,
-    factors,
-    finetune,
-    io,
-    models,
-    preprocess,
-    runlist,
-)
+from cosmoslib import files, models
+from cosmoslib.analysis import factors
+from cosmoslib.book import runlist
+from cosmoslib.data import dataset, demo, indexer, preprocess
 from cosmoslib.files import InputError
+from cosmoslib.models import cache
+from cosmoslib.protocol import evaluate, finetune
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -54,7 +48,7 @@ MODALITY_HELP = ("the modality of a task, TASK=NAME (repeatable); wins over the 
 
 
 def _index(args: argparse.Namespace) -> int:
-    report = io.index_to_parquet(args.root, args.out, info_dir=args.info_dir, modality=_modalities(args.modality))
+    report = indexer.index_to_parquet(args.root, args.out, info_dir=args.info_dir, modality=_modalities(args.modality))
     print(report.summary())
     return 1 if report.n_skipped else 0
 
@@ -89,12 +83,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     """``cosmos evaluate``: index the root, load the models, evaluate, write ``--out``."""
     checkpoints = list(args.checkpoint or [])
     if checkpoints and len(checkpoints) != len(args.model):
-        raise io.InputError(None, f"give one --checkpoint per --model ({len(args.model)} models, "
+        raise files.InputError(None, f"give one --checkpoint per --model ({len(args.model)} models, "
                                   f"{len(checkpoints)} checkpoints)")
     loaded = [models.load_model(name, checkpoint=checkpoints[i] if checkpoints else None, device=args.device,
                                 threads=args.threads)
               for i, name in enumerate(args.model)]
-    manifest = io.index(args.root)
+    manifest = indexer.index(args.root)
     if args.max_objects:
         manifest = dataset.subsample(manifest, max_objects_per_image=args.max_objects, seed=args.seed,
                                      object_sampling=args.object_sampling)
@@ -117,7 +111,7 @@ def _factors(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     """``cosmos finetune``: split ROOT by source, train the mask decoder, write and register DIR/model.pth."""
     model = models.load_model(args.model, checkpoint=args.checkpoint, device=args.device, threads=args.threads)
-    manifest = io.index(args.root)
+    manifest = indexer.index(args.root)
     settings = finetune.Settings(
         curriculum=args.prompts, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
         batch_images=args.batch_images, seed=args.seed, max_objects_per_image=args.max_objects_per_image,

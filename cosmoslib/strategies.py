@@ -1,7 +1,7 @@
 """The paper's six test strategies (section 3.3), named once for the whole library.
 
 ``S1`` is the *Everything* mode (a grid of point prompts, filtered); ``S2``-``S6`` prompt one
-object each, with the rules of :mod:`cosmoslib.prompts`.
+object each, with the rules of :mod:`cosmoslib.protocol.prompts`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """One modality vocabulary: names, spellings and the fixed integer codes of Table 6.
 
 Every module that reads or writes a modality name goes through here: the indexer
-(:mod:`cosmoslib.io`: task json, catalog, task names, ``--modality`` overrides) and the factors
-(:mod:`cosmoslib.factors`: ``modality_code``).
+(:mod:`cosmoslib.data`: task json, catalog, task names, ``--modality`` overrides) and the factors
+(:mod:`cosmoslib.analysis.factors`: ``modality_code``).
 
 Names
 -----
@@ -158,7 +158,7 @@ def modality_code(text) -> int:
     """The fixed integer code of a modality (:data:`MODALITY_CODES`, :data:`EXTRA_MODALITY_CODES`).
 
     Anything :func:`canonical_modality` does not know -- None, NaN, ``"unknown"``, a typo --
-    is ``MODALITY_CODES["unknown"]`` (18); :func:`cosmoslib.io.unknown_modalities` names the
+    is ``MODALITY_CODES["unknown"]`` (18); :func:`cosmoslib.data.indexer.unknown_modalities` names the
     tasks concerned.
     """
     name = canonical_modality(text)

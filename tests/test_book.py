@@ -11,11 +11,11 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from cosmoslib import paths, runlist
+from cosmoslib import paths
+from cosmoslib.book import runlist
 
 pytestmark = pytest.mark.slow
 

@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cosmoslib import annotation
-from cosmoslib.annotation import hce
+from cosmoslib.protocol import annotation
+from cosmoslib.protocol.annotation import hce
 
 
 def canvas(h=60, w=80):

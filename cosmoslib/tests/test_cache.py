@@ -1,4 +1,4 @@
-"""The embedding cache (cosmoslib.cache) with the real LiteMedSAM encoder.
+"""The embedding cache (cosmoslib.models.cache) with the real LiteMedSAM encoder.
 
 Each embedding must be computed once, found again by image content, recomputed when the
 checkpoint changes or the entry is damaged, and survive a SIGKILL of the writing process.
@@ -19,10 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cosmoslib import cache, io, models
-from cosmoslib.cache import EmbeddingCache, image_key
-from cosmoslib.io import InputError
-from cosmoslib.prompts import Prompt
+from cosmoslib import cli, models
+from cosmoslib.data import indexer, layout, readers
+from cosmoslib.files import InputError
+from cosmoslib.models import cache, registry
+from cosmoslib.models.cache import EmbeddingCache, image_key
+from cosmoslib.protocol.prompts import Prompt
 
 
 def make_root(root: Path, n: int, seed: int = 0) -> Path:
@@ -35,8 +37,8 @@ def make_root(root: Path, n: int, seed: int = 0) -> Path:
         label = np.zeros((h, w), np.uint8)
         label[10:30, 12:40] = 1
         objects[1] = "square"
-        io.write_pair(root, "toy", f"img{i:02d}", img, label)
-    io.write_task(root, "toy", objects, dataset="toy", modality="CT")
+        layout.write_pair(root, "toy", f"img{i:02d}", img, label)
+    layout.write_task(root, "toy", objects, dataset="toy", modality="CT")
     return root
 
 
@@ -83,7 +85,7 @@ def test_image_key_is_content_based(tmp_path):
     Image.fromarray(img).save(tmp_path / "a.png", compress_level=9)
     Image.fromarray(img).save(tmp_path / "b.png", compress_level=0)
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()
-    keys = {image_key(io.read_image(tmp_path / n)) for n in ("a.png", "b.png")}
+    keys = {image_key(readers.read_image(tmp_path / n)) for n in ("a.png", "b.png")}
     assert keys == {image_key(img)}
     assert image_key(img.T) != image_key(img)  # same bytes count, other shape
     assert image_key(np.repeat(img[..., None], 3, 2)) != image_key(img)
@@ -118,8 +120,8 @@ def test_second_run_encodes_nothing(filled, tmp_path, counting):
     model, calls = counting
     root, cache_dir = copy_cache(filled, tmp_path)
     # A re-encoded copy of one image under another name hits the same entry.
-    src = io.list_images(root)[0][2]
-    Image.fromarray(io.read_image(src)).save(root / "toy" / "images" / "copy.png", compress_level=0)
+    src = layout.list_images(root)[0][2]
+    Image.fromarray(readers.read_image(src)).save(root / "toy" / "images" / "copy.png", compress_level=0)
     report = cache.embed_root(root, model, cache_dir=cache_dir, progress=False)
     assert calls["images"] == 0
     assert (report.n_images, report.n_computed, report.n_reused, report.n_failed) == (4, 0, 4, 0)
@@ -129,7 +131,7 @@ def test_second_run_encodes_nothing(filled, tmp_path, counting):
 
 def test_changed_checkpoint_recomputes(filled, tmp_path, litemedsam, monkeypatch):
     root, cache_dir = copy_cache(filled, tmp_path)
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     state = torch.load(litemedsam.checkpoint_path, map_location="cpu", weights_only=True)
     state["image_encoder.neck.3.bias"] += 0.05
     torch.save(state, tmp_path / "finetuned.pth")
@@ -189,7 +191,7 @@ def test_corrupt_entry_is_detected_and_recomputed(corruption, filled, tmp_path, 
     assert set(c.verify()) == {key}
     with pytest.raises(InputError, match="invalid cache entry"):
         c.load(key)
-    report = c.ensure([p for _, _, p in io.list_images(root)], progress=False)
+    report = c.ensure([p for _, _, p in layout.list_images(root)], progress=False)
     assert (report.n_computed, report.n_invalid, report.n_reused) == (1, 1, 2)
     assert calls["images"] == 1
     assert c.verify() == {}
@@ -223,7 +225,7 @@ def test_half_written_temporaries_are_ignored_and_cleaned(filled, tmp_path, lite
 
 KILL_SCRIPT = """
 import sys
-from cosmoslib import cache
+from cosmoslib.models import cache
 cache.embed_root(sys.argv[1], "litemedsam", cache_dir=sys.argv[2], device="cpu", progress=False)
 """
 
@@ -270,7 +272,6 @@ def test_unreadable_image_is_recorded_and_the_rest_go_on(filled, tmp_path, litem
 
 
 def test_cli_embed(filled, tmp_path, capsys):
-    from cosmoslib import cli
 
     root, cache_dir = copy_cache(filled, tmp_path)
     assert cli.main(["embed", str(root), "--model", "litemedsam", "--cache", str(cache_dir),
@@ -297,8 +298,8 @@ def test_npy_export_import_round_trip(filled, tmp_path, litemedsam):
     assert (report.n_imported, report.n_failed) == (2, 1)
     assert "(256, 32, 32)" in report.failures[0][1]
     fresh, orig = EmbeddingCache(tmp_path / "fresh", litemedsam), EmbeddingCache(cache_dir, litemedsam)
-    for _, _, path in io.list_images(root)[:2]:
-        key = image_key(io.read_image(path))
+    for _, _, path in layout.list_images(root)[:2]:
+        key = image_key(readers.read_image(path))
         assert np.array_equal(fresh.load(key), orig.load(key))
         assert fresh.metadata(key)["encode_seconds"] is None
 
@@ -315,7 +316,7 @@ def test_fp16_embeddings_decode_like_fp32(demo_root, tmp_path, litemedsam):
 
     ``benchmarks/embed_cache.py`` measures the same on every object of cosmos-demo.
     """
-    manifest = io.index(demo_root)
+    manifest = indexer.index(demo_root)
     manifest = manifest[manifest["task"].isin(FP16_TASKS)]
     # Per task the image with the largest object, and that image's largest objects.
     top = manifest.sort_values(["area_px", "image_id"], ascending=[False, True]).groupby("task").head(1)
@@ -324,8 +325,8 @@ def test_fp16_embeddings_decode_like_fp32(demo_root, tmp_path, litemedsam):
     assert c16.store != c32.store
     scores = []
     for row in top.itertuples():
-        img = io.read_image(demo_root / row.image_path)
-        label = io.read_label(demo_root / row.label_path)
+        img = readers.read_image(demo_root / row.image_path)
+        label = readers.read_label(demo_root / row.label_path)
         e16, e32 = c16.get(img), c32.get(img)
         assert 0 < np.abs(e16 - e32).max() <= 1e-2  # really rounded, but only slightly
         objects = manifest[(manifest["task"] == row.task) & (manifest["image_id"] == row.image_id)]
@@ -345,7 +346,7 @@ def test_fp16_embeddings_decode_like_fp32(demo_root, tmp_path, litemedsam):
 CONCURRENT_SCRIPT = """
 import sys
 import numpy as np
-from cosmoslib.cache import EmbeddingCache
+from cosmoslib.models.cache import EmbeddingCache
 
 class Fake:  # a stand-in encoder (no network): the embedding is a function of the pixels
     name = arch = "fake"

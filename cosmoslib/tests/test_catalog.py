@@ -1,4 +1,4 @@
-"""Tests of cosmoslib.catalog: descriptor validation, recursive loading and Table 1."""
+"""Tests of cosmoslib.data.catalog: descriptor validation, recursive loading and Table 1."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import textwrap
 import pytest
 import yaml
 
-from cosmoslib import catalog, paths
-from cosmoslib.io import InputError
+from cosmoslib import paths
+from cosmoslib.data import catalog
+from cosmoslib.files import InputError
 
 GOOD = """
 name: ACDC

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cosmoslib import catalog, paths
+from cosmoslib import paths
+from cosmoslib.data import catalog
 
 PAPER_DIR = paths.descriptors_dir() / "paper"
 

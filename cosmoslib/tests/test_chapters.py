@@ -8,14 +8,16 @@ import shutil
 import pandas as pd
 import pytest
 
-from cosmoslib import chapters, io, models, paths, runlist
+from cosmoslib import models, paths
+from cosmoslib.book import chapters, runlist
+from cosmoslib.data import indexer
 
 
 @pytest.fixture()
 def counted(monkeypatch):
-    """Count real calls of io.index and models.load_model (they still do their work)."""
+    """Count real calls of indexer.index and models.load_model (they still do their work)."""
     calls = {"index": 0, "load_model": 0}
-    real_index, real_load = io.index, models.load_model
+    real_index, real_load = indexer.index, models.load_model
 
     def index(*a, **k):
         calls["index"] += 1
@@ -25,7 +27,7 @@ def counted(monkeypatch):
         calls["load_model"] += 1
         return real_load(*a, **k)
 
-    monkeypatch.setattr(io, "index", index)
+    monkeypatch.setattr(indexer, "index", index)
     monkeypatch.setattr(models, "load_model", load_model)
     monkeypatch.setattr(chapters, "_MODELS", {})
     monkeypatch.setattr(chapters, "_INDEXED", {})

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cosmoslib import dataset
+from cosmoslib.data import dataset
 
 
 def _manifest(n_tasks=3, n_images=7, n_objects=3, seed=0):

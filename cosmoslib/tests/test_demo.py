@@ -1,4 +1,4 @@
-"""Tests of cosmoslib.demo: the embedded cosmos-demo dataset built from registry packages."""
+"""Tests of cosmoslib.data.demo: the embedded cosmos-demo dataset built from registry packages."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import zipfile
 import numpy as np
 import pytest
 
-from cosmoslib import catalog, demo, io, preprocess
-from cosmoslib.io import InputError
+from cosmoslib.data import catalog, demo, indexer, layout, preprocess, readers
+from cosmoslib.files import InputError
 
 
 def test_demo_content_and_size_budget(demo_root):
-    man = io.index(demo_root)
+    man = indexer.index(demo_root)
     descs = {d.task: d for d in demo.demo_descriptors()}
     assert set(man.task) == set(descs)
     n_images = man.groupby("task").image_id.nunique().sum()
@@ -33,8 +33,8 @@ def test_demo_content_and_size_budget(demo_root):
         if d.max_slices_per_volume:
             assert rows.groupby("source").image_id.nunique().max() <= d.max_slices_per_volume
     # every label PNG holds exactly the descriptor's values (instances: 1..n)
-    for task, image_id, _ in io.list_images(demo_root):
-        label = io.read_label(demo_root / task / "labels" / f"{image_id}.png")
+    for task, image_id, _ in layout.list_images(demo_root):
+        label = readers.read_label(demo_root / task / "labels" / f"{image_id}.png")
         values = set(np.unique(label).tolist()) - {0}
         d = descs[task]
         allowed = set(range(1, 256)) if d.format == "instances" else set(d.value_names())
@@ -49,7 +49,7 @@ def test_demo_nuclei_instances_match_the_wheel_mask(demo_root):
     mask = tifffile.imread(demo.source_dir(d.source) / d.source.members[1])
     counts = np.bincount(mask.ravel())[1:]
     expected = sorted(int(c) for c in counts if c > 50)
-    man = io.index(demo_root)
+    man = indexer.index(demo_root)
     got = sorted(man[man.task == "stardist_nuclei_microscopy"].area_px.tolist())
     assert got == expected and len(expected) > 100
 
@@ -62,13 +62,13 @@ def test_demo_mni_masks_are_thresholded_probabilities(demo_root):
     base = demo.source_dir(d.source)
     gm, wm = (np.asanyarray(nib.as_closest_canonical(nib.load(str(base / m))).dataobj).astype(float) / 255
               for m in d.source.members[1:])
-    man = io.index(demo_root)
+    man = indexer.index(demo_root)
     rows = man[man.task == "mni152_brain_t1w-mri"]
     assert len(rows) == d.max_slices_per_volume
     for row in rows.itertuples():
         k = row.slice_index
         ref = ((gm + wm)[::-1, ::-1, k].T > 0.5)
-        label = io.read_label(demo_root / row.label_path)
+        label = readers.read_label(demo_root / row.label_path)
         np.testing.assert_array_equal(label == 255, ref)
 
 
@@ -127,5 +127,5 @@ def test_demo_descriptors_go_through_prepare(demo_root):
     """The demo is plain prepare output: same report counts as the ledgers say."""
     for d in demo.demo_descriptors():
         assert preprocess.ledger_path(demo_root, d.task).is_file()
-        info = io.read_task_json(demo_root, d.task)
+        info = layout.read_task_json(demo_root, d.task)
         assert info.dataset == d.name and info.modality == d.modality

@@ -14,10 +14,12 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 
-from cosmoslib import dataset, evaluate, io, models
-
-from cosmoslib import distributed as cosmos_dask
+from cosmoslib import models
+from cosmoslib.data import dataset, indexer
+from cosmoslib.protocol import distributed as cosmos_dask
+from cosmoslib.protocol import evaluate
 
 KW = dict(strategies=["S1", "S5"], points_per_side=4, seed=0, progress=False)
 TASKS = ["mni152_tissue_t1w-mri", "pyradiomics_lung_ct"]
@@ -30,7 +32,7 @@ def _values(df: pd.DataFrame) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    before = models.torch.get_num_threads()
+    before = torch.get_num_threads()
     models.set_threads(1)  # as each worker: same thread count, same float rounding
     yield
     models.set_threads(before)
@@ -38,7 +40,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def manifest(demo_root):
-    m = dataset.subsample(io.index(demo_root), max_images_per_task=2, max_objects_per_image=2, seed=1)
+    m = dataset.subsample(indexer.index(demo_root), max_images_per_task=2, max_objects_per_image=2, seed=1)
     return m[m["task"].isin(TASKS)].reset_index(drop=True)
 
 
@@ -82,7 +84,7 @@ def test_a_corrupt_image_on_a_worker_is_skipped_as_in_one_process(demo_root, lit
     root = tmp_path / "root"
     shutil.copytree(demo_root / task, root / task)
     shutil.copy(demo_root / f"{task}.json", root / f"{task}.json")
-    manifest = dataset.subsample(io.index(root), max_images_per_task=2, max_objects_per_image=1, seed=0)
+    manifest = dataset.subsample(indexer.index(root), max_images_per_task=2, max_objects_per_image=1, seed=0)
     bad = manifest.iloc[0]
     (root / bad.image_path).write_bytes(b"not a png")
     kw = dict(KW, strategies=["S5"], cache_dir=tmp_path / "cache")

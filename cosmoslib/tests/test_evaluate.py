@@ -10,12 +10,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cosmoslib import dataset, evaluate, io
+from cosmoslib import files
+from cosmoslib.data import dataset, indexer, readers
+from cosmoslib.protocol import evaluate
 
 
 @pytest.fixture(scope="module")
 def small(demo_root):
-    manifest = dataset.subsample(io.index(demo_root), max_images_per_task=1, max_objects_per_image=2, seed=1)
+    manifest = dataset.subsample(indexer.index(demo_root), max_images_per_task=1, max_objects_per_image=2, seed=1)
     tasks = ["mni152_tissue_t1w-mri", "pyradiomics_brain_mri", "pyradiomics_lung_ct"]  # multi-object + lesions
     return manifest[manifest["task"].isin(tasks)].reset_index(drop=True)
 
@@ -61,7 +63,7 @@ def test_saved_masks_reproduce_the_table(run, small, demo_root):
         pred = np.asarray(Image.open(path)) > 0
         mrow = small[(small.task == r.task) & (small.image_id == r.image_id)
                      & (small.label_value == r.label_value)].iloc[0]
-        gt = io.read_label(demo_root / mrow.label_path) == r.label_value
+        gt = readers.read_label(demo_root / mrow.label_path) == r.label_value
         # independent DICE from the PNG and the GT
         inter = np.logical_and(pred, gt).sum()
         expected = 100.0 * 2 * inter / (pred.sum() + gt.sum()) if (pred.sum() + gt.sum()) else 100.0
@@ -122,7 +124,7 @@ def test_a_corrupt_image_is_recorded_and_the_rest_evaluated(demo_root, litemedsa
     root = tmp_path / "root"
     shutil.copytree(demo_root / task, root / task)
     shutil.copy(demo_root / f"{task}.json", root / f"{task}.json")
-    manifest = io.index(root)
+    manifest = indexer.index(root)
     bad = manifest.iloc[0]
     (root / bad.image_path).write_bytes(b"not a png")
     out = tmp_path / "r.parquet"
@@ -146,7 +148,7 @@ def test_changing_one_label_recomputes_exactly_that_image(demo_root, litemedsam,
     task = "mni152_tissue_t1w-mri"  # two objects per image (grey and white matter)
     root = tmp_path / "root"
     _copy_task(demo_root, root, task)
-    manifest = dataset.subsample(io.index(root), max_images_per_task=3, seed=0)
+    manifest = dataset.subsample(indexer.index(root), max_images_per_task=3, seed=0)
     out = tmp_path / "r.parquet"
     before, rep1 = evaluate.evaluate(manifest, root, [litemedsam], out, strategies=["S2", "S5"])
     assert rep1.n_failed == 0 and rep1.n_parts_done == 3
@@ -154,13 +156,13 @@ def test_changing_one_label_recomputes_exactly_that_image(demo_root, litemedsam,
     # Fix a label as a user would: erase the left half of one object in one image.
     target = manifest.iloc[0]
     path = root / target.label_path
-    label = io.read_label(path).copy()
+    label = readers.read_label(path).copy()
     xs = np.nonzero(label == target.label_value)[1]
     half = label[:, : int(np.median(xs))]
     half[half == target.label_value] = 0
-    path.write_bytes(io.encode_png(label))
+    path.write_bytes(readers.encode_png(label))
 
-    manifest2 = dataset.subsample(io.index(root), max_images_per_task=3, seed=0)
+    manifest2 = dataset.subsample(indexer.index(root), max_images_per_task=3, seed=0)
     after, rep2 = evaluate.evaluate(manifest2, root, [litemedsam], out, strategies=["S2", "S5"])
     assert rep2.n_parts_done == 1 and rep2.n_parts_resumed == 2
     key = ["image_id", "label_value", "strategy", "selection_rule"]
@@ -174,7 +176,7 @@ def test_changing_one_label_recomputes_exactly_that_image(demo_root, litemedsam,
     assert changed.any()
     prompts = pd.read_parquet(out.with_name("prompts.parquet"))
     now = prompts[(prompts.image_id == target.image_id) & (prompts.label_value == target.label_value)]
-    assert set(now["label_sha"]) == {io.file_digest(path)}
+    assert set(now["label_sha"]) == {files.file_digest(path)}
 
 
 def test_same_ids_in_another_dataset_get_fresh_rows(demo_root, litemedsam, tmp_path):
@@ -185,11 +187,11 @@ def test_same_ids_in_another_dataset_get_fresh_rows(demo_root, litemedsam, tmp_p
     for folder in ("images", "labels"):  # same task and ids, other content: every file mirrored
         for png in sorted((second / task / folder).glob("*.png")):
             arr = np.asarray(Image.open(png))
-            png.write_bytes(io.encode_png(np.ascontiguousarray(arr[:, ::-1])))
+            png.write_bytes(readers.encode_png(np.ascontiguousarray(arr[:, ::-1])))
     out = tmp_path / "r.parquet"
-    m1 = dataset.subsample(io.index(first), max_images_per_task=2, seed=0)
+    m1 = dataset.subsample(indexer.index(first), max_images_per_task=2, seed=0)
     r1, _ = evaluate.evaluate(m1, first, [litemedsam], out, strategies=["S5"])
-    m2 = dataset.subsample(io.index(second), max_images_per_task=2, seed=0)
+    m2 = dataset.subsample(indexer.index(second), max_images_per_task=2, seed=0)
     assert list(m2.image_id) == list(m1.image_id)
     r2, rep = evaluate.evaluate(m2, second, [litemedsam], out, strategies=["S5"])
     assert rep.n_parts_resumed == 0 and rep.n_parts_done == m2.image_id.nunique()
@@ -207,7 +209,7 @@ def test_index_refuses_what_evaluate_cannot_read(demo_root, litemedsam, tmp_path
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     arr = np.asarray(Image.open(wide)).astype(np.uint16) * 257  # real 16-bit data, 0..65535
     Image.fromarray(arr).save(wide)
-    report = io.index_to_parquet(root, tmp_path / "manifest.parquet", progress=False)
+    report = indexer.index_to_parquet(root, tmp_path / "manifest.parquet", progress=False)
     skipped = pd.read_csv(report.skipped_csv)
     reasons = dict(zip(skipped["file"].map(lambda f: f.split("/")[-1]), skipped["reason"]))
     assert "unreadable image" in reasons[truncated.name]

@@ -11,7 +11,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTra
 from segment_anything.utils.transforms import ResizeLongestSide
 from skimage import data as skimage_data
 
-from cosmoslib import everything
+from cosmoslib.models import everything
 
 # The mask decoder's cost grows with (embedding side)^2 x dim^2: at SAM's real shapes
 # (256 x 64 x 64) one batch of 64 grid points takes ~8 s on a 2-core CPU. The generator's logic

@@ -12,8 +12,11 @@ from matplotlib.path import Path as MplPath
 from PIL import Image
 from skimage import draw
 
-from cosmoslib import factors as F
-from cosmoslib import synthetic as syn
+from cosmoslib import cli, masks, vocabulary
+from cosmoslib.analysis import factors as F
+from cosmoslib.analysis import fourier
+from cosmoslib.analysis import synthetic as syn
+from cosmoslib.data import indexer, layout, readers
 
 # ------------------------------------------------------------------------------------------
 # size, aspect ratio, modality
@@ -29,7 +32,7 @@ def _rect(shape, x0, y0, x1, y1):
 def test_size_and_aspect_ratio_of_rectangles():
     m = _rect((60, 60), 5, 10, 14, 49)  # 10 wide, 40 tall
     assert F.size(m) == 400
-    assert F.bbox(m) == (5, 10, 14, 49)
+    assert tuple(masks.tight_box(m)) == (5, 10, 14, 49)
     assert F.aspect_ratio(m) == pytest.approx(10 / 40)
     assert F.aspect_ratio(_rect((60, 60), 3, 7, 3, 26)) == pytest.approx(1 / 20)  # a line
     assert F.aspect_ratio(_rect((60, 60), 3, 7, 3, 7)) == 1.0  # a pixel
@@ -41,7 +44,7 @@ def test_empty_or_bad_masks_are_refused():
     with pytest.raises(ValueError, match="2D"):
         F.aspect_ratio(np.ones((2, 5, 5), bool))
     with pytest.raises(ValueError, match="empty"):
-        F.fourier_order(np.zeros((5, 5), bool))
+        fourier.fourier_order(np.zeros((5, 5), bool))
 
 
 PAPER_MODALITIES = [  # Fig. 1 of the paper, (a)..(r)
@@ -72,7 +75,6 @@ def test_unknown_modalities():
     for value in ("PETS", "", None, float("nan"), "unknown", "M"):
         assert F.modality_code(value) == F.MODALITY_CODES["unknown"]
     # Known names outside the paper's 18 get their own codes after "unknown", not 18.
-    from cosmoslib import vocabulary
 
     assert F.modality_code("PET") == vocabulary.EXTRA_MODALITY_CODES["PET"] > 18
     assert F.MODALITY_CODES is vocabulary.MODALITY_CODES
@@ -86,10 +88,10 @@ def test_unknown_modalities():
 def test_enlarged_box_rounds_margins_up_and_clips():
     m = _rect((100, 100), 20, 40, 49, 40)  # 30 wide, 1 tall
     # 0.1 * 30 = 3 exactly (not 4 from floating point); 0.1 * 1 -> 1
-    assert F.enlarged_box(m) == (17, 39, 52, 41)
+    assert tuple(masks.margin_box(m)) == (17, 39, 52, 41)
     m = _rect((100, 100), 20, 40, 50, 40)  # 31 wide -> ceil(3.1) = 4
-    assert F.enlarged_box(m) == (16, 39, 54, 41)
-    assert F.enlarged_box(_rect((10, 10), 0, 0, 9, 4)) == (0, 0, 9, 5)  # clipped at the border
+    assert tuple(masks.margin_box(m)) == (16, 39, 54, 41)
+    assert tuple(masks.margin_box(_rect((10, 10), 0, 0, 9, 4))) == (0, 0, 9, 5)  # clipped at the border
 
 
 def test_intensity_difference_of_a_ring_hand_computed():
@@ -152,19 +154,19 @@ def test_fill_polygon_matches_skimage_draw_polygon():
         rr, cc = draw.polygon(xy[:, 1], xy[:, 0], shape=(40, 30))
         ref = np.zeros((40, 30), bool)
         ref[rr, cc] = True
-        assert np.array_equal(F.fill_polygon(xy, (40, 30)), ref)
+        assert np.array_equal(fourier.fill_polygon(xy, (40, 30)), ref)
 
 
 def test_fourier_order_of_a_large_object_is_fast():
     mask = syn.star((1024, 1024), 9, 0.15, 400, phase=0.2)
     t0 = time.perf_counter()
-    fo = F.fourier_order(mask, patience=12)
+    fo = fourier.fourier_order(mask, patience=12)
     assert time.perf_counter() - t0 < 10.0  # about 0.2 s; skimage.draw.polygon took minutes
     assert fo.stopped_by == "dice" and fo.raw_order >= 8
 
 
 def test_disk_needs_one_order():
-    fo = F.fourier_order(syn.star((100, 100), 0, 0.0, 30))
+    fo = fourier.fourier_order(syn.star((100, 100), 0, 0.0, 30))
     assert (fo.raw_order, fo.stopped_by, fo.n_contours) == (1, "dice", 1)
     assert fo.dice > 99.5
     assert fo.order == pytest.approx(1 + 2 * (100 - fo.dice))
@@ -172,7 +174,7 @@ def test_disk_needs_one_order():
 
 def test_first_harmonic_of_a_disk_is_its_circle():
     cx, cy, r = 52.3, 47.8, 25.0
-    curve = F.efd_contour(syn.star((100, 100), 0, 0.0, r, center=(cx, cy)), 1)
+    curve = fourier.efd_contour(syn.star((100, 100), 0, 0.0, r, center=(cx, cy)), 1)
     dist = np.hypot(curve[:, 0] - cx, curve[:, 1] - cy)
     # The traced boundary runs between the last pixel centres inside (<= r) and the first
     # outside, so within half a pixel of r.
@@ -181,18 +183,18 @@ def test_first_harmonic_of_a_disk_is_its_circle():
 
 
 def test_stop_by_dice_on_a_three_lobed_star():
-    fo = F.fourier_order(syn.star((128, 128), 3, 0.2, 30))
+    fo = fourier.fourier_order(syn.star((128, 128), 3, 0.2, 30))
     assert fo.stopped_by == "dice"
     assert fo.dice > 97.0 and all(d <= 97.0 for d in fo.dices[:-1])
     assert fo.raw_order == len(fo.dices) > 1
     assert fo.order == pytest.approx(fo.raw_order + 2 * (100 - fo.dice))
-    assert F.fourier_order(syn.star((128, 128), 3, 0.2, 30), n=0).order == fo.raw_order
+    assert fourier.fourier_order(syn.star((128, 128), 3, 0.2, 30), n=0).order == fo.raw_order
 
 
 def test_stop_by_gain_on_a_ring_and_dice_against_the_full_mask():
     outer, inner = 30.0, 18.0
     ring = syn.star((100, 100), 0, 0.0, outer) & ~syn.star((100, 100), 0, 0.0, inner)
-    fo = F.fourier_order(ring, reference="mask")
+    fo = fourier.fourier_order(ring, reference="mask")
     assert fo.reference == "mask"
     assert fo.stopped_by == "gain"
     assert fo.n_contours == 2
@@ -209,14 +211,14 @@ def test_two_components_fit_the_larger_one():
     shape = (80, 160)
     big = syn.star(shape, 0, 0.0, 25, center=(40, 40))
     small = syn.star(shape, 0, 0.0, 15, center=(120, 40))
-    fo = F.fourier_order(big | small, reference="mask")
+    fo = fourier.fourier_order(big | small, reference="mask")
     assert fo.n_contours == 2
     expected = 200.0 * big.sum() / (2 * big.sum() + small.sum())
     assert fo.dice == pytest.approx(expected, abs=1.0)
     # The paper's reference is the larger part's filled outline: a disc, fitted at order 1.
-    paper = F.fourier_order(big | small)
+    paper = fourier.fourier_order(big | small)
     assert paper.n_contours == 2 and paper.raw_order == 1 and paper.dice > 99
-    assert np.array_equal(F.outer_region(big | small), big)
+    assert np.array_equal(fourier.outer_region(big | small), big)
 
 
 @pytest.mark.parametrize("k_lobes, amplitude", [(0, 0.0), (5, 0.15)])
@@ -228,11 +230,11 @@ def test_ring_paper_fo_is_that_of_its_filled_outer_contour(k_lobes, amplitude):
     filled = syn.star(shape, k_lobes, amplitude, 40, center=(61.3, 58.7), phase=0.3)
     hole = syn.star(shape, 0, 0.0, 22, center=(64.0, 57.0))
     ring = filled & ~hole
-    paper, disc = F.fourier_order(ring), F.fourier_order(filled)
+    paper, disc = fourier.fourier_order(ring), fourier.fourier_order(filled)
     assert (paper.reference, paper.n_contours, disc.n_contours) == ("outer", 2, 1)
     assert paper.raw_order == disc.raw_order
     assert paper.order == pytest.approx(disc.order, abs=0.5)
-    masked = F.fourier_order(ring, reference="mask")
+    masked = fourier.fourier_order(ring, reference="mask")
     assert masked.order > paper.order + 30
     # DICE of the filled outline against the ring is capped by the hole's share.
     cap = 200.0 * ring.sum() / (ring.sum() + filled.sum())
@@ -263,54 +265,54 @@ def test_outer_region_and_holes_agree_with_skimage():
         rr, cc = draw.polygon(*(curves[int(np.argmax(areas))] - 1).T, shape=shape)
         ref = np.zeros(shape, bool)
         ref[rr, cc] = True
-        assert np.array_equal(F.outer_region(mask), ref)
+        assert np.array_equal(fourier.outer_region(mask), ref)
         n_comp = ndimage.label(mask, structure=np.ones((3, 3)))[1]
         holes = n_comp - measure.euler_number(mask, connectivity=2)
-        assert F.count_holes(mask) == holes
-        assert F.fourier_order(mask, max_order=3).n_contours == n_comp + holes == len(curves)
-    assert F.count_holes(ring) == 1 and F.count_holes(blob) == 0
-    assert F.count_holes(ring | island) == 1  # the island sits in the one hole
-    assert F.count_holes(diag) == 2  # background is 4-connected: corner contact joins nothing
+        assert fourier.count_holes(mask) == holes
+        assert fourier.fourier_order(mask, max_order=3).n_contours == n_comp + holes == len(curves)
+    assert fourier.count_holes(ring) == 1 and fourier.count_holes(blob) == 0
+    assert fourier.count_holes(ring | island) == 1  # the island sits in the one hole
+    assert fourier.count_holes(diag) == 2  # background is 4-connected: corner contact joins nothing
     with pytest.raises(ValueError, match="reference"):
-        F.fourier_order(ring, reference="filled")
+        fourier.fourier_order(ring, reference="filled")
 
 
 def test_stop_by_cap():
-    fo = F.fourier_order(syn.star((128, 128), 3, 0.2, 30), max_order=2)
+    fo = fourier.fourier_order(syn.star((128, 128), 3, 0.2, 30), max_order=2)
     assert (fo.stopped_by, fo.raw_order, len(fo.dices)) == ("cap", 2, 2)
     assert fo.dices[1] - fo.dices[0] >= 0.1 and fo.dice <= 97
 
 
 def test_dice_per_order_matches_an_independent_fill():
     mask = syn.star((96, 96), 5, 0.25, 28, phase=0.4)
-    fo = F.fourier_order(mask, patience=10)
+    fo = fourier.fourier_order(mask, patience=10)
     for order in (1, 3, fo.raw_order):
-        ref = _dice_by_matplotlib(F.efd_contour(mask, order), mask)
+        ref = _dice_by_matplotlib(fourier.efd_contour(mask, order), mask)
         assert fo.dices[order - 1] == pytest.approx(ref, abs=0.3)
 
 
 def test_high_order_reconstruction_reproduces_the_mask():
     mask = syn.ellipse((90, 90), (32, 12), angle=25)
-    assert _dice_by_matplotlib(F.efd_contour(mask, 40), mask) > 99.0
+    assert _dice_by_matplotlib(fourier.efd_contour(mask, 40), mask) > 99.0
 
 
 def test_objects_touching_the_border_and_single_pixels():
     half = syn.star((60, 60), 0, 0.0, 20, center=(0, 30))  # cut by the left edge
-    fo = F.fourier_order(half)
+    fo = fourier.fourier_order(half)
     assert fo.n_contours == 1 and fo.dice > 90
     dot = np.zeros((9, 9), bool)
     dot[4, 4] = True
-    assert F.fourier_order(dot).dice == 100.0
+    assert fourier.fourier_order(dot).dice == 100.0
 
 
 def test_paper_gain_rule_stops_point_symmetric_shapes_at_order_two():
     # Even harmonics of a point-symmetric outline vanish, so the paper's rule (patience 1)
     # sees no gain at order 2; a patience of 2 looks past it.
     mask = syn.ellipse((100, 100), (30, 15), angle=30)
-    paper = F.fourier_order(mask)
+    paper = fourier.fourier_order(mask)
     assert (paper.raw_order, paper.stopped_by) == (2, "gain")
     assert abs(paper.dices[1] - paper.dices[0]) < 0.1
-    patient = F.fourier_order(mask, patience=2)
+    patient = fourier.fourier_order(mask, patience=2)
     assert patient.stopped_by == "dice" and patient.raw_order == 3
     assert patient.order < paper.order
 
@@ -318,9 +320,9 @@ def test_paper_gain_rule_stops_point_symmetric_shapes_at_order_two():
 def test_fourier_order_rises_with_lobe_count():
     cases = syn.known_answer_set(np.random.default_rng(2), ks=(0, 3, 6, 12), contrasts=(40.0,),
                                  noise_sd=0.0)
-    patient = [F.fourier_order(m, patience=12).order for m in cases["mask"]]
+    patient = [fourier.fourier_order(m, patience=12).order for m in cases["mask"]]
     assert all(a < b for a, b in zip(patient, patient[1:])), patient
-    paper = [F.fourier_order(m).order for m in cases["mask"]]
+    paper = [fourier.fourier_order(m).order for m in cases["mask"]]
     # With the paper's rule, k = 6 and k = 12 both stop at order 2 (symmetric harmonics),
     # so only the first three are ordered; both still score far above k = 0 and k = 3.
     assert paper[0] < paper[1] < paper[2]
@@ -328,17 +330,17 @@ def test_fourier_order_rises_with_lobe_count():
 
 
 def test_round_ellipse_has_small_fourier_order():
-    assert F.fourier_order(syn.ellipse((90, 90), (20, 18), angle=40)).order <= 3
+    assert fourier.fourier_order(syn.ellipse((90, 90), (20, 18), angle=40)).order <= 3
 
 
 def test_fourier_order_parameter_checks():
     m = syn.star((40, 40), 0, 0.0, 10)
     with pytest.raises(ValueError):
-        F.fourier_order(m, max_order=0)
+        fourier.fourier_order(m, max_order=0)
     with pytest.raises(ValueError):
-        F.fourier_order(m, patience=0)
+        fourier.fourier_order(m, patience=0)
     with pytest.raises(ValueError):
-        F.efd_contour(m, 0)
+        fourier.efd_contour(m, 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -348,31 +350,29 @@ def test_fourier_order_parameter_checks():
 
 @pytest.fixture()
 def cosmos_root(tmp_path):
-    """Two tasks, three images, five objects, written with cosmoslib.io."""
-    from cosmoslib import io
+    """Two tasks, three images, five objects, written with cosmoslib.data.layout."""
 
     rng = np.random.default_rng(0)
     shape = (64, 80)
     root = tmp_path / "cosmos"
-    io.write_task(root, "organs_ct", {1: "Liver", 2: "Kidney"}, dataset="toy", modality="CT")
-    io.write_task(root, "lesion_us", {7: "Nodule"}, dataset="toy", modality="Ultrasound")
+    layout.write_task(root, "organs_ct", {1: "Liver", 2: "Kidney"}, dataset="toy", modality="CT")
+    layout.write_task(root, "lesion_us", {7: "Nodule"}, dataset="toy", modality="Ultrasound")
     for i in range(2):
         label = np.zeros(shape, np.uint8)
         label[syn.star(shape, 3 + i, 0.2, 14, center=(25, 30))] = 1
         label[syn.ellipse(shape, (8, 5), center=(62, 30 + i))] = 2
         image = syn.render(label > 0, 60, 3.0, 80, rng)
-        io.write_pair(root, "organs_ct", f"case{i}", image, label)
+        layout.write_pair(root, "organs_ct", f"case{i}", image, label)
     label = np.zeros(shape, np.uint8)
     label[syn.star(shape, 0, 0.0, 12)] = 7
     rgb = np.stack([syn.render(label > 0, c, 0.0, 90) for c in (-30, 10, 50)], axis=-1)
-    io.write_pair(root, "lesion_us", "img0", rgb, label)
+    layout.write_pair(root, "lesion_us", "img0", rgb, label)
     return root
 
 
 def test_compute_factors_matches_the_single_functions(cosmos_root):
-    from cosmoslib import io
 
-    manifest = io.index(cosmos_root)
+    manifest = indexer.index(cosmos_root)
     df = F.compute_factors(manifest, cosmos_root, progress=False)
     assert list(df.columns) == list(F.FACTOR_COLUMNS)
     assert len(df) == len(manifest) == 5
@@ -380,9 +380,9 @@ def test_compute_factors_matches_the_single_functions(cosmos_root):
         manifest[["task", "image_id", "label_value"]].astype(str).values.tolist()
     assert df.attrs["skipped"] == []
     for row, m in zip(df.itertuples(), manifest.itertuples()):
-        image = io.read_image(cosmos_root / m.image_path)
-        mask = io.read_label(cosmos_root / m.label_path) == m.label_value
-        fo = F.fourier_order(mask)
+        image = readers.read_image(cosmos_root / m.image_path)
+        mask = readers.read_label(cosmos_root / m.label_path) == m.label_value
+        fo = fourier.fourier_order(mask)
         assert row.size_px == mask.sum() == m.area_px
         assert row.aspect_ratio == pytest.approx(F.aspect_ratio(mask))
         assert row.intensity_diff_signed == pytest.approx(F.intensity_difference(image, mask))
@@ -402,9 +402,8 @@ def test_compute_factors_matches_the_single_functions(cosmos_root):
 
 
 def test_compute_factors_records_bad_files_and_objects(cosmos_root):
-    from cosmoslib import io
 
-    manifest = io.index(cosmos_root)
+    manifest = indexer.index(cosmos_root)
     (cosmos_root / "organs_ct" / "images" / "case1.png").write_bytes(b"not a png")
     ghost = manifest.iloc[[0]].assign(label_value=99)  # an object not in the label map
     manifest = pd.concat([manifest, ghost], ignore_index=True)
@@ -443,7 +442,6 @@ def test_factors_cli_writes_resumes_and_reports(cosmos_root, tmp_path):
 
 
 def test_cosmos_factors_command(cosmos_root, tmp_path, capsys):
-    from cosmoslib import cli
 
     out = tmp_path / "f.parquet"
     assert cli.main(["factors", str(cosmos_root), "--out", str(out)]) == 0
@@ -455,11 +453,10 @@ def test_cosmos_factors_command(cosmos_root, tmp_path, capsys):
 def ring_root(tmp_path):
     """One task in the authors' layout: a bright myocardium-like ring around a dark cavity,
     a dark disc on a bright background (negative contrast) and a bright disc."""
-    from cosmoslib import io
 
     shape = (96, 128)
     root = tmp_path / "release"
-    io.write_task(root, "22_Heart", {1: "Myocardium", 2: "Cyst", 3: "Nodule"})
+    layout.write_task(root, "22_Heart", {1: "Myocardium", 2: "Cyst", 3: "Nodule"})
     rng = np.random.default_rng(3)
     for i in range(2):
         outer = syn.star(shape, 0, 0.0, 26 + 2 * i, center=(40, 46))
@@ -471,15 +468,14 @@ def ring_root(tmp_path):
         image = np.full(shape, 150.0)
         image[outer & ~cavity], image[cavity], image[dark], image[bright] = 220, 60, 40, 230
         image = np.clip(image + rng.normal(0, 2, shape), 0, 255).round().astype(np.uint8)
-        io.write_pair(root, "22_Heart", f"22_Heart_{i}_5", image, label)
+        layout.write_pair(root, "22_Heart", f"22_Heart_{i}_5", image, label)
     return root
 
 
 def test_abs_and_signed_contrast_and_fo_references_in_the_table(ring_root):
-    from cosmoslib import io
 
     with pytest.warns(UserWarning, match="22_Heart"):
-        manifest = io.index(ring_root)
+        manifest = indexer.index(ring_root)
     df = F.compute_factors(manifest, ring_root, progress=False)
     assert df.attrs["unknown_modality"] == {"22_Heart": 6}
     assert (df["modality_code"] == F.MODALITY_CODES["unknown"]).all()
@@ -512,9 +508,8 @@ def test_abs_and_signed_contrast_and_fo_references_in_the_table(ring_root):
 
 
 def test_factor_options_are_checked(ring_root, tmp_path):
-    from cosmoslib import io
 
-    manifest = io.index(ring_root, modality={"22_Heart": "Cine-MRI"})
+    manifest = indexer.index(ring_root, modality={"22_Heart": "Cine-MRI"})
     with pytest.raises(TypeError, match="reference"):
         F.compute_factors(manifest, ring_root, progress=False, reference="mask")
     with pytest.raises(TypeError, match="reference"):

@@ -1,4 +1,4 @@
-"""The fast image encoder (cosmoslib.fast_encoder) against the stock one.
+"""The fast image encoder (cosmoslib.models.fast_encoder) against the stock one.
 
 Parity: embeddings within a stated absolute tolerance of the stock encoder (ViT with random
 weights and random relative-position tables at a small input size; LiteMedSAM with its real
@@ -17,9 +17,10 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 
-from cosmoslib import fast_encoder, io
-from cosmoslib.cache import EmbeddingCache
-from cosmoslib.prompts import Prompt
+from cosmoslib.data import indexer, readers
+from cosmoslib.models import fast_encoder
+from cosmoslib.models.cache import EmbeddingCache, _prefetch, image_key
+from cosmoslib.protocol.prompts import Prompt
 
 #: Largest |fast - stock| allowed for embeddings (values of order 1; measured ~4e-6).
 EMBED_ATOL = 1e-4
@@ -162,7 +163,7 @@ def test_cache_store_depends_on_encoder_precision(litemedsam, tmp_path, monkeypa
 
 def test_litemedsam_fast_masks_match_stock_on_demo(demo_root, litemedsam):
     """Box-prompt masks from fast and stock embeddings of real images: mean DICE >= 99.9 %."""
-    manifest = io.index(demo_root)
+    manifest = indexer.index(demo_root)
     tasks = sorted(manifest["task"].unique())[:DICE_TASKS]
     manifest = manifest[manifest["task"].isin(tasks)]
     top = manifest.sort_values(["area_px", "image_id"], ascending=[False, True]
@@ -170,8 +171,8 @@ def test_litemedsam_fast_masks_match_stock_on_demo(demo_root, litemedsam):
     scores, diffs = [], []
     try:
         for row in top.itertuples():
-            img = io.read_image(demo_root / row.image_path)
-            label = io.read_label(demo_root / row.label_path)
+            img = readers.read_image(demo_root / row.image_path)
+            label = readers.read_label(demo_root / row.label_path)
             litemedsam.fast_encoder = False
             e_stock = litemedsam.encode([img])[0]
             litemedsam.fast_encoder = True
@@ -199,7 +200,6 @@ def test_litemedsam_fast_masks_match_stock_on_demo(demo_root, litemedsam):
 def test_prefetch_keeps_order_and_reports_unreadable(tmp_path, depth):
     from PIL import Image
 
-    from cosmoslib.cache import _prefetch, image_key
 
     paths = []
     for i in range(4):

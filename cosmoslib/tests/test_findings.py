@@ -1,5 +1,5 @@
-"""The paper's eight findings read from tables (cosmoslib.findings) and the volume chapter's
-summaries (cosmoslib.volume_summaries).
+"""The paper's eight findings read from tables (cosmoslib.analysis.findings) and the volume chapter's
+summaries (cosmoslib.analysis.volume_summaries).
 
 Every verdict rule is run on small synthetic tables whose answer is known by construction --
 one that holds, one that does not, one the data cannot decide -- including the interval-based
@@ -16,9 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cosmoslib import findings as fd
-from cosmoslib import metrics, paths, stats, uncertainty
-from cosmoslib import volume_summaries as vs
+from cosmoslib import models, paths
+from cosmoslib.analysis import findings as fd
+from cosmoslib.analysis import stats, uncertainty
+from cosmoslib.analysis import volume_summaries as vs
+from cosmoslib.protocol import metrics
 
 N_BOOT = 999  # resamples in the tests (the chapter uses findings.N_RESAMPLES)
 
@@ -513,7 +515,6 @@ def test_optional_table_calls_only_existing_methods():
 
 
 def test_finetuned_pairs_reads_the_registry():
-    from cosmoslib import models
 
     assert fd.finetuned_pairs(["litemedsam", "sam_vit_b"]) == {}
 

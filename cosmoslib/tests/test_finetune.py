@@ -1,4 +1,4 @@
-"""Mask-decoder finetuning (cosmoslib.finetune): split, targets, training, resume, registry."""
+"""Mask-decoder finetuning (cosmoslib.protocol.finetune): split, targets, training, resume, registry."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from cosmoslib import finetune, io, models, synthetic
+from cosmoslib import cli, files, models
+from cosmoslib.analysis import synthetic
+from cosmoslib.data import indexer, layout
+from cosmoslib.models import cache as cache_mod
+from cosmoslib.models import registry
+from cosmoslib.protocol import finetune
 
 torch.set_num_threads(1)
 
@@ -72,11 +77,11 @@ def test_split_without_source_uses_case_ids_then_images():
 
 
 def test_settings_reject_bad_values():
-    with pytest.raises(io.InputError, match="curriculum"):
+    with pytest.raises(files.InputError, match="curriculum"):
         finetune.Settings(curriculum="points")
-    with pytest.raises(io.InputError, match="shift levels"):
+    with pytest.raises(files.InputError, match="shift levels"):
         finetune.Settings(shift_levels=(5,))
-    with pytest.raises(io.InputError, match="fractions"):
+    with pytest.raises(files.InputError, match="fractions"):
         finetune.Settings(fractions=(0.0, 0.5, 0.5))
 
 
@@ -144,9 +149,9 @@ def _build_root(root: Path, seed: int = 0) -> None:
             image_id = f"vol{v}_{s:04d}"
             mask = synthetic.ellipse((96, 96), tuple(rng.uniform(10, 22, 2)), tuple(rng.uniform(28, 68, 2)),
                                      angle=rng.uniform(0, 180))
-            io.write_pair(root, "toy", image_id, synthetic.render(mask, 70, 6, 90, rng), mask.astype(np.uint8))
+            layout.write_pair(root, "toy", image_id, synthetic.render(mask, 70, 6, 90, rng), mask.astype(np.uint8))
             images[image_id] = {"source": f"vol{v}.nii.gz", "slice_index": s, "spacing": [1.0, 1.0, 2.0]}
-    io.write_task(root, "toy", {1: "Blob"}, dataset="toy", modality="CT", images=images)
+    layout.write_task(root, "toy", {1: "Blob"}, dataset="toy", modality="CT", images=images)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +159,7 @@ def toy(tmp_path_factory):
     base = tmp_path_factory.mktemp("finetune")
     root = base / "root"
     _build_root(root)
-    return dict(base=base, root=root, cache=base / "cache", manifest=io.index(root))
+    return dict(base=base, root=root, cache=base / "cache", manifest=indexer.index(root))
 
 
 SETTINGS = finetune.Settings(curriculum="mixed", epochs=3, fractions=FRACTIONS, seed=7)
@@ -215,7 +220,7 @@ def test_provenance_and_split_are_saved(trained, toy):
                               trained.out_dir, SETTINGS, cache_dir=toy["cache"], progress=False, register=False)
     assert again.reused and again.provenance["checkpoint_sha256"] == prov["checkpoint_sha256"]
     # another setting in the same folder is refused
-    with pytest.raises(io.InputError, match="other inputs"):
+    with pytest.raises(files.InputError, match="other inputs"):
         finetune.finetune(toy["manifest"], toy["root"], "litemedsam", trained.out_dir, SETTINGS,
                           epochs=2, cache_dir=toy["cache"], progress=False, register=False)
 
@@ -241,9 +246,8 @@ def test_a_killed_run_resumes_to_the_same_weights(trained, toy, litemedsam):
 
 
 def test_the_checkpoint_loads_back_through_the_registry(trained, toy, litemedsam, monkeypatch, tmp_path):
-    from cosmoslib import cache as cache_mod
 
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setenv("COSMOS_DATA", str(tmp_path))
     model = finetune.load_finetuned(trained.out_dir, device="cpu")
     assert model.name == "litemedsam-ft-mixed" and model.name in models.registered_models()
@@ -258,15 +262,14 @@ def test_the_checkpoint_loads_back_through_the_registry(trained, toy, litemedsam
     by_arch = models.load_model("litemedsam", checkpoint=trained.checkpoint, device="cpu")
     assert by_arch.signature == model.signature
     # a new process: the persisted list registers it again on import
-    monkeypatch.setattr(models, "_REGISTRY", {k: v for k, v in models._REGISTRY.items() if k != model.name})
+    monkeypatch.setattr(registry, "_REGISTRY", {k: v for k, v in registry._REGISTRY.items() if k != model.name})
     assert finetune.register_saved() == ["litemedsam-ft-mixed"]
     assert models.load_model("litemedsam-ft-mixed", device="cpu").checkpoint_sha256 == model.checkpoint_sha256
 
 
 def test_cli_finetune_then_evaluate_by_name(toy, monkeypatch, tmp_path, capsys):
-    from cosmoslib import cli
 
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setenv("COSMOS_DATA", str(tmp_path))
     out = tmp_path / "ft"
     code = cli.main(["finetune", str(toy["root"]), "--model", "litemedsam", "--prompts", "box", "--epochs", "1",

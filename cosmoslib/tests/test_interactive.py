@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage.measure import label as sk_label
 
-from cosmoslib import interactive as it
-from cosmoslib import prompts
+from cosmoslib.protocol import interactive as it
+from cosmoslib.protocol import prompts
+from cosmoslib.protocol.prompts import Prompt
 from cosmoslib.tests.test_prompts import random_mask, ring
 
 
@@ -272,7 +273,6 @@ def test_bad_clicks():
 
 
 def test_sam_segmenter(litemedsam):
-    from cosmoslib.prompts import Prompt
 
     img, gt = scene("twins")
     rgb = np.stack([img] * 3, axis=-1)

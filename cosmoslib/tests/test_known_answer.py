@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cosmoslib import stats, synthetic
+from cosmoslib.analysis import stats, synthetic
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cosmoslib import matching, metrics
+from cosmoslib.protocol import matching, metrics
 
 
 def _random_masks(rng, k, shape):

@@ -12,8 +12,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from cosmoslib import metrics
-
+from cosmoslib.protocol import metrics
 
 
 def random_blob(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:

@@ -11,9 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cosmoslib import catalog, factors, io, paper, stats, vocabulary
-from cosmoslib import synthetic as syn
-from cosmoslib.io import InputError
+from cosmoslib import vocabulary
+from cosmoslib.analysis import factors, paper, stats
+from cosmoslib.analysis import synthetic as syn
+from cosmoslib.data import catalog, indexer, layout
+from cosmoslib.files import InputError
 
 # ------------------------------------------------------------------------------------------
 # the vocabulary
@@ -58,7 +60,7 @@ def test_codes_are_unique_and_every_known_name_has_one():
     assert set(codes) == set(vocabulary.KNOWN_MODALITIES) | {"unknown"}
     for name in vocabulary.KNOWN_MODALITIES:
         assert factors.modality_code(name) == codes[name]
-    assert io.KNOWN_MODALITIES == vocabulary.KNOWN_MODALITIES
+    assert indexer.KNOWN_MODALITIES == vocabulary.KNOWN_MODALITIES
 
 
 # ------------------------------------------------------------------------------------------
@@ -74,20 +76,20 @@ AUTHORS_COLOR = {"22_Heart": {"1": 85, "2": 170, "3": 255}, "6_Pancreas": {"1": 
 
 
 def test_catalog_rules():
-    heart = io.modality_from_catalog("22_Heart", AUTHORS_JSON["22_Heart"].values())
+    heart = indexer.modality_from_catalog("22_Heart", AUTHORS_JSON["22_Heart"].values())
     assert (heart.modality, heart.rule) == (None, "catalog objects")
     assert dict(heart.candidates) == {"ACDC": ("Cine-MRI",), "M&Ms": ("CMR",)}
     assert heart.describe() == "ACDC (Cine-MRI); M&Ms (CMR)"
-    pancreas = io.modality_from_catalog("6_Pancreas", AUTHORS_JSON["6_Pancreas"].values())
+    pancreas = indexer.modality_from_catalog("6_Pancreas", AUTHORS_JSON["6_Pancreas"].values())
     assert (pancreas.modality, pancreas.rule) == (None, "catalog object name")
     assert dict(pancreas.candidates) == {"AbdomenCT-1K": ("CT",), "AMOS 2022": ("CT", "MRI")}
-    polyp = io.modality_from_catalog("3_Polyp", ["Polyp"])
+    polyp = indexer.modality_from_catalog("3_Polyp", ["Polyp"])
     assert (polyp.modality, polyp.dataset, polyp.rule) == ("Colonoscopy", None, "catalog objects")
-    acdc = io.modality_from_catalog("1_ACDC", ["whatever"])
+    acdc = indexer.modality_from_catalog("1_ACDC", ["whatever"])
     assert (acdc.modality, acdc.dataset, acdc.rule) == ("Cine-MRI", "ACDC", "catalog dataset name")
-    own = io.modality_from_catalog("pyradiomics_lung_ct", ["Thing"])
+    own = indexer.modality_from_catalog("pyradiomics_lung_ct", ["Thing"])
     assert (own.modality, own.dataset, own.rule) == ("CT", "PyRadiomics test cases", "catalog task")
-    nothing = io.modality_from_catalog("22_Heart", ["Myocardium", "Cyst"])
+    nothing = indexer.modality_from_catalog("22_Heart", ["Myocardium", "Cyst"])
     assert (nothing.modality, nothing.rule, nothing.describe()) == (None, "", "no catalog match")
 
 
@@ -129,7 +131,7 @@ def test_unknown_modality_is_counted_named_and_warned_once(tmp_path):
     root, info = _release_root(tmp_path, n_images=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        man = io.index(root, info_dir=info)
+        man = indexer.index(root, info_dir=info)
     mod_warnings = [w for w in caught if "modality unknown" in str(w.message)]
     assert len(mod_warnings) == 1
     text = str(mod_warnings[0].message)
@@ -137,11 +139,11 @@ def test_unknown_modality_is_counted_named_and_warned_once(tmp_path):
     assert "--modality TASK=NAME" in text
     assert set(man["modality"]) == {"unknown"}
     expected = man.groupby("task").size().to_dict()
-    assert io.unknown_modalities(man) == expected == man.attrs["unknown_modality"]
+    assert indexer.unknown_modalities(man) == expected == man.attrs["unknown_modality"]
     assert man.attrs["unknown_modality_tasks"] == ["22_Heart", "6_Pancreas"]
     assert man.attrs["modality_source"] == {"22_Heart": "unknown", "6_Pancreas": "unknown"}
 
-    report = io.index_to_parquet(root, tmp_path / "m.parquet", info_dir=info, progress=False)
+    report = indexer.index_to_parquet(root, tmp_path / "m.parquet", info_dir=info, progress=False)
     assert report.unknown_modality == expected
     assert report.n_unknown_modality == len(man)
     summary = report.summary()
@@ -157,9 +159,9 @@ def test_precedence_override_json_catalog_task_name(tmp_path):
     for task, obj in (("3_Polyp", "Polyp"), ("liver_ct", "Thing")):
         image, label = np.full((20, 20), 90, np.uint8), np.zeros((20, 20), np.uint8)
         label[5:12, 6:14] = 255
-        io.write_pair(root, task, "a", image, label)
+        layout.write_pair(root, task, "a", image, label)
         (info / f"{task}.json").write_text(json.dumps({"info": {"1": obj}, "color": {"1": 255}}))
-    man = io.index(root, info_dir=info, modality={"22_heart": "cine mri"})
+    man = indexer.index(root, info_dir=info, modality={"22_heart": "cine mri"})
     by_task = man.groupby("task")["modality"].agg(set).to_dict()
     assert by_task == {"22_Heart": {"Cine-MRI"}, "6_Pancreas": {"CT"},
                        "3_Polyp": {"Colonoscopy"}, "liver_ct": {"CT"}}
@@ -167,23 +169,23 @@ def test_precedence_override_json_catalog_task_name(tmp_path):
                                             "6_Pancreas": "json", "liver_ct": "task name"}
     assert man.attrs["unknown_modality"] == {}
     # The override beats the json too.
-    over = io.index(root, info_dir=info, modality={"22_Heart": "CMR", "6_Pancreas": "MRI"})
+    over = indexer.index(root, info_dir=info, modality={"22_Heart": "CMR", "6_Pancreas": "MRI"})
     assert set(over.loc[over["task"] == "6_Pancreas", "modality"]) == {"MRI"}
     assert over.attrs["modality_source"]["6_Pancreas"] == "override"
     # A json modality outside the vocabulary is kept as written but counted as unknown.
     (info / "3_Polyp.json").write_text(json.dumps({"info": {"1": "Polyp"}, "color": {"1": 255},
                                                    "modality": "Endoscopic video"}))
     with pytest.warns(UserWarning, match="'Endoscopic video' from json is not a vocabulary name"):
-        odd = io.index(root, info_dir=info, modality={"22_Heart": "CMR"})
+        odd = indexer.index(root, info_dir=info, modality={"22_Heart": "CMR"})
     assert odd.attrs["unknown_modality"] == {"3_Polyp": 1}
 
 
 def test_bad_overrides_name_the_problem(tmp_path):
     root, info = _release_root(tmp_path, n_images=1)
     with pytest.raises(InputError, match="'23_Heart': no such task"):
-        io.index(root, info_dir=info, modality={"23_Heart": "CT"})
+        indexer.index(root, info_dir=info, modality={"23_Heart": "CT"})
     with pytest.raises(InputError, match="22_Heart='Cine MRX': not a known modality"):
-        io.index(root, info_dir=info, modality={"22_Heart": "Cine MRX"})
+        indexer.index(root, info_dir=info, modality={"22_Heart": "Cine MRX"})
 
 
 # ------------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ def _results_from(fac, rng):
 def test_table6_on_an_all_unknown_release_root(tmp_path):
     root, info = _release_root(tmp_path, n_images=6)
     with pytest.warns(UserWarning, match="modality unknown"):
-        man = io.index(root, info_dir=info)
+        man = indexer.index(root, info_dir=info)
     fac = factors.compute_factors(man, root, progress=False)
     assert (fac["modality_code"] == 18).all() and fac["size_px"].notna().all()
     results = _results_from(fac, np.random.default_rng(1))
@@ -222,7 +224,7 @@ def test_table6_on_an_all_unknown_release_root(tmp_path):
     assert (fo["r"] < 0).all()
 
     # Named per task, modality varies and is a covariate again.
-    named = io.index(root, info_dir=info, modality={"22_Heart": "Cine-MRI", "6_Pancreas": "CT"})
+    named = indexer.index(root, info_dir=info, modality={"22_Heart": "Cine-MRI", "6_Pancreas": "CT"})
     fac2 = factors.compute_factors(named, root, progress=False)
     assert set(fac2["modality_code"]) == {vocabulary.MODALITY_CODES["Cine-MRI"],
                                           vocabulary.MODALITY_CODES["CT"]}

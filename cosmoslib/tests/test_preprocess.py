@@ -1,7 +1,6 @@
-"""Tests of cosmoslib.preprocess: the single rules of paper 2.2 and the resumable batch."""
+"""Tests of cosmoslib.data.preprocess: the single rules of paper 2.2 and the resumable batch."""
 
 from __future__ import annotations
-
 
 import nibabel as nib
 import numpy as np
@@ -11,9 +10,9 @@ import SimpleITK as sitk
 from PIL import Image
 from skimage.exposure import rescale_intensity
 
-from cosmoslib import catalog, io, preprocess
-from cosmoslib.catalog import ObjectSpec
-from cosmoslib.io import InputError
+from cosmoslib.data import catalog, demo, indexer, layout, preprocess, readers
+from cosmoslib.data.catalog import ObjectSpec
+from cosmoslib.files import InputError
 
 # --------------------------------------------------------------------------- helpers
 
@@ -42,7 +41,7 @@ def save_nii(path, arr):
     """Save an (S, P, L) [or (N, S, P, L)] array as NIfTI so that read_volume returns it unchanged.
 
     nibabel stores (x, y, z) in RAS+ with an identity affine: x -> right, y -> anterior,
-    z -> superior; our (S, P, L) is that reversed and flipped (see io.read_volume).
+    z -> superior; our (S, P, L) is that reversed and flipped (see readers.read_volume).
     """
     arr = np.asarray(arr)
     if arr.ndim == 3:
@@ -87,11 +86,10 @@ def test_slices_planes_shapes_and_orientation():
 
 def test_axial_slice_of_real_nifti_matches_simpleitk(demo_root):
     """Our nibabel path vs an independent SimpleITK reading (DICOMOrient LPS) of the MNI template."""
-    from cosmoslib import demo
 
     d = next(d for d in demo.demo_descriptors() if d.task == "mni152_brain_t1w-mri")
     t1 = demo.source_dir(d.source) / d.source.members[0]
-    vol, spacing = io.read_volume(t1)
+    vol, spacing = readers.read_volume(t1)
     ref = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(t1)), "LPS"))
     assert spacing == (1.0, 1.0, 1.0) and vol.shape == ref.shape == (189, 233, 197)
     for k in (40, 90, 150):
@@ -105,12 +103,11 @@ def test_axial_slice_of_real_nrrd_matches_pynrrd(demo_root, member):
     read by SimpleITK vs pynrrd with the flips taken from the header."""
     import nrrd
 
-    from cosmoslib import demo
 
     task = "pyradiomics_brain_mri" if member.startswith("brain") else "pyradiomics_lung_ct"
     d = next(d for d in demo.demo_descriptors() if d.task == task)
     path = demo.source_dir(d.source) / "pyradiomics-3.0.1/data" / member
-    vol, spacing = io.read_volume(path)
+    vol, spacing = readers.read_volume(path)
     data, header = nrrd.read(str(path))
     assert header["space"] == "left-posterior-superior"
     directions = np.asarray(header["space directions"], float)
@@ -205,12 +202,11 @@ def test_retention_on_real_lung_ct_matches_independent_count(demo_root):
     """Slices kept for lung2 = axial slices whose 0/1 lesion mask has > 50 px (pynrrd count)."""
     import nrrd
 
-    from cosmoslib import demo
 
     d = next(d for d in demo.demo_descriptors() if d.task == "pyradiomics_lung_ct")
     data, _ = nrrd.read(str(demo.source_dir(d.source) / "pyradiomics-3.0.1/data/lung2_label.nrrd"))
     expected = sorted(int(k) for k in range(data.shape[2]) if (data[:, :, k] > 0).sum() > 50)
-    man = io.index(demo_root)
+    man = indexer.index(demo_root)
     lung2 = man[(man.task == "pyradiomics_lung_ct") & man.source.str.endswith("lung2_image.nrrd")]
     assert sorted(lung2.slice_index.tolist()) == expected and len(expected) > 5
     for k, area in zip(lung2.slice_index, lung2.area_px):
@@ -297,15 +293,15 @@ def test_prepare_instances_splits_and_writes_json(tmp_path):
         "format": "instances", "pairs": {"image": "cells.tif", "label": "{name}_mask.tif"}}, None)
     rep = preprocess.prepare(src, d, tmp_path / "out", progress=False)
     assert rep.n_done == 1 and rep.n_images == 2 and rep.n_objects == 299
-    man = io.index(tmp_path / "out")
+    man = indexer.index(tmp_path / "out")
     assert sorted(man.image_id.unique()) == ["cells_part00", "cells_part01"]
     assert (man.object == "Cell").all() and man.area_px.min() == 64
     assert man.groupby("image_id").label_value.max().tolist() == [150, 149]
-    info = io.read_task_json(tmp_path / "out", "cells_microscopy")
+    info = layout.read_task_json(tmp_path / "out", "cells_microscopy")
     assert len(info.names) == 150 and set(info.names.values()) == {"Cell"}
     # both sub-images are the same normalised copy of the image
-    a = io.read_image(tmp_path / "out/cells_microscopy/images/cells_part00.png")
-    b = io.read_image(tmp_path / "out/cells_microscopy/images/cells_part01.png")
+    a = readers.read_image(tmp_path / "out/cells_microscopy/images/cells_part00.png")
+    b = readers.read_image(tmp_path / "out/cells_microscopy/images/cells_part01.png")
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, preprocess.minmax_normalize(img))
 
@@ -340,7 +336,7 @@ def test_prepare_volume_flow_values_and_names(tmp_path):
     d = descriptor(tmp_path)
     rep = preprocess.prepare(src, d, tmp_path / "out", progress=False)
     assert (rep.n_sources, rep.n_done, rep.n_skipped) == (1, 1, 0)
-    man = io.index(tmp_path / "out")
+    man = indexer.index(tmp_path / "out")
     assert sorted(man.image_id.unique()) == [f"case1_img_{k:04d}" for k in (1, 2, 3, 4)]
     # slice 4: its 40-px heart is dropped by per_object, the lungs stay (two parts, one object)
     s4 = man[man.slice_index == 4]
@@ -348,9 +344,9 @@ def test_prepare_volume_flow_values_and_names(tmp_path):
     s1 = man[man.slice_index == 1].set_index("object")
     assert s1.loc["Heart", "label_value"] == 128 and s1.loc["Heart", "area_px"] == 80
     for _, row in man.iterrows():  # label PNG values are exactly the descriptor's values
-        lab = io.read_label(tmp_path / "out" / row.label_path)
+        lab = readers.read_label(tmp_path / "out" / row.label_path)
         assert set(np.unique(lab)) - {0} <= {128, 255}
-        img = io.read_image(tmp_path / "out" / row.image_path)
+        img = readers.read_image(tmp_path / "out" / row.image_path)
         np.testing.assert_array_equal(img, preprocess.minmax_normalize(image[row.slice_index]))
     assert (tmp_path / "out/skipped.csv").read_text().strip() == "file,reason"
     assert "1 processed now" in rep.summary() and str(tmp_path / "out") in rep.summary()
@@ -363,7 +359,7 @@ def test_prepare_label_sum_rule_keeps_small_objects(tmp_path):
     volume_pair(src, "case1", image, label)
     d = descriptor(tmp_path, retention={"rule": "label_sum", "min_pixels": 50})
     preprocess.prepare(src, d, tmp_path / "out", progress=False)
-    man = io.index(tmp_path / "out")
+    man = indexer.index(tmp_path / "out")
     assert man[man.slice_index == 4].object.tolist() == ["Heart", "Lung"]
 
 
@@ -374,7 +370,7 @@ def test_prepare_sampling_and_coronal_plane(tmp_path):
     volume_pair(src, "case1", image, label)
     d = descriptor(tmp_path, main_plane="coronal", sampling={"max_slices_per_volume": 3})
     preprocess.prepare(src, d, tmp_path / "out", progress=False)
-    man = io.index(tmp_path / "out")
+    man = indexer.index(tmp_path / "out")
     # coronal slices j with objects: P rows 5..29; > 50 px per object needs 4 S-rows x 10+ L-columns
     kept = [j for j in range(40) if preprocess.retain_objects(
         preprocess.reset_labels(preprocess.slices(label, "coronal")[j], descriptor(tmp_path).objects)).any()]
@@ -392,16 +388,16 @@ def test_prepare_4d_volume(tmp_path):
     label[2] = 0
     label[2, 2, 5:15, 5:15] = 1  # frame 2: one slice only
     volume_pair(src, "cine", image, label)
-    assert io.read_volume(src / "cine_img.nii.gz")[0].shape == (3, 6, 40, 50)
+    assert readers.read_volume(src / "cine_img.nii.gz")[0].shape == (3, 6, 40, 50)
     d = descriptor(tmp_path, format="volume4d")
     rep = preprocess.prepare(src, d, tmp_path / "out", progress=False)
     assert rep.n_images == 4 + 4 + 1
-    man = io.index(tmp_path / "out")
+    man = indexer.index(tmp_path / "out")
     assert "cine_img_t002_0002" in set(man.image_id)
-    info = io.read_task_json(tmp_path / "out", "synth_ct")
+    info = layout.read_task_json(tmp_path / "out", "synth_ct")
     assert info.images["cine_img_t001_0003"] == {"source": "cine_img.nii.gz", "slice_index": 3, "frame": 1,
                                                  "plane": "axial", "spacing": [1.0, 1.0, 1.0]}
-    np.testing.assert_array_equal(io.read_image(tmp_path / "out/synth_ct/images/cine_img_t002_0002.png"),
+    np.testing.assert_array_equal(readers.read_image(tmp_path / "out/synth_ct/images/cine_img_t002_0002.png"),
                                   preprocess.minmax_normalize(image[2, 2]))
     # a 3D label with a 4D image applies to every frame
     save_nii(src / "cine_seg.nii.gz", frames[0][1])
@@ -431,14 +427,14 @@ def test_prepare_2d_rgb_grey_and_16bit(tmp_path):
     rep = preprocess.prepare(src, d, tmp_path / "out", progress=False)
     assert rep.n_images == 3
     out = tmp_path / "out/polyp_colonoscopy"
-    np.testing.assert_array_equal(io.read_image(out / "images/a.png"), rgb)  # RGB stays RGB, unchanged
-    b = io.read_image(out / "images/b.png")
+    np.testing.assert_array_equal(readers.read_image(out / "images/a.png"), rgb)  # RGB stays RGB, unchanged
+    b = readers.read_image(out / "images/b.png")
     assert b.ndim == 2
     np.testing.assert_array_equal(b, grey_as_rgb[..., 0])
-    c = io.read_image(out / "images/c.png")
+    c = readers.read_image(out / "images/c.png")
     assert c.dtype == np.uint8 and c.min() == 0 and c.max() == 255
-    assert set(np.unique(io.read_label(out / "labels/a.png"))) == {0, 1}
-    man = io.index(tmp_path / "out")
+    assert set(np.unique(readers.read_label(out / "labels/a.png"))) == {0, 1}
+    man = indexer.index(tmp_path / "out")
     assert man.slice_index.tolist() == [-1, -1, -1]
 
 
@@ -496,7 +492,7 @@ def test_batch_records_bad_items_and_writes_good_ones(tmp_path):
         rows = skipped[skipped.file.str.endswith(fname)]
         assert len(rows) == 1 and problem in rows.reason.iloc[0]
     assert skipped.file.str.endswith("nolabel_img.nii.gz").sum() == 1
-    man = io.index(tmp_path / "out")
+    man = indexer.index(tmp_path / "out")
     assert set(man.source) == {"good1_img.nii.gz", "good2_img.nii.gz"}
     assert "7 item(s) skipped" in rep.summary()
     # a rerun keeps the list (merged, no duplicates) and does not redo the good items
@@ -611,7 +607,7 @@ def test_prepared_volume_slices_record_plane_and_spacing(tmp_path, plane, expect
     d = descriptor(tmp_path, main_plane=plane)
     rep = preprocess.prepare(src, d, tmp_path / "out", progress=False)
     assert rep.n_done == 1 and rep.n_images > 0
-    info = io.read_task_json(tmp_path / "out", "synth_ct")
+    info = layout.read_task_json(tmp_path / "out", "synth_ct")
     assert len(info.images) == rep.n_images == {"axial": 8, "coronal": 20, "sagittal": 20}[plane]
     for image_id, prov in info.images.items():
         assert prov["plane"] == plane and prov["source"] == "case1_img.nii.gz"
@@ -619,7 +615,7 @@ def test_prepared_volume_slices_record_plane_and_spacing(tmp_path, plane, expect
         # the spacing's row/column order is that of the stored PNG: its shape matches the
         # volume's extent along those axes (S=12, P=40, L=50)
         extent = {"axial": (40, 50), "coronal": (12, 50), "sagittal": (12, 40)}[plane]
-        assert io.read_label(tmp_path / "out/synth_ct/labels" / f"{image_id}.png").shape == extent
+        assert readers.read_label(tmp_path / "out/synth_ct/labels" / f"{image_id}.png").shape == extent
 
 
 def test_slice_spacing_matches_simpleitk_on_an_nrrd(tmp_path):
@@ -638,7 +634,7 @@ def test_slice_spacing_matches_simpleitk_on_an_nrrd(tmp_path):
     d = descriptor(tmp_path, pairs={"image": "*_img.nrrd", "label": "{stem}_seg.nrrd"})
     preprocess.prepare(src, d, tmp_path / "out", progress=False)
     sx, sy, sz = sitk.ReadImage(str(src / "case1_img.nrrd")).GetSpacing()
-    info = io.read_task_json(tmp_path / "out", "synth_ct")
+    info = layout.read_task_json(tmp_path / "out", "synth_ct")
     assert info.images
     for prov in info.images.values():
         # LPS: x runs along L (columns of an axial slice), y along P (rows), z along S (slices)
@@ -665,6 +661,6 @@ def test_slice_spacing_rule_and_2d_sources_have_none(tmp_path):
         "format": "image", "objects": [{"name": "Thing", "source_values": [1], "value": 255}],
         "pairs": {"image": "*_img.png", "label": "{stem}_seg.png"}}, tmp_path / "s2d.yaml")
     preprocess.prepare(src, d, tmp_path / "out", progress=False)
-    info = io.read_task_json(tmp_path / "out", "synth_xray")
+    info = layout.read_task_json(tmp_path / "out", "synth_xray")
     assert info.images == {"a_img": {"source": "a_img.png", "slice_index": -1}}
 

@@ -11,8 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from cosmoslib import prompts
-from cosmoslib.prompts import make_prompt
+from cosmoslib import masks
+from cosmoslib.files import InputError
+from cosmoslib.protocol import prompts
+from cosmoslib.protocol.prompts import make_prompt
 
 EXPECTED_N = {"S2": (1, 0), "S3": (5, 0), "S4": (5, 5), "S5": (0, 0), "S6": (1, 0)}
 
@@ -133,7 +135,7 @@ def test_ring_multicomponent_border(strategy, sampling):
         check_prompt(mask, strategy, make_prompt(mask, strategy, rng=rng, sampling=sampling))
     assert prompts.centre_of_mass(ring()) is None and prompts.centre_of_mass(two) is None
     # one box spans both components
-    np.testing.assert_array_equal(prompts.tight_box(two), [2, 2, 28, 27])
+    np.testing.assert_array_equal(masks.tight_box(two), [2, 2, 28, 27])
 
 
 @settings(max_examples=150, deadline=None)
@@ -277,7 +279,6 @@ def test_table_parquet_roundtrip(cosmos_root, tmp_path):
 
 
 def test_table_bad_input(cosmos_root):
-    from cosmoslib.io import InputError
 
     root, manifest = cosmos_root
     bad = manifest.copy()

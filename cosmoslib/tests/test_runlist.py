@@ -8,7 +8,8 @@ import json
 import pytest
 import yaml
 
-from cosmoslib import paths, runlist
+from cosmoslib import paths
+from cosmoslib.book import runlist
 
 
 def test_committed_toc_is_the_demo_run_list():

@@ -4,7 +4,7 @@ highest predicted IoU, on candidates where the two rules really can disagree.
 A one-candidate model (LiteMedSAM) makes both rules pick the same mask, so a test on it cannot
 fail. Here the property is checked on constructed candidates, including ones whose highest
 predicted IoU is not the best DICE, and on SAM ViT-B (random weights, three candidates per
-prompt) through the runner's :func:`cosmoslib.evaluate.evaluate_image`; each test also requires
+prompt) through the runner's :func:`cosmoslib.protocol.evaluate.evaluate_image`; each test also requires
 that the rules disagree somewhere, so it is not vacuous. DICE is recomputed here independently.
 """
 
@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cosmoslib import evaluate, matching, models, prompts
+from cosmoslib import models
+from cosmoslib.protocol import evaluate, matching, prompts
 
 
 def dice_pct(a: np.ndarray, b: np.ndarray) -> float:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from cosmoslib import stats as S
+from cosmoslib.analysis import stats as S
 
 
 def _reference_partial_spearman(df, x, y, covar):

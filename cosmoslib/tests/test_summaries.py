@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cosmoslib import summaries, timing
+from cosmoslib.analysis import paper, summaries, timing
 
 
 def _results():
@@ -71,7 +71,6 @@ def test_device_description_names_the_device():
 
 
 def test_beside_paper_joins_our_means_to_the_quoted_rows():
-    from cosmoslib import paper
 
     res = _results()
     res["object"] = res["object"].map({"o1": "Lung Tumor", "o2": "Unheard-of Thing"})

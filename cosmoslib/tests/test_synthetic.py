@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage import draw, measure
 
-from cosmoslib import synthetic as syn
+from cosmoslib.analysis import synthetic as syn
 
 
 def test_star_without_lobes_is_the_disk_of_skimage():

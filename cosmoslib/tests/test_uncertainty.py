@@ -1,4 +1,4 @@
-"""Cluster bootstrap intervals, paired tests and Holm (cosmoslib.uncertainty).
+"""Cluster bootstrap intervals, paired tests and Holm (cosmoslib.analysis.uncertainty).
 
 Coverage and error rates are checked by simulation against known truths; the resampling unit
 against data built so that cluster and row resampling must differ; Holm against statsmodels and
@@ -13,7 +13,7 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from cosmoslib import uncertainty as unc
+from cosmoslib.analysis import uncertainty as unc
 
 TRUE_MEAN = 70.0
 

@@ -1,4 +1,4 @@
-"""Volumes back from slices and their 3D scores in mm (cosmoslib.volumes).
+"""Volumes back from slices and their 3D scores in mm (cosmoslib.protocol.volumes).
 
 Reassembly is checked slice by slice (and against the source volume after a real prepare);
 the 3D numbers against medpy with ``voxelspacing``, MONAI's surface Dice and a brute-force NSD
@@ -13,13 +13,14 @@ import medpy.metric.binary as medpy_binary
 import monai.metrics as monai_metrics
 import nibabel as nib
 import numpy as np
-import torch
 import pandas as pd
 import pytest
+import torch
 
-from cosmoslib import catalog, io, metrics, preprocess, volumes
+from cosmoslib import files
+from cosmoslib.data import catalog, indexer, preprocess, readers
+from cosmoslib.protocol import evaluate, metrics, volumes
 from cosmoslib.tests.test_metrics import brute_force_nsd
-
 
 ROW, COL, SLICE = 0.7, 0.9, 3.0  # mm; a volume's voxel is (SLICE, ROW, COL)
 VOXEL = (SLICE, ROW, COL)
@@ -107,7 +108,7 @@ def test_reassembly_of_a_prepared_volume_matches_the_source(tmp_path):
         "main_plane": "axial", "objects": [{"name": "Thing", "source_values": [1], "value": 1}],
         "pairs": {"image": "*_img.nii.gz", "label": "{stem}_seg.nii.gz"}}, tmp_path / "d.yaml")
     preprocess.prepare(src, d, tmp_path / "out", progress=False)
-    man = io.index(tmp_path / "out")
+    man = indexer.index(tmp_path / "out")
     kept = sorted(man.slice_index.astype(int))
     assert kept == [k for k in range(shape[0]) if label[k].sum() > 50]
     gt = volumes.label_masks(man, tmp_path / "out")
@@ -278,14 +279,13 @@ def test_protocol_gap_weights_slices_and_volumes():
 
 
 def test_saved_masks_reads_the_evaluation_layout(tmp_path):
-    from cosmoslib import evaluate
 
     shape = (8, 20, 20)
     gt_vol = ellipsoid(shape, (4, 10, 10), (2.5, 5, 5))
     man, gt = slice_manifest(gt_vol)
     for r in man.itertuples(index=False):
         path = tmp_path / "masks" / "vit_b" / "S2" / r.task / evaluate.mask_filename(r.image_id, r.object, r.label_value)
-        io.atomic_write_bytes(path, io.encode_png(gt_vol[r.slice_index].astype(np.uint8) * 255))
+        files.atomic_write_bytes(path, readers.encode_png(gt_vol[r.slice_index].astype(np.uint8) * 255))
     pred = volumes.saved_masks(tmp_path / "masks", "vit_b", "S2", man)
     r = volumes.volume_table(man, {("vit_b", "S2"): pred}, gt).iloc[0]
     assert r.dice == 100.0

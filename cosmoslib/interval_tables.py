@@ -20,6 +20,7 @@ from typing import Sequence
 import pandas as pd
 
 from cosmoslib import stats, summaries, uncertainty
+from cosmoslib.prompts import SHIFT_LEVELS
 from cosmoslib.uncertainty import CI, N_RESAMPLES_PARTIAL, N_RESAMPLES_TABLES
 
 _KEY = ["task", "image_id", "label_value"]
@@ -237,3 +238,22 @@ def table6_intervals(results: pd.DataFrame, factors: pd.DataFrame, manifest: pd.
             rows.append(dict(zip(by, group), factor=factor, **pc._asdict()))
     columns = [*by, "factor", "r", "low", "high", "n", "n_units", "n_draws", "note"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def table8_cells(t8: pd.DataFrame, model: str, digits: int = 2) -> pd.DataFrame:
+    """Table 8 as the paper prints it for one model, each cell ``drop [low, high]``.
+
+    Parameters
+    ----------
+    t8 : :func:`table8_intervals` (without ``by``).
+    model : the model shown.
+
+    Returns
+    -------
+    DataFrame of str: rows (run, shift range in pixels), columns S2..S6, as
+    :func:`cosmoslib.summaries.table8_wide`.
+    """
+    part = t8[t8["model"] == model]
+    part = part.assign(shift=[f"{SHIFT_LEVELS[int(v)][0]:g}-{SHIFT_LEVELS[int(v)][1]:g}" for v in part["shift_level"]])
+    wide = uncertainty.interval_cells(part, ["run", "shift_level", "shift"], "strategy", digits=digits)
+    return wide.droplevel("shift_level")

@@ -511,15 +511,22 @@ def interval_cells(long: pd.DataFrame, index, columns, digits: int = 1, mean: st
 
 
 def interval_note(n_resamples: int = N_RESAMPLES_TABLES, seed: int = 0, ci: float = CI,
-                  method: str = METHOD, unit: str = "source volumes (else source images)") -> str:
+                  method: str = METHOD, unit: str = "source volumes (else source images)",
+                  what: str = "[brackets]") -> str:
     """The caption sentence that says what an interval is.
+
+    Parameters
+    ----------
+    n_resamples, seed, ci, method : the interval's settings, as passed to the table function.
+    unit : the independent unit resampled, in words.
+    what : how the interval is drawn (``"[brackets]"`` in tables, ``"error bars"`` in figures).
 
     Returns
     -------
     str, e.g. ``"[brackets]: 95 % cluster bootstrap CI (BCa) over source volumes (else source
-    images), 2000 resamples, seed 0; n=1: one unit, no interval."``
+    images), 2000 resamples, seed 0; n=1: a single unit, no interval."``
     """
-    return (f"[brackets]: {ci:g} % cluster bootstrap CI ({method}) over {unit}, {int(n_resamples)} resamples, "
+    return (f"{what}: {ci:g} % cluster bootstrap CI ({method}) over {unit}, {int(n_resamples)} resamples, "
             f"seed {seed}; {ONE_UNIT.split(',')[0]}: a single unit, no interval.")
 
 
@@ -581,6 +588,56 @@ def partial_corr_from_ranks(data: np.ndarray) -> float:
     return float(np.clip(-prec[0, 1] / math.sqrt(denom), -1.0, 1.0))
 
 
+def _unit_weights(codes: np.ndarray, k: int, n_resamples: int, seed) -> np.ndarray:
+    """Row weights ``(n_resamples, n_rows)``: how often each row's unit is drawn in each resample."""
+    picks = cluster_draws(k, n_resamples, seed)
+    counts = np.zeros((len(picks), k))
+    np.add.at(counts, (np.arange(len(picks))[:, None], picks), 1.0)
+    return counts[:, codes]
+
+
+def weighted_partial_corr(data: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """:func:`partial_corr_from_ranks` of many weighted copies of one table at once.
+
+    Parameters
+    ----------
+    data : ndarray (n, p), finite.
+    weights : ndarray (B, n) of non-negative integers: row ``i`` appears ``weights[b, i]``
+        times in table ``b`` (a bootstrap resample).
+
+    Returns
+    -------
+    ndarray (B,)
+        The partial correlation of columns 0 and 1 given the others on the average ranks of
+        each expanded table, equal to :func:`partial_corr_from_ranks` of
+        ``np.repeat(data, weights[b], axis=0)``, without building it: ranks come from
+        cumulative weights over each column's sorted tie groups, the covariance is weighted.
+        NaN where column 0 or 1 is constant or the table has fewer than p + 1 rows.
+    """
+    n, p = data.shape
+    b = weights.shape[0]
+    ranks = np.empty((b, n, p))
+    for j in range(p):
+        order = np.argsort(data[:, j], kind="stable")
+        sorted_vals = data[order, j]
+        starts = np.flatnonzero(np.r_[True, sorted_vals[1:] != sorted_vals[:-1]])
+        group = np.empty(n, dtype=np.intp)
+        group[order] = np.cumsum(np.r_[True, sorted_vals[1:] != sorted_vals[:-1]]) - 1
+        wg = np.add.reduceat(weights[:, order], starts, axis=1)
+        rank_g = np.cumsum(wg, axis=1) - wg + (wg + 1.0) / 2.0
+        ranks[:, :, j] = rank_g[:, group]
+    total = weights.sum(axis=1)
+    mean = np.einsum("bn,bnj->bj", weights, ranks) / total[:, None]
+    centred = ranks - mean[:, None, :]
+    cov = np.einsum("bn,bni,bnj->bij", weights, centred, centred)
+    prec = np.linalg.pinv(cov, hermitian=True)
+    denom = prec[:, 0, 0] * prec[:, 1, 1]
+    ok = (total >= p + 1) & (cov[:, 0, 0] > 1e-12 * total ** 3) & (cov[:, 1, 1] > 1e-12 * total ** 3) & (denom > 0)
+    r = np.full(b, np.nan)
+    r[ok] = np.clip(-prec[ok, 0, 1] / np.sqrt(denom[ok]), -1.0, 1.0)
+    return r
+
+
 def cluster_draws(k: int, n_resamples: int, seed: int | np.random.Generator = 0) -> np.ndarray:
     """The seeded cluster draws of a bootstrap: ``(n_resamples, k)`` cluster indices.
 
@@ -619,8 +676,8 @@ def partial_spearman_ci(
     PartialCorrCI
         Each resample draws the complete rows' units with replacement
         (:func:`cluster_draws`), pools all their rows (ties from repeated rows get average
-        ranks, as pingouin would give the pooled table) and recomputes the coefficient with
-        :func:`partial_corr_from_ranks`; the interval is the ``(100 - ci) / 2`` and
+        ranks, as pingouin would give the pooled table) and recomputes the coefficient
+        (:func:`weighted_partial_corr`, all resamples at once); the interval is the ``(100 - ci) / 2`` and
         ``(100 + ci) / 2`` percentiles of the defined draws (percentile method: the BCa
         jackknife would cost one more coefficient per unit). No interval, with ``note``: r
         undefined, one unit, or fewer than half the draws defined.
@@ -645,11 +702,10 @@ def partial_spearman_ci(
         return none(pc.note or "r undefined")
     if k < 2:
         return none(ONE_UNIT)
-    members = [np.flatnonzero(codes == c) for c in range(k)]
-    draws = np.empty(n_resamples)
-    for b, picks in enumerate(cluster_draws(k, n_resamples, seed)):
-        rows = np.concatenate([members[c] for c in picks])
-        draws[b] = partial_corr_from_ranks(values[rows])
+    weights = _unit_weights(codes, k, n_resamples, seed)
+    step = max(1, 2_000_000 // max(1, values.size))  # bounds the (resamples x rows x columns) rank array
+    draws = np.concatenate([weighted_partial_corr(values, weights[i:i + step])
+                            for i in range(0, n_resamples, step)])
     good = draws[np.isfinite(draws)]
     if len(good) < n_resamples / 2:
         return PartialCorrCI(pc.r, float("nan"), float("nan"), pc.n, k, len(good),

@@ -251,3 +251,18 @@ def test_table6_intervals_match_table6(fake_run):
     assert (merged["n_units"] == 10).all()
     ok = merged["low"].notna()
     assert ok.all() and (merged["low"] <= merged["r"] + 1e-12).all() and (merged["r"] <= merged["high"] + 1e-12).all()
+
+
+def test_weighted_partial_corr_equals_the_expanded_table_with_ties():
+    """Integer weights give the coefficient of the table with each row repeated that often,
+    ties (repeated rows and equal values) included; a constant x gives NaN."""
+    rng = np.random.default_rng(7)
+    data = np.column_stack([rng.integers(0, 6, 40), rng.normal(size=40), rng.integers(0, 3, 40), rng.normal(size=40)])
+    weights = rng.integers(0, 4, size=(25, 40)).astype(float)
+    got = unc.weighted_partial_corr(data, weights)
+    for w, r in zip(weights, got):
+        expanded = np.repeat(data, w.astype(int), axis=0)
+        assert r == pytest.approx(unc.partial_corr_from_ranks(expanded), abs=1e-10)
+    flat = data.copy()
+    flat[:, 0] = 2.0
+    assert np.isnan(unc.weighted_partial_corr(flat, weights)).all()

@@ -44,6 +44,7 @@ from scipy import stats as sps
 
 from cosmoslib import models as models_mod
 from cosmoslib.analysis import uncertainty
+from cosmoslib.analysis.uncertainty import with_source
 
 #: The three verdicts.
 HOLDS = "holds"
@@ -222,30 +223,6 @@ def combine(per_model: Mapping[str, str]) -> str:
     if any(v == DOES_NOT_HOLD for v in values):
         return DOES_NOT_HOLD
     return CANNOT_DECIDE
-
-
-def with_source(table: pd.DataFrame, manifest: pd.DataFrame | None) -> pd.DataFrame:
-    """``table`` with the manifest's ``source`` column (the independent unit of each object).
-
-    Parameters
-    ----------
-    table : DataFrame keyed by ``task, image_id, label_value``.
-    manifest : DataFrame with those keys and ``source``; None when ``table`` has ``source``.
-
-    Returns
-    -------
-    DataFrame
-        ``table`` (``label_value`` as int64) with ``source`` added by a left join; objects the
-        manifest lacks get a null source (their image is then their unit, see
-        :func:`cosmoslib.analysis.uncertainty.cluster_key`).
-    """
-    out = table.astype({"label_value": "int64"})
-    if "source" in out:
-        return out
-    if manifest is None or "source" not in manifest:
-        return out.assign(source=None)
-    src = manifest[[*_KEY, "source"]].astype({"label_value": "int64"}).drop_duplicates(_KEY)
-    return out.merge(src, on=_KEY, how="left")
 
 
 def _prompted(results: pd.DataFrame, rule: str) -> pd.DataFrame:

@@ -41,6 +41,8 @@ import pandas as pd
 import pingouin
 from scipy import stats as sps
 
+from cosmoslib.analysis import stats
+
 #: Default confidence level, percent.
 CI = 95.0
 #: Default number of bootstrap resamples.
@@ -404,3 +406,337 @@ def paired_comparisons(
     out["p_holm"] = holm(out["p"].to_numpy(dtype=float)) if len(out) else np.array([], dtype=float)
     out["significant"] = (out["p_holm"] < alpha).astype(bool)
     return out.astype({"n_objects": "int64", "n_clusters": "int64"})
+
+
+# --------------------------------------------------------------------------------------------
+# intervals on every table cell and figure bar (issue 13, item 2)
+# --------------------------------------------------------------------------------------------
+
+#: Resamples of the book's table and bar intervals (BCa on per-unit sums: cheap per cell).
+N_RESAMPLES_TABLES = 2000
+#: Resamples of the Table 6 partial-correlation intervals: each resample re-ranks the pooled
+#: rows and inverts a covariance matrix, so this is kept small enough for the demo book.
+N_RESAMPLES_PARTIAL = 400
+#: What a cell with a single independent unit shows instead of an interval.
+ONE_UNIT = "n=1, no interval"
+
+
+def with_intervals(
+    frame: pd.DataFrame,
+    value: str,
+    by: Sequence[str] | str = (),
+    unit=None,
+    ci: float = CI,
+    n_resamples: int = N_RESAMPLES_TABLES,
+    seed: int = 0,
+    method: str = METHOD,
+) -> pd.DataFrame:
+    """Mean of ``value`` per group with its seeded cluster bootstrap interval (long format).
+
+    Parameters
+    ----------
+    frame : DataFrame
+        One row per observation (object on a slice, object x repeat, ...), with ``value``, the
+        ``by`` columns and the unit: ``task`` + ``source`` (+ ``image_id``) for the default
+        unit, else the column(s) named by ``unit``.
+    value : column averaged (e.g. ``"dice"`` in %, ``"hd"`` in pixels, ``"drop"`` in points).
+    by : grouping columns; ``()`` for one overall row.
+    unit : the independent unit resampled, as ``cluster`` of :func:`cluster_bootstrap_ci`:
+        None = :func:`cluster_key` (source volume, else source image).
+    ci, n_resamples, seed, method : as for :func:`cluster_bootstrap_ci` (default BCa, 95 %,
+        :data:`N_RESAMPLES_TABLES` resamples); every group uses the same seed, so a cell's
+        interval does not depend on the other cells.
+
+    Returns
+    -------
+    DataFrame
+        ``*by, mean, low, high, n, n_units``: ``mean`` over the group's finite rows (the number
+        the paper's tables print), ``low``/``high`` the interval (NaN when the group has one
+        unit: there is no between-unit variation to resample, see :func:`format_interval`),
+        ``n`` finite rows, ``n_units`` independent units. Groups without a finite value have
+        ``mean`` NaN and ``n`` 0. Sorted by ``by``.
+    """
+    out = mean_with_ci(frame, by, value, cluster=unit, ci=ci, n_resamples=n_resamples, seed=seed,
+                       method=method)
+    out = out.rename(columns={value: "mean", f"{value}_low": "low", f"{value}_high": "high",
+                              "n_clusters": "n_units"})
+    by = [by] if isinstance(by, str) else list(by)
+    return out[[*by, "mean", "low", "high", "n", "n_units"]]
+
+
+def format_interval(mean: float, low: float, high: float, n_units: int, digits: int = 1) -> str:
+    """One display cell: ``"55.6 [50.1, 60.2]"``; one unit: ``"55.6 (n=1, no interval)"``.
+
+    Parameters
+    ----------
+    mean, low, high : the estimate and its interval (same unit as the table).
+    n_units : independent units behind the cell.
+    digits : decimals.
+
+    Returns
+    -------
+    str
+        ``""`` when the mean is not finite (an empty cell); ``"<mean> (n=1, no interval)"``
+        for a single unit, never a made-up interval; ``"<mean> (no interval)"`` when the bounds
+        are missing for another reason (e.g. every bootstrap draw undefined).
+    """
+    if mean is None or not math.isfinite(float(mean)):
+        return ""
+    text = f"{float(mean):.{digits}f}"
+    if int(n_units) < 2:
+        return f"{text} ({ONE_UNIT})"
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+        return f"{text} (no interval)"
+    return f"{text} [{float(low):.{digits}f}, {float(high):.{digits}f}]"
+
+
+def interval_cells(long: pd.DataFrame, index, columns, digits: int = 1, mean: str = "mean") -> pd.DataFrame:
+    """A wide display table of :func:`format_interval` cells from a long interval table.
+
+    Parameters
+    ----------
+    long : DataFrame with ``index`` and ``columns`` columns and ``mean``/``low``/``high``/
+        ``n_units`` (as :func:`with_intervals` returns; ``mean`` may be renamed).
+    index, columns : column(s) for the rows and columns of the wide table.
+    digits : decimals.
+
+    Returns
+    -------
+    DataFrame of str, sorted on both axes; cells without a group are ``""``.
+    """
+    cells = long.assign(_cell=[format_interval(m, lo, hi, k, digits) for m, lo, hi, k in
+                               zip(long[mean], long["low"], long["high"], long["n_units"])])
+    wide = cells.pivot_table(index=index, columns=columns, values="_cell", aggfunc="first")
+    return wide.fillna("").sort_index().sort_index(axis=1)
+
+
+def interval_note(n_resamples: int = N_RESAMPLES_TABLES, seed: int = 0, ci: float = CI,
+                  method: str = METHOD, unit: str = "source volumes (else source images)",
+                  what: str = "[brackets]") -> str:
+    """The caption sentence that says what an interval is.
+
+    Parameters
+    ----------
+    n_resamples, seed, ci, method : the interval's settings, as passed to the table function.
+    unit : the independent unit resampled, in words.
+    what : how the interval is drawn (``"[brackets]"`` in tables, ``"error bars"`` in figures).
+
+    Returns
+    -------
+    str, e.g. ``"[brackets]: 95 % cluster bootstrap CI (BCa) over source volumes (else source
+    images), 2000 resamples, seed 0; n=1: a single unit, no interval."``
+    """
+    return (f"{what}: {ci:g} % cluster bootstrap CI ({method}) over {unit}, {int(n_resamples)} resamples, "
+            f"seed {seed}; {ONE_UNIT.split(',')[0]}: a single unit, no interval.")
+
+
+class PartialCorrCI(NamedTuple):
+    """A Spearman partial correlation with its cluster bootstrap interval.
+
+    Attributes
+    ----------
+    r : float
+        :func:`cosmoslib.analysis.stats.partial_spearman` on all rows (NaN when undefined).
+    low, high : float
+        Percentile interval of the bootstrap draws; NaN with fewer than two units, when ``r``
+        is undefined, or when fewer than half the draws are defined.
+    n : int
+        Complete rows used by ``r``.
+    n_units : int
+        Independent units among those rows.
+    n_draws : int
+        Bootstrap draws with a defined coefficient (a draw whose x or y is constant has none).
+    note : str
+        Why there is no interval, or ``""``.
+    """
+
+    r: float
+    low: float
+    high: float
+    n: int
+    n_units: int
+    n_draws: int
+    note: str
+
+
+def partial_corr_from_ranks(data: np.ndarray) -> float:
+    """Partial correlation of columns 0 and 1 given the others, on average ranks.
+
+    Parameters
+    ----------
+    data : ndarray (n, p), p >= 2, finite.
+
+    Returns
+    -------
+    float
+        ``-P01 / sqrt(P00 P11)`` with ``P`` the pseudo-inverse of the covariance of the column
+        ranks (:func:`scipy.stats.rankdata`, average ties), the computation of
+        :func:`pingouin.partial_corr` with ``method="spearman"``. A constant covariate gets a
+        zero row in the covariance and so drops out of the pseudo-inverse; NaN when column 0 or
+        1 is constant or n < p + 1.
+    """
+    n, p = data.shape
+    if n < p + 1:
+        return float("nan")
+    ranks = sps.rankdata(data, axis=0)
+    if np.ptp(ranks[:, 0]) == 0 or np.ptp(ranks[:, 1]) == 0:
+        return float("nan")
+    prec = np.linalg.pinv(np.cov(ranks, rowvar=False), hermitian=True)
+    denom = prec[0, 0] * prec[1, 1]
+    if not denom > 0:
+        return float("nan")
+    return float(np.clip(-prec[0, 1] / math.sqrt(denom), -1.0, 1.0))
+
+
+def _unit_weights(codes: np.ndarray, k: int, n_resamples: int, seed) -> np.ndarray:
+    """Row weights ``(n_resamples, n_rows)``: how often each row's unit is drawn in each resample."""
+    picks = cluster_draws(k, n_resamples, seed)
+    counts = np.zeros((len(picks), k))
+    np.add.at(counts, (np.arange(len(picks))[:, None], picks), 1.0)
+    return counts[:, codes]
+
+
+def weighted_partial_corr(data: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """:func:`partial_corr_from_ranks` of many weighted copies of one table at once.
+
+    Parameters
+    ----------
+    data : ndarray (n, p), finite.
+    weights : ndarray (B, n) of non-negative integers: row ``i`` appears ``weights[b, i]``
+        times in table ``b`` (a bootstrap resample).
+
+    Returns
+    -------
+    ndarray (B,)
+        The partial correlation of columns 0 and 1 given the others on the average ranks of
+        each expanded table, equal to :func:`partial_corr_from_ranks` of
+        ``np.repeat(data, weights[b], axis=0)``, without building it: ranks come from
+        cumulative weights over each column's sorted tie groups, the covariance is weighted.
+        NaN where column 0 or 1 is constant or the table has fewer than p + 1 rows.
+    """
+    n, p = data.shape
+    b = weights.shape[0]
+    ranks = np.empty((b, n, p))
+    for j in range(p):
+        order = np.argsort(data[:, j], kind="stable")
+        sorted_vals = data[order, j]
+        starts = np.flatnonzero(np.r_[True, sorted_vals[1:] != sorted_vals[:-1]])
+        group = np.empty(n, dtype=np.intp)
+        group[order] = np.cumsum(np.r_[True, sorted_vals[1:] != sorted_vals[:-1]]) - 1
+        wg = np.add.reduceat(weights[:, order], starts, axis=1)
+        rank_g = np.cumsum(wg, axis=1) - wg + (wg + 1.0) / 2.0
+        ranks[:, :, j] = rank_g[:, group]
+    total = weights.sum(axis=1)
+    mean = np.einsum("bn,bnj->bj", weights, ranks) / total[:, None]
+    centred = ranks - mean[:, None, :]
+    cov = np.einsum("bn,bni,bnj->bij", weights, centred, centred)
+    prec = np.linalg.pinv(cov, hermitian=True)
+    denom = prec[:, 0, 0] * prec[:, 1, 1]
+    ok = (total >= p + 1) & (cov[:, 0, 0] > 1e-12 * total ** 3) & (cov[:, 1, 1] > 1e-12 * total ** 3) & (denom > 0)
+    r = np.full(b, np.nan)
+    r[ok] = np.clip(-prec[ok, 0, 1] / np.sqrt(denom[ok]), -1.0, 1.0)
+    return r
+
+
+def cluster_draws(k: int, n_resamples: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+    """The seeded cluster draws of a bootstrap: ``(n_resamples, k)`` cluster indices.
+
+    Row ``b`` is ``rng.integers(0, k, k)`` from ``rng = numpy.random.default_rng(seed)``:
+    resample ``b`` holds ``k`` units drawn with replacement, each with all its rows.
+    """
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    return rng.integers(0, k, size=(int(n_resamples), int(k)))
+
+
+def partial_spearman_ci(
+    df: pd.DataFrame,
+    x: str,
+    y: str,
+    covar: Sequence[str] | str,
+    unit=None,
+    n_resamples: int = N_RESAMPLES_PARTIAL,
+    ci: float = CI,
+    seed: int = 0,
+) -> PartialCorrCI:
+    """Spearman partial correlation (Table 6 cell) with a seeded cluster bootstrap interval.
+
+    Parameters
+    ----------
+    df : DataFrame with ``x``, ``y``, the covariates and the unit column(s).
+    x, y, covar : as for :func:`cosmoslib.analysis.stats.partial_spearman` (which gives the estimate
+        and decides which covariates are constant and left out, and which rows are complete).
+    unit : the independent unit, as ``cluster`` of :func:`cluster_bootstrap_ci` (None =
+        :func:`cluster_key`: source volume, else source image).
+    n_resamples : bootstrap resamples (default :data:`N_RESAMPLES_PARTIAL`).
+    ci : confidence level, percent.
+    seed : seed of :func:`cluster_draws`; same seed, same interval.
+
+    Returns
+    -------
+    PartialCorrCI
+        Each resample draws the complete rows' units with replacement
+        (:func:`cluster_draws`), pools all their rows (ties from repeated rows get average
+        ranks, as pingouin would give the pooled table) and recomputes the coefficient
+        (:func:`weighted_partial_corr`, all resamples at once); the interval is the ``(100 - ci) / 2`` and
+        ``(100 + ci) / 2`` percentiles of the defined draws (percentile method: the BCa
+        jackknife would cost one more coefficient per unit). No interval, with ``note``: r
+        undefined, one unit, or fewer than half the draws defined.
+    """
+    covar = [covar] if isinstance(covar, str) else list(covar)
+    if not 0 < ci < 100:
+        raise ValueError(f"ci must be in (0, 100), got {ci}")
+    pc = stats.partial_spearman(df, x, y, covar)
+    used = [c for c in covar if c not in pc.dropped_covariates]
+    units = _clusters(df, unit)
+    data = df[[x, y, *used]].apply(pd.to_numeric, errors="coerce").astype(float)
+    data = data.replace([np.inf, -np.inf], np.nan)
+    ok = data.notna().all(axis=1).to_numpy()
+    values, units = data.to_numpy()[ok], units[ok]
+    codes, uniques = pd.factorize(units, sort=True)
+    k = len(uniques)
+
+    def none(note: str) -> PartialCorrCI:
+        return PartialCorrCI(pc.r, float("nan"), float("nan"), pc.n, k, 0, note)
+
+    if not math.isfinite(pc.r):
+        return none(pc.note or "r undefined")
+    if k < 2:
+        return none(ONE_UNIT)
+    weights = _unit_weights(codes, k, n_resamples, seed)
+    step = max(1, 2_000_000 // max(1, values.size))  # bounds the (resamples x rows x columns) rank array
+    draws = np.concatenate([weighted_partial_corr(values, weights[i:i + step])
+                            for i in range(0, n_resamples, step)])
+    good = draws[np.isfinite(draws)]
+    if len(good) < n_resamples / 2:
+        return PartialCorrCI(pc.r, float("nan"), float("nan"), pc.n, k, len(good),
+                             f"only {len(good)} of {n_resamples} bootstrap draws defined")
+    low, high = np.percentile(good, [(100 - ci) / 2, (100 + ci) / 2])
+    return PartialCorrCI(pc.r, float(low), float(high), pc.n, k, len(good), "")
+
+
+#: The key of one object in the results and the manifest.
+_OBJECT_KEY = ["task", "image_id", "label_value"]
+
+
+def with_source(table: pd.DataFrame, manifest: pd.DataFrame | None) -> pd.DataFrame:
+    """``table`` with the manifest's ``source`` (the unit of each object) joined on the object key.
+
+    Parameters
+    ----------
+    table : DataFrame keyed by ``task, image_id, label_value``.
+    manifest : DataFrame with those keys and ``source``; None when ``table`` has ``source``.
+
+    Returns
+    -------
+    DataFrame
+        ``table`` (``label_value`` int64) with ``source``; an object the manifest lacks, or a
+        manifest without ``source``, gets a null source, and its image is then its unit
+        (:func:`cosmoslib.analysis.uncertainty.cluster_key`).
+    """
+    out = table.astype({"label_value": "int64"})
+    if "source" in out:
+        return out
+    if manifest is None or "source" not in manifest:
+        return out.assign(source=None)
+    src = manifest[[*_OBJECT_KEY, "source"]].astype({"label_value": "int64"}).drop_duplicates(_OBJECT_KEY)
+    return out.merge(src, on=_OBJECT_KEY, how="left")

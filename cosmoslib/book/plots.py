@@ -147,3 +147,47 @@ def draw_shifted_boxes(ax, prompt_rows) -> None:
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
+
+
+def interval_bars(ax, long, x: str, hue: str | None = None, mean: str = "mean", order=None, ylabel: str = ""):
+    """Grouped bars of a long interval table with asymmetric error bars (the interval).
+
+    Parameters
+    ----------
+    ax : matplotlib Axes.
+    long : DataFrame with ``x``, ``hue``, ``mean`` (bar height), ``low``, ``high`` and
+        ``n_units`` (as :func:`cosmoslib.analysis.uncertainty.with_intervals` returns).
+    x, hue : columns for the bar positions and the bar colours (one bar per hue level).
+    order : x levels in drawing order (default: sorted).
+    ylabel : axis label.
+
+    Returns
+    -------
+    The Axes. A bar whose cell has one unit, or no finite bounds, gets no error bar and an
+    ``n=1`` mark above it (``no CI`` when the bounds are missing for another reason), so a
+    missing interval is never read as a tight one.
+    """
+    xs = list(order) if order is not None else sorted(long[x].unique())
+    hues = sorted(long[hue].unique()) if hue else [None]
+    width = 0.8 / len(hues)
+    colours = sns.color_palette(n_colors=max(len(hues), 1))
+    for j, level in enumerate(hues):
+        part = long if hue is None else long[long[hue] == level]
+        part = part.set_index(x).reindex(xs)
+        pos = np.arange(len(xs)) - 0.4 + width * (j + 0.5)
+        heights = part[mean].to_numpy(dtype=float)
+        ax.bar(pos, np.nan_to_num(heights), width=width, color=colours[j], label=level)
+        low, high = part["low"].to_numpy(dtype=float), part["high"].to_numpy(dtype=float)
+        has = np.isfinite(low) & np.isfinite(high) & np.isfinite(heights)
+        ax.errorbar(pos[has], heights[has], yerr=[heights[has] - low[has], high[has] - heights[has]],
+                    fmt="none", ecolor="black", elinewidth=1, capsize=2)
+        units = part["n_units"].to_numpy(dtype=float)
+        for p, h, ok, k in zip(pos, heights, has, units):
+            if np.isfinite(h) and not ok:
+                ax.annotate("n=1" if k < 2 else "no CI", (p, h), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(xs)))
+    ax.set_xticklabels([str(v) for v in xs])
+    ax.set_ylabel(ylabel)
+    if hue:
+        ax.legend(fontsize=8)
+    return ax

@@ -56,7 +56,8 @@ def hce(pred: np.ndarray, gt: np.ndarray, relax: int = HCE_RELAX,
     ValueError
         Shapes differ or are not 2D, ``relax < 0`` or ``epsilon <= 0``.
     """
-    from py_sod_metrics import HumanCorrectionEffortMeasure  # installed --no-deps (see Makefile): import on use
+    # pysodmetrics is installed --no-deps (see Makefile) and only Table 7 needs it: import on use.
+    from py_sod_metrics import HumanCorrectionEffortMeasure
 
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape or pred.ndim != 2:

@@ -606,7 +606,7 @@ def test_gap_sentence_follows_the_numbers():
 
 def test_cluster_unit_of_results_is_the_volume():
     res = results({("m", "S5"): 70.0})
-    keys = uncertainty.cluster_key(fd.with_source(res.drop(columns="source"), manifest_of(res)))
+    keys = uncertainty.cluster_key(uncertainty.with_source(res.drop(columns="source"), manifest_of(res)))
     assert keys.nunique() == 12
 
 

@@ -517,8 +517,9 @@ class Chapter:
         n_img = {p: int(rows[["task", "image_id"]].drop_duplicates().shape[0]) for p, rows in counts.items()}
         names = ", ".join(f"**{n}** ({b} with its mask decoder finetuned on `{c}` prompts)" for n, (b, c) in pairs.items())
         reused = sum(r.reused for r in self.finetune_runs().values())
-        return (f"{names} comes from the finetuning chapter's run ({reused} of {len(pairs)} reused, the rest "
-                f"trained now), trained on {len(counts['train'])} objects of {n_img['train']} images and selected "
+        made = ("reused from an earlier chapter of this book" if reused == len(pairs)
+                else "trained now" if not reused else f"{reused} of {len(pairs)} reused, the rest trained now")
+        return (f"{names} is the finetuning chapter's run ({made}), trained on {len(counts['train'])} objects of {n_img['train']} images and selected "
                 f"on {len(counts['val'])} validation objects of {n_img['val']} images. It is evaluated here, beside "
                 f"its base model, on the **test part only**: {len(counts['test'])} objects of {n_img['test']} "
                 f"images whose source volumes or files were never used for training or validation "

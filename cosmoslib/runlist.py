@@ -219,7 +219,11 @@ def config(name: str) -> Config:
     chapter on 4 multi-object images up to m = 32 (m = 64 alone cost about 8 of the book's 30
     minutes on 2 cores and, with the box-trained LiteMedSAM, only adds another column of DICE 0),
     so the whole book with the protocol chapters stays under 30 minutes; ``full`` uses the
-    paper's settings (8² ... 256²). ``full`` reads ``COSMOS_FULL_ROOT`` and
+    paper's settings (8² ... 256²). ``demo`` (and ``smoke``, where one short epoch is cheap) also
+    evaluates the ``mixed``-finetuned LiteMedSAM of the finetuning chapter beside the base model in
+    chapters 01, 03 and 06, on the test part of the finetuning split only: S1-S6 on every test object
+    (the base's rows are the config's run), S1 at the paper's and at own-score thresholds on 6 test
+    images at m = 8 only, and the SAM interaction methods on 6 test objects. ``full`` reads ``COSMOS_FULL_ROOT`` and
     ``COSMOS_FULL_MODELS`` (comma-separated registry names) when the run list is built.
     """
     if name == "smoke":
@@ -233,7 +237,7 @@ def config(name: str) -> Config:
         return Config(name="demo", s1_points_per_side=8, grid_sizes=(8, 16, 32), grid_max_images=4,
                       protocol_max_objects=36, interactive_max_objects=12,
                       finetune_max_objects_per_image=4, finetune_max_val_objects=12, finetune_s1_max_images=6,
-                      finetuned_curricula=("mixed",), finetuned_grid_sizes=(8, 16), finetuned_grid_max_images=6,
+                      finetuned_curricula=("mixed",), finetuned_grid_sizes=(8,), finetuned_grid_max_images=6,
                       finetuned_interactive_max_objects=6)
     if name == "full":
         models = tuple(m for m in os.environ.get("COSMOS_FULL_MODELS", "litemedsam").split(",") if m)

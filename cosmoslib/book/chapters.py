@@ -38,7 +38,16 @@ from cosmoslib.book.runlist import Config
 from cosmoslib.book.runlist import config as config_named
 from cosmoslib.data import dataset, indexer, readers
 from cosmoslib.models import cache as cache_mod
-from cosmoslib.protocol import annotation, evaluate, interactive, matching, prompts
+from cosmoslib.models import everything as everything_mod
+from cosmoslib.protocol import (
+    annotation,
+    evaluate,
+    finetune,
+    interactive,
+    matching,
+    prompts,
+    s1_thresholds,
+)
 from cosmoslib.strategies import PROMPT_STRATEGIES
 
 # Per-process memory: each model is loaded, and each root indexed, at most once per process.
@@ -405,6 +414,184 @@ class Chapter:
         from IPython.display import Markdown, display
 
         display(Markdown(f"{text} {self.provenance()}"))
+
+    # ------------------------------------------------------------------ finetuned models (test part only)
+
+    @cached_property
+    def finetune_split(self) -> finetune.Split:
+        """The finetuning split of the config (:func:`cosmoslib.protocol.finetune.chapter_split`)."""
+        return finetune.chapter_split(self)
+
+    def test_part(self) -> pd.DataFrame:
+        """The manifest rows of the split's test part: the only objects a finetuned model is scored on."""
+        return self.finetune_split.rows(self.manifest, "test")
+
+    def only_test(self, table: pd.DataFrame) -> pd.DataFrame:
+        """``table`` unchanged after checking that each of its images is in the test part.
+
+        Raises
+        ------
+        RuntimeError
+            A row of a training or validation image: no finetuned model (nor its base beside it)
+            is ever reported on the images the decoder was trained or selected on.
+        """
+        if not len(table):
+            return table
+        seen = {(t, i) for part in ("train", "val")
+                for t, i in self.finetune_split.rows(self.manifest, part)[["task", "image_id"]].itertuples(index=False)}
+        bad = [(t, i) for t, i in table[["task", "image_id"]].drop_duplicates().itertuples(index=False) if (t, i) in seen]
+        if bad:
+            raise RuntimeError(f"{len(bad)} image(s) of the training or validation part in a test-part table, "
+                               f"e.g. {bad[0]}")
+        return table
+
+    @cached_property
+    def _finetuned(self) -> dict:
+        split = self.finetune_split if self.config.finetuned_curricula else None
+        runs = {}
+        for base in self.config.models:
+            for curriculum in self.config.finetuned_curricula:
+                result = finetune.chapter_run(self, base, curriculum, split=split)
+                runs[result.name] = (base, curriculum, result)
+        return runs
+
+    def finetuned(self) -> dict[str, tuple[str, str]]:
+        """``{finetuned model: (base model, curriculum)}`` of the config's ``finetuned_curricula``.
+
+        The first call trains each run or reuses it (:func:`cosmoslib.protocol.finetune.chapter_run`: the
+        run of the finetuning chapter, same settings and split, trained once per book).
+        """
+        return {name: (base, curriculum) for name, (base, curriculum, _) in self._finetuned.items()}
+
+    def finetune_runs(self) -> dict:
+        """``{finetuned model: FinetuneResult}`` (provenance, history, ``reused``)."""
+        return {name: result for name, (_, _, result) in self._finetuned.items()}
+
+    @cached_property
+    def _finetuned_models(self) -> dict:
+        return {name: finetune.load_finetuned(result.out_dir) for name, (_, _, result) in self._finetuned.items()}
+
+    def finetuned_model(self, name: str):
+        """The finetuned model ``name`` (loaded once per chapter from its run folder)."""
+        return self._finetuned_models[name]
+
+    def _label_pairs(self, table: pd.DataFrame) -> pd.DataFrame:
+        info = self.finetuned()
+        table = table.copy()
+        table["base"] = [info.get(m, (m, "none"))[0] for m in table["model"]]
+        table["curriculum"] = [info.get(m, (m, "none"))[1] for m in table["model"]]
+        return table
+
+    @cached_property
+    def _finetuned_results(self) -> pd.DataFrame:
+        names = list(self.finetuned())
+        test = self.test_part()
+        if not names or not len(test):
+            return pd.DataFrame(columns=[*evaluate.RESULT_COLUMNS, "base", "curriculum"])
+        tuned = finetune.evaluate_test_part(self, test, [self.finetuned_model(n) for n in names])
+        # the base models' rows of the same objects: the config's run already scored them with
+        # the same prompts (the prompt table is seeded per object) and settings
+        keys = test[["task", "image_id", "label_value"]].astype({"label_value": "int64"})
+        base = self.results().astype({"label_value": "int64"}).merge(keys, on=["task", "image_id", "label_value"])
+        base = base[base["model"].isin(self.config.models)]
+        table = pd.concat([base, tuned], ignore_index=True)
+        return self.only_test(self._label_pairs(table))
+
+    def finetuned_results(self) -> pd.DataFrame:
+        """S1-S6 results of the base models and their finetuned models on the **test part only**.
+
+        Results table columns plus ``base`` and ``curriculum`` (``"none"`` for a base model).
+        Empty when the config names no ``finetuned_curricula`` or the test part is empty.
+        """
+        return self._finetuned_results
+
+    def finetuned_note(self) -> str:
+        """The honesty note of every chapter that shows a finetuned model (glued, never hand-written)."""
+        pairs = self.finetuned()
+        if not pairs:
+            return "This config evaluates no finetuned model."
+        split = self.finetune_split
+        counts = {p: split.rows(self.manifest, p) for p in ("train", "val", "test")}
+        n_img = {p: int(rows[["task", "image_id"]].drop_duplicates().shape[0]) for p, rows in counts.items()}
+        names = ", ".join(f"**{n}** ({b} with its mask decoder finetuned on `{c}` prompts)" for n, (b, c) in pairs.items())
+        reused = sum(r.reused for r in self.finetune_runs().values())
+        made = ("reused from an earlier chapter of this book" if reused == len(pairs)
+                else "trained now" if not reused else f"{reused} of {len(pairs)} reused, the rest trained now")
+        return (f"{names} is the finetuning chapter's run ({made}), trained on {len(counts['train'])} objects of {n_img['train']} images and selected "
+                f"on {len(counts['val'])} validation objects of {n_img['val']} images. It is evaluated here, beside "
+                f"its base model, on the **test part only**: {len(counts['test'])} objects of {n_img['test']} "
+                f"images whose source volumes or files were never used for training or validation "
+                f"(split by {split.rule}). No finetuned model is reported on its own training images.")
+
+    def s1_thresholds(self, quantile: float | None = None, scope: str = "run") -> pd.DataFrame:
+        """S1 DICE at the paper's thresholds and at the own-score variant (:mod:`cosmoslib.protocol.s1_thresholds`)
+        for the base and finetuned models, on ``finetuned_grid_max_images`` test images spread over
+        the sorted test part, at each of ``finetuned_grid_sizes`` (default ``grid_sizes``).
+
+        Each (model, grid size) table is stored under a digest of its objects, model signature and
+        settings, so a rerun reuses it. Columns of :func:`cosmoslib.protocol.s1_thresholds.s1_threshold_table`
+        plus ``base`` and ``curriculum``; empty without finetuned models or test images.
+        """
+        c = self.config
+        quantile = everything_mod.VARIANT_QUANTILE if quantile is None else float(quantile)
+        names = list(self.finetuned())
+        images = finetune._spread_images(self.test_part(), c.finetuned_grid_max_images)
+        if not names or not len(images):
+            return pd.DataFrame(columns=[*s1_thresholds.COLUMNS, "base", "curriculum"])
+        chosen = [self.model(n) for n in c.models] + [self.finetuned_model(n) for n in names]
+        frames = []
+        for m in (c.finetuned_grid_sizes or c.grid_sizes):
+            for mdl in chosen:
+                path = self._stored("s1_thresholds", images, model=mdl.signature_hash, points_per_side=int(m),
+                                    quantile=quantile, scope=scope)
+                if path.exists():
+                    table = pd.read_parquet(path)
+                else:
+                    table = s1_thresholds.s1_threshold_table(images, self.root, mdl, int(m), quantile, scope)
+                    files.atomic_write_parquet(table, path)
+                frames.append(table)
+        return self.only_test(self._label_pairs(pd.concat(frames, ignore_index=True)))
+
+    @cached_property
+    def _finetuned_interaction(self) -> pd.DataFrame:
+        c = self.config
+        names = list(self.finetuned())
+        test = self.test_part()
+        if not names or not len(test):
+            return pd.DataFrame()
+        keys = dataset.spread_objects(test, c.finetuned_interactive_max_objects, np.random.default_rng(c.seed))
+        objects = test.merge(keys[["task", "image_id", "label_value"]], on=["task", "image_id", "label_value"])
+        chosen = {n: self.model(n) for n in c.models} | {n: self.finetuned_model(n) for n in names}
+        path = self._stored("interaction_finetuned", objects, max_clicks=c.max_clicks, seed=c.seed,
+                            compared=[m.signature_hash for m in chosen.values()])
+        if path.exists():
+            return pd.read_parquet(path)
+        frames = []
+        groups = list(objects.groupby(["task", "image_id"], sort=True))
+        for name, mdl in chosen.items():
+            emb_cache = cache_mod.EmbeddingCache(paths.embedding_cache_dir(), mdl)
+            for (task, image_id), rows in tqdm(groups, desc=f"interaction {name}", unit="img", file=sys.stderr):
+                first = rows.iloc[0]
+                image = readers.read_image(self.root / first["image_path"])
+                label = readers.read_label(self.root / first["label_path"])
+                embedding = emb_cache.get(self.root / first["image_path"])
+                for r in rows.itertuples(index=False):
+                    for method, previous in ((name, False), (f"{name} + previous logits", True)):
+                        segmenter = interactive.SamSegmenter(mdl, embedding, use_previous_logits=previous)
+                        curve = interactive.run_interaction(segmenter, image, label == r.label_value,
+                                                            max_clicks=c.max_clicks)
+                        frames.append(curve.assign(task=task, image_id=image_id, label_value=int(r.label_value),
+                                                   object=r.object, modality=r.modality, method=method,
+                                                   model=name))
+        table = self.only_test(self._label_pairs(pd.concat(frames, ignore_index=True)))
+        files.atomic_write_parquet(table, path)
+        return table
+
+    def finetuned_interaction(self) -> pd.DataFrame:
+        """Fig. 16 for the base and finetuned SAM methods (without / with previous logits) on
+        ``finetuned_interactive_max_objects`` test objects spread over the tasks; the classical
+        methods are not rerun. Columns of :meth:`interaction` plus ``model, base, curriculum``."""
+        return self._finetuned_interaction
 
 
 __all__ = ["Chapter", "GalleryItem", "Redecoder", "data_fingerprint", "indexed", "model"]

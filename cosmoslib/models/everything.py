@@ -251,3 +251,210 @@ def _empty(h: int, w: int) -> EverythingResult:
         point_coords=np.zeros((0, 2)),
         original_size=(h, w),
     )
+
+
+# ----------------------------------------------------------------------------- thresholds from the model itself
+#
+# A variant of S1, shown beside the paper's (predicted IoU > 0.88, stability >= 0.95): the same
+# candidates filtered at thresholds taken from the model's *own* distribution of predicted IoU and
+# stability. A model whose IoU head was never trained for point prompts (LiteMedSAM: boxes only)
+# may never reach 0.88, so the paper's filters keep nothing and S1 scores 0 whatever the masks;
+# the variant asks what the Everything mode finds when the filters keep the model's most
+# confident candidates instead.
+
+#: Default quantile of the variant: keep candidates above the 0.9 quantile of the pooled
+#: predicted IoU and at or above the 0.9 quantile of the pooled stability score.
+VARIANT_QUANTILE = 0.9
+
+
+@dataclass
+class Candidates:
+    """Every mask the decoder proposes for one image's grid, before any filter.
+
+    The S1 loop of :func:`generate_everything` without its predicted-IoU and stability filters
+    and without NMS; :func:`filter_candidates` applies them afterwards, so one decoding pass
+    serves several threshold settings.
+
+    Attributes
+    ----------
+    rles : list of dict
+        Each candidate as SAM's uncompressed RLE, in decoding order (grid point, then output).
+    predicted_iou, stability_score : (N,) float32
+        The decoder's quality estimate and the stability score (IoU of the masks binarised at
+        ``threshold +- offset``), of every candidate.
+    boxes : (N, 4) float, ``[x0, y0, x1, y1]`` of each candidate (inclusive pixel indices).
+    point_coords : (N, 2) float, the grid point (x, y) in original pixels.
+    original_size : (H, W).
+    params : the settings used (points_per_side, stability offset, ...).
+    """
+
+    rles: list
+    predicted_iou: np.ndarray
+    stability_score: np.ndarray
+    boxes: np.ndarray
+    point_coords: np.ndarray
+    original_size: tuple[int, int]
+    params: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    @property
+    def areas(self) -> np.ndarray:
+        """(N,) int, pixel count of every candidate (from the RLE)."""
+        return np.array([area_from_rle(r) for r in self.rles], dtype=np.int64)
+
+    def nonempty(self) -> "Candidates":
+        """The candidates whose mask has at least one pixel (in the same order).
+
+        An empty candidate (every logit below the mask threshold) has stability 0 or NaN and is
+        no segmentation; the paper's stability filter never keeps it, and the own-score variant
+        leaves it out of its pool and of what it keeps.
+        """
+        idx = np.flatnonzero(self.areas > 0)
+        return Candidates(rles=[self.rles[i] for i in idx], predicted_iou=self.predicted_iou[idx],
+                          stability_score=self.stability_score[idx], boxes=self.boxes[idx].reshape(-1, 4),
+                          point_coords=self.point_coords[idx].reshape(-1, 2), original_size=self.original_size,
+                          params=dict(self.params))
+
+
+def everything_candidates(
+    model,
+    embedding,
+    original_size: tuple[int, int],
+    points_per_side: int = DEFAULTS["points_per_side"],
+    points_per_batch: int = DEFAULTS["points_per_batch"],
+    stability_score_offset: float = DEFAULTS["stability_score_offset"],
+    progress: bool = False,
+) -> Candidates:
+    """All S1 candidates of an image (no threshold, no NMS), from its cached embedding.
+
+    Parameters are those of :func:`generate_everything`. Every candidate is upsampled to the
+    original size (the paper-threshold path upsamples only those above the predicted-IoU
+    threshold), so this costs somewhat more per grid point; the decoder pass is the same.
+
+    Returns
+    -------
+    Candidates
+        ``3 * points_per_side ** 2`` candidates for a multimask decoder (every output kept).
+    """
+    if int(points_per_side) < 1 or int(points_per_batch) < 1:
+        raise ValueError("points_per_side and points_per_batch must be positive")
+    orig_h, orig_w = (int(v) for v in original_size)
+    device = model.device
+    emb = _as_embedding(embedding, model)
+    threshold = float(model.mask_threshold)
+    chunk = max(1, _UPSAMPLE_BUDGET // (4 * orig_h * orig_w))
+    points = build_point_grid(int(points_per_side)) * np.array([[orig_w, orig_h]])
+    n_batches = -(-len(points) // int(points_per_batch))
+    data = MaskData()
+    with torch.inference_mode():
+        for (batch,) in tqdm(batch_iterator(int(points_per_batch), points), total=n_batches, desc="candidates",
+                             unit="batch", disable=not progress, leave=False):
+            coords = torch.as_tensor(model.transform_coords(batch, (orig_h, orig_w)), device=device)
+            labels = torch.ones(coords.shape[0], dtype=torch.int, device=device)
+            low_res, iou_pred = model.predict_torch(emb, coords[:, None, :], labels[:, None], None, None, True)
+            k = low_res.shape[1]
+            low_res, iou_pred = low_res.flatten(0, 1), iou_pred.flatten(0, 1)
+            pts = torch.as_tensor(np.repeat(batch, k, axis=0))
+            for start in range(0, low_res.shape[0], chunk):
+                logits = model.postprocess_masks(low_res[start : start + chunk, None], (orig_h, orig_w))[:, 0]
+                part = MaskData(masks=logits, iou_preds=iou_pred[start : start + chunk],
+                                points=pts[start : start + chunk])
+                part["stability_score"] = calculate_stability_score(part["masks"], threshold,
+                                                                    stability_score_offset)
+                part["masks"] = part["masks"] > threshold
+                part["boxes"] = batched_mask_to_box(part["masks"])
+                part["rles"] = mask_to_rle_pytorch(part["masks"])
+                del part["masks"]
+                data.cat(part)
+    data.to_numpy()
+    return Candidates(
+        rles=list(data["rles"]),
+        predicted_iou=np.asarray(data["iou_preds"], dtype=np.float32).reshape(-1),
+        stability_score=np.asarray(data["stability_score"], dtype=np.float32).reshape(-1),
+        boxes=np.asarray(data["boxes"], dtype=np.float64).reshape(-1, 4),
+        point_coords=np.asarray(data["points"], dtype=np.float64).reshape(-1, 2),
+        original_size=(orig_h, orig_w),
+        params={"points_per_side": int(points_per_side), "points_per_batch": int(points_per_batch),
+                "stability_score_offset": float(stability_score_offset)},
+    )
+
+
+def filter_candidates(
+    candidates: Candidates,
+    pred_iou_thresh: float = DEFAULTS["pred_iou_thresh"],
+    stability_score_thresh: float = DEFAULTS["stability_score_thresh"],
+    box_nms_thresh: float = DEFAULTS["box_nms_thresh"],
+) -> EverythingResult:
+    """SAM's S1 filters applied to :class:`Candidates`: the masks :func:`generate_everything` keeps.
+
+    Keeps candidates with predicted IoU ``>`` ``pred_iou_thresh`` (0 disables) and stability
+    ``>=`` ``stability_score_thresh`` (0 disables), then box NMS at ``box_nms_thresh`` by
+    predicted IoU -- the order and comparisons of :func:`generate_everything` (without
+    ``min_mask_region_area``), so at the same thresholds both give the same masks.
+
+    Returns
+    -------
+    EverythingResult
+        Empty when nothing passes; ``params`` records the thresholds used.
+    """
+    h, w = candidates.original_size
+    keep = np.ones(len(candidates), dtype=bool)
+    if pred_iou_thresh > 0.0:
+        keep &= candidates.predicted_iou > np.float32(pred_iou_thresh)
+    if stability_score_thresh > 0.0:
+        keep &= candidates.stability_score >= np.float32(stability_score_thresh)
+    idx = np.flatnonzero(keep)
+    if len(idx) == 0:
+        result = _empty(h, w)
+    else:
+        order = batched_nms(torch.as_tensor(candidates.boxes[idx]).float(),
+                            torch.as_tensor(candidates.predicted_iou[idx]).float(),
+                            torch.zeros(len(idx)), iou_threshold=box_nms_thresh).numpy()
+        idx = idx[order]
+        result = EverythingResult(
+            rles=[candidates.rles[i] for i in idx],
+            predicted_iou=candidates.predicted_iou[idx].astype(np.float32),
+            stability_score=candidates.stability_score[idx].astype(np.float32),
+            boxes=candidates.boxes[idx].astype(np.float64).reshape(-1, 4),
+            point_coords=candidates.point_coords[idx].astype(np.float64).reshape(-1, 2),
+            original_size=(h, w),
+        )
+    result.params = dict(candidates.params, pred_iou_thresh=float(pred_iou_thresh),
+                         stability_score_thresh=float(stability_score_thresh),
+                         box_nms_thresh=float(box_nms_thresh), min_mask_region_area=0)
+    return result
+
+
+def quantile_thresholds(predicted_iou, stability_score, quantile: float = VARIANT_QUANTILE) -> tuple[float, float]:
+    """The variant's thresholds: the ``quantile`` of the model's own predicted IoU and stability.
+
+    Parameters
+    ----------
+    predicted_iou, stability_score : array-like of float
+        The scores of the pooled candidates (e.g. every candidate of a run, or of one image;
+        :class:`Candidates`), unitless in [0, 1].
+    quantile : float in [0, 1)
+        ``0.9`` keeps roughly the top 10 % by predicted IoU (strictly above its threshold, as SAM
+        compares) and by stability (at or above) -- fewer after both, then NMS.
+
+    Returns
+    -------
+    (pred_iou_thresh, stability_score_thresh) : floats for :func:`filter_candidates`
+        (``numpy.quantile``, linear interpolation).
+
+    Raises
+    ------
+    ValueError
+        No candidates, a non-finite score, or ``quantile`` outside [0, 1).
+    """
+    if not 0.0 <= float(quantile) < 1.0:
+        raise ValueError(f"quantile must be in [0, 1), got {quantile!r}")
+    iou = np.asarray(predicted_iou, dtype=np.float64).reshape(-1)
+    stab = np.asarray(stability_score, dtype=np.float64).reshape(-1)
+    if iou.size == 0 or stab.size == 0:
+        raise ValueError("no candidates to take thresholds from")
+    if not (np.isfinite(iou).all() and np.isfinite(stab).all()):
+        raise ValueError("predicted IoU and stability scores must be finite")
+    return float(np.quantile(iou, quantile)), float(np.quantile(stab, quantile))

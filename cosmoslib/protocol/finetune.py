@@ -120,6 +120,7 @@ __all__ = [
     "run_key", "finetune", "load_finetuned", "read_provenance", "register_saved", "registry_path",
     "default_name", "share_embeddings", "CHAPTER_DEFAULTS", "CHAPTER_IOU_WEIGHT", "chapter_settings",
     "ChapterRuns", "run_chapter", "history_table", "before_after", "per_class", "strategy_table",
+    "chapter_split", "chapter_settings_for", "chapter_run", "evaluate_test_part",
 ]
 
 #: Prompt curricula: name -> the strategies an object's training prompt is drawn from.
@@ -1301,18 +1302,12 @@ def run_chapter(ch, progress: bool = False) -> ChapterRuns:
 
     cs = chapter_settings(ch.config)
     manifest = ch.manifest
-    split = split_manifest(manifest, DEFAULT_FRACTIONS, ch.config.seed)
+    split = chapter_split(ch)
     folder = ch.results_dir / "finetune"
     runs, pairs = {}, {}
     for base_name in ch.config.models:
-        base = ch.model(base_name)
         for curriculum in cs["finetune_curricula"]:
-            settings = Settings(curriculum=curriculum, epochs=int(cs["finetune_epochs"]), seed=ch.config.seed,
-                                max_objects_per_image=int(cs["finetune_max_objects_per_image"]),
-                                max_val_objects=int(cs["finetune_max_val_objects"]),
-                                iou_weight=CHAPTER_IOU_WEIGHT.get(curriculum, 0.0))
-            result = finetune(manifest, ch.root, base, folder / f"{base_name}-{curriculum}", settings,
-                              split=split, progress=progress, overwrite=True)
+            result = chapter_run(ch, base_name, curriculum, split=split, progress=progress)
             runs[(base_name, curriculum)] = result
             pairs[result.name] = (base_name, curriculum)
     test = split.rows(manifest, "test")
@@ -1422,3 +1417,63 @@ def strategy_table(results: pd.DataFrame, pairs: dict, curriculum: str = "mixed"
     out = pd.DataFrame(rows, columns=["base", "strategy", "before", "after", "n"])
     out["delta"] = out["after"] - out["before"]
     return out.set_index(["base", "strategy"])[["before", "after", "delta", "n"]]
+
+
+# ----------------------------------------------------------------------------- shared with the other chapters
+
+
+def chapter_split(ch) -> Split:
+    """The split every chapter of a config uses: :func:`split_manifest` of the chapter's manifest
+    with :data:`DEFAULT_FRACTIONS` and the config's seed (the same split as ``08_finetune``)."""
+    return split_manifest(ch.manifest, DEFAULT_FRACTIONS, ch.config.seed)
+
+
+def chapter_settings_for(config, curriculum: str) -> Settings:
+    """The :class:`Settings` of one curriculum's run in a config (:func:`chapter_settings`, the
+    config's seed, :data:`CHAPTER_IOU_WEIGHT`): one definition for ``08_finetune`` and every
+    chapter that evaluates a finetuned model."""
+    cs = chapter_settings(config)
+    return Settings(curriculum=curriculum, epochs=int(cs["finetune_epochs"]), seed=config.seed,
+                    max_objects_per_image=int(cs["finetune_max_objects_per_image"]),
+                    max_val_objects=int(cs["finetune_max_val_objects"]),
+                    iou_weight=CHAPTER_IOU_WEIGHT.get(curriculum, 0.0))
+
+
+def chapter_run(ch, base_name: str, curriculum: str, split: Split | None = None,
+                progress: bool = False) -> FinetuneResult:
+    """Train, resume or reuse the run of (``base_name``, ``curriculum``) of a chapter's config.
+
+    The run lives in ``<results>/finetune/<base>-<curriculum>/`` with
+    :func:`chapter_settings_for` and :func:`chapter_split`, so whichever chapter asks first
+    trains it and every later request of the book (``08_finetune`` included) reuses it
+    (:func:`finetune` compares the run key: base signature, data, split, hyper-parameters);
+    a folder left by other settings is replaced.
+    """
+    split = split or chapter_split(ch)
+    return finetune(ch.manifest, ch.root, ch.model(base_name),
+                    ch.results_dir / "finetune" / f"{base_name}-{curriculum}",
+                    chapter_settings_for(ch.config, curriculum), split=split, progress=progress, overwrite=True)
+
+
+def evaluate_test_part(ch, test: pd.DataFrame, models: Sequence, s1_images: pd.DataFrame | None = None,
+                    progress: bool = False) -> pd.DataFrame:
+    """Results (:func:`cosmoslib.protocol.evaluate.evaluate`) of ``models`` on the test rows ``test``.
+
+    S2-S6 on every row of ``test``, S1 (the config's grid) on the rows of ``s1_images`` (default:
+    all of ``test``), in the files ``08_finetune`` uses (``<results>/finetune/test/s2_s6.parquet``
+    and ``s1.parquet``): their parts are keyed by content, model and settings, so what one chapter
+    computed the other reuses. Returns both tables concatenated (either may be empty).
+    """
+    folder = ch.results_dir / "finetune" / "test"
+    frames = []
+    if len(test):
+        res, _ = evaluate_mod.evaluate(test, ch.root, list(models), folder / "s2_s6.parquet",
+                                       strategies=PROMPT_STRATEGIES, seed=ch.config.seed, progress=progress)
+        frames.append(res)
+    s1_images = test if s1_images is None else s1_images
+    if len(s1_images):
+        res, _ = evaluate_mod.evaluate(s1_images, ch.root, list(models), folder / "s1.parquet", strategies=["S1"],
+                                       seed=ch.config.seed, points_per_side=ch.config.s1_points_per_side,
+                                       progress=progress)
+        frames.append(res)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=evaluate_mod.RESULT_COLUMNS)

@@ -85,3 +85,20 @@ def test_full_config_reads_the_users_data_and_models(monkeypatch):
     assert cfg.data_root == "/data/cosmos"
     assert cfg.models == ("sam_vit_b", "sam_vit_h")
     assert cfg.smoke is False
+
+
+def test_finetuned_curricula_are_typed_and_must_be_runs_of_the_finetuning_chapter():
+    demo = runlist.config("demo")
+    assert demo.finetuned_curricula == ("mixed",) and set(demo.finetuned_curricula) <= set(demo.finetune_curricula)
+    assert runlist.config("full").finetuned_curricula == ()  # full: opt-in
+    again = runlist.Config.from_parameters(demo.as_parameters())
+    assert again == demo and isinstance(again.finetuned_curricula, tuple)
+    assert isinstance(demo.as_parameters()["finetuned_curricula"], list)  # a literal for papermill
+    with pytest.raises(TypeError, match="finetuned_curricula"):
+        runlist.Config(name="x", finetuned_curricula="mixed")  # a string is not a list of curricula
+    with pytest.raises(TypeError, match="finetuned_grid_sizes"):
+        runlist.Config(name="x", finetuned_grid_sizes=(8.0,))
+    with pytest.raises(ValueError, match="not among finetune_curricula"):
+        runlist.Config(name="x", finetune_curricula=("box",), finetuned_curricula=("mixed",))
+    with pytest.raises(ValueError, match="positive"):
+        runlist.Config(name="x", finetuned_grid_sizes=(0,))

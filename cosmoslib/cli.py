@@ -17,7 +17,7 @@ from cosmoslib.book import runlist
 from cosmoslib.data import dataset, demo, indexer, preprocess
 from cosmoslib.files import InputError
 from cosmoslib.models import cache
-from cosmoslib.protocol import evaluate, finetune
+from cosmoslib.protocol import evaluate, finetune, splits
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -240,9 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of SAM's IoU-head loss (0 = none, the authors' script; Everything mode needs it)")
     p.add_argument("--shift-levels", type=_levels, default=None,
                    help="prompt shift levels drawn per training prompt, e.g. 0,1,2,3 (Table 8; default 0)")
-    p.add_argument("--val-fraction", type=float, default=finetune.DEFAULT_FRACTIONS[1],
+    p.add_argument("--val-fraction", type=float, default=splits.DEFAULT_FRACTIONS[1],
                    help="target share of objects in validation (split by source volume)")
-    p.add_argument("--test-fraction", type=float, default=finetune.DEFAULT_FRACTIONS[2],
+    p.add_argument("--test-fraction", type=float, default=splits.DEFAULT_FRACTIONS[2],
                    help="target share of objects in test")
     p.add_argument("--cache", type=Path, default=None, help="embedding cache folder")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from cosmoslib import __version__, files, paths
 from cosmoslib import models as models_mod
-from cosmoslib.book import plots
+from cosmoslib.book import finetune_runs, plots
 from cosmoslib.book.runlist import Config
 from cosmoslib.book.runlist import config as config_named
 from cosmoslib.data import dataset, indexer, readers
@@ -47,6 +47,7 @@ from cosmoslib.protocol import (
     matching,
     prompts,
     s1_thresholds,
+    splits,
 )
 from cosmoslib.strategies import PROMPT_STRATEGIES
 
@@ -418,9 +419,9 @@ class Chapter:
     # ------------------------------------------------------------------ finetuned models (test part only)
 
     @cached_property
-    def finetune_split(self) -> finetune.Split:
+    def finetune_split(self) -> splits.Split:
         """The finetuning split of the config (:func:`cosmoslib.protocol.finetune.chapter_split`)."""
-        return finetune.chapter_split(self)
+        return finetune_runs.chapter_split(self)
 
     def test_part(self) -> pd.DataFrame:
         """The manifest rows of the split's test part: the only objects a finetuned model is scored on."""
@@ -451,7 +452,7 @@ class Chapter:
         runs = {}
         for base in self.config.models:
             for curriculum in self.config.finetuned_curricula:
-                result = finetune.chapter_run(self, base, curriculum, split=split)
+                result = finetune_runs.chapter_run(self, base, curriculum, split=split)
                 runs[result.name] = (base, curriculum, result)
         return runs
 
@@ -488,7 +489,7 @@ class Chapter:
         test = self.test_part()
         if not names or not len(test):
             return pd.DataFrame(columns=[*evaluate.RESULT_COLUMNS, "base", "curriculum"])
-        tuned = finetune.evaluate_test_part(self, test, [self.finetuned_model(n) for n in names])
+        tuned = finetune_runs.evaluate_test_part(self, test, [self.finetuned_model(n) for n in names])
         # the base models' rows of the same objects: the config's run already scored them with
         # the same prompts (the prompt table is seeded per object) and settings
         keys = test[["task", "image_id", "label_value"]].astype({"label_value": "int64"})
@@ -535,7 +536,7 @@ class Chapter:
         c = self.config
         quantile = everything_mod.VARIANT_QUANTILE if quantile is None else float(quantile)
         names = list(self.finetuned())
-        images = finetune._spread_images(self.test_part(), c.finetuned_grid_max_images)
+        images = finetune_runs._spread_images(self.test_part(), c.finetuned_grid_max_images)
         if not names or not len(images):
             return pd.DataFrame(columns=[*s1_thresholds.COLUMNS, "base", "curriculum"])
         chosen = [self.model(n) for n in c.models] + [self.finetuned_model(n) for n in names]

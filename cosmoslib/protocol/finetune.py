@@ -81,12 +81,11 @@ import dataclasses
 import hashlib
 import io as _stdio
 import json
-import math
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,30 +104,29 @@ from cosmoslib.data.readers import read_image, read_label
 from cosmoslib.files import (
     InputError,
     atomic_write_bytes,
-    atomic_write_csv,
     atomic_write_json,
 )
 from cosmoslib.models import cache as cache_mod
-from cosmoslib.protocol import evaluate as evaluate_mod
 from cosmoslib.protocol import metrics, prompts
 from cosmoslib.protocol.evaluate import with_digests
+from cosmoslib.protocol.splits import (
+    DEFAULT_FRACTIONS,
+    PARTS,
+    SPLIT_FILE,
+    Split,
+    _check_fractions,
+    split_manifest,
+)
 from cosmoslib.strategies import PROMPT_STRATEGIES
 
 __all__ = [
-    "CURRICULA", "PARTS", "DEFAULT_FRACTIONS", "LOW_RES", "Settings", "Split", "FinetuneResult",
-    "group_keys", "split_manifest", "lowres_target", "dice_bce_loss", "iou_head_loss", "trainable_sam",
+    "CURRICULA", "LOW_RES", "Settings", "FinetuneResult", "lowres_target", "dice_bce_loss", "iou_head_loss", "trainable_sam",
     "run_key", "finetune", "load_finetuned", "read_provenance", "register_saved", "registry_path",
-    "default_name", "share_embeddings", "CHAPTER_DEFAULTS", "CHAPTER_IOU_WEIGHT", "chapter_settings",
-    "ChapterRuns", "run_chapter", "history_table", "before_after", "per_class", "strategy_table",
-    "chapter_split", "chapter_settings_for", "chapter_run", "evaluate_test_part",
+    "default_name", "share_embeddings",
 ]
 
 #: Prompt curricula: name -> the strategies an object's training prompt is drawn from.
 CURRICULA: dict[str, tuple[str, ...]] = {"box": ("S5",), "mixed": tuple(PROMPT_STRATEGIES)}
-#: The parts of a split, in order.
-PARTS = ("train", "val", "test")
-#: Default target shares of objects in train / val / test.
-DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
 #: Side of the decoder's low-res logits (pixels).
 LOW_RES = 256
 #: Version of the files a run writes; runs of another version are not reused.
@@ -138,7 +136,7 @@ _KEY = ["task", "image_id", "label_value"]
 _STATE = "state.pt"
 _MODEL = "model.pth"
 _PROVENANCE = "provenance.json"
-_SPLIT = "split.csv"
+_SPLIT = SPLIT_FILE
 
 
 # ----------------------------------------------------------------------------- settings
@@ -230,246 +228,9 @@ class Settings:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-def _check_fractions(fractions) -> tuple[float, float, float]:
-    fr = tuple(float(v) for v in fractions)
-    if len(fr) != 3 or any(v < 0 or not math.isfinite(v) for v in fr) or fr[0] <= 0:
-        raise InputError(None, f"fractions must be three non-negative shares (train > 0) for "
-                               f"train/val/test, got {fractions!r}")
-    total = sum(fr)
-    return tuple(v / total for v in fr)
-
-
 def default_name(base_name: str, curriculum: str) -> str:
     """The registry name of a finetuned model: ``<base>-ft-<curriculum>``."""
     return f"{base_name}-ft-{curriculum}"
-
-
-# ----------------------------------------------------------------------------- the split
-
-
-def _case_of(task: str, image_id: str) -> str | None:
-    """The case part of an id shaped ``<task>_<case>_<slice>[_<more digits>]``, else None."""
-    task, image_id = str(task), str(image_id)
-    if not image_id.startswith(task + "_"):
-        return None
-    parts = image_id[len(task) + 1:].split("_")
-    if len(parts) >= 2 and parts[0] and all(p.isdigit() for p in parts[1:]):
-        return parts[0]
-    return None
-
-
-def group_keys(manifest: pd.DataFrame) -> pd.DataFrame:
-    """The split group of every manifest row, and the rule that gave it.
-
-    Rules, first that applies: ``source`` -- the row's source volume or file (``source``
-    column, shared across tasks: two label sets of one volume are one group); ``case`` -- the
-    case part of an image id shaped ``<task>_<case>_<slice>`` (the authors' release naming;
-    the slice part and any further parts are digits); ``image`` -- the image alone.
-
-    Returns
-    -------
-    DataFrame
-        ``group`` and ``rule`` columns, aligned with ``manifest``'s index.
-    """
-    groups, rules = [], []
-    has_source = "source" in manifest
-    for row in manifest.itertuples(index=False):
-        source = getattr(row, "source", None) if has_source else None
-        if isinstance(source, str) and source.strip():
-            groups.append(f"source:{source.strip()}")
-            rules.append("source")
-            continue
-        case = _case_of(row.task, row.image_id)
-        if case is not None:
-            groups.append(f"case:{row.task}:{case}")
-            rules.append("case")
-        else:
-            groups.append(f"image:{row.task}:{row.image_id}")
-            rules.append("image")
-    return pd.DataFrame({"group": groups, "rule": rules}, index=manifest.index)
-
-
-_RULE_TEXT = {"source": "source volume or file (manifest `source`)",
-              "case": "case part of ids shaped <task>_<case>_<slice>",
-              "image": "each image whole (no source, ids not shaped <task>_<case>_<slice>)"}
-
-
-@dataclass
-class Split:
-    """A train / val / test split of images by group (see :func:`split_manifest`).
-
-    Attributes
-    ----------
-    images : DataFrame
-        One row per image: ``task, image_id, group, rule, stratum, part``, sorted by task and
-        image_id.
-    strata : DataFrame
-        One row per stratum: ``stratum, tasks, n_groups, n_images, n_objects, assignment``
-        (how its groups were placed, in words).
-    fractions : (train, val, test)
-        The normalised target shares.
-    seed : int
-    """
-
-    images: pd.DataFrame
-    strata: pd.DataFrame
-    fractions: tuple[float, float, float]
-    seed: int
-
-    @property
-    def rule(self) -> str:
-        """Which grouping rule(s) the split used, in words with group counts."""
-        counts = self.images.drop_duplicates("group")["rule"].value_counts()
-        return "; ".join(f"{_RULE_TEXT[r]}: {int(counts[r])} groups" for r in ("source", "case", "image")
-                         if r in counts)
-
-    def rows(self, manifest: pd.DataFrame, part: str) -> pd.DataFrame:
-        """The rows of ``manifest`` whose image is in ``part`` (manifest order, index reset)."""
-        if part not in PARTS:
-            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
-        keys = self.images.loc[self.images["part"] == part, ["task", "image_id"]]
-        return manifest.merge(keys, on=["task", "image_id"]).reset_index(drop=True)
-
-    def counts(self, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
-        """Groups, images (and objects when ``manifest`` is given) per part."""
-        out = (self.images.groupby("part").agg(groups=("group", "nunique"), images=("image_id", "size"))
-               .reindex(list(PARTS), fill_value=0))
-        if manifest is not None:
-            out["objects"] = [len(self.rows(manifest, p)) for p in PARTS]
-        return out
-
-    def digest(self) -> str:
-        """32 hex digits over every image's (task, image_id, group, part)."""
-        text = self.images[["task", "image_id", "group", "part"]].to_csv(index=False)
-        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-    def summary(self) -> dict[str, Any]:
-        """What the provenance records about the split."""
-        return {"rule": self.rule, "fractions": list(self.fractions), "seed": int(self.seed),
-                "digest": self.digest(), "file": _SPLIT,
-                "counts": {p: {k: int(v) for k, v in row.items()}
-                           for p, row in self.counts().to_dict("index").items()},
-                "strata": self.strata.to_dict("records")}
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write :attr:`images` as CSV, atomically."""
-        return atomic_write_csv(self.images, path)
-
-
-def _strata(image_groups: pd.DataFrame) -> dict[str, list[str]]:
-    """Connected components of the task-group graph: ``{stratum name: sorted groups}``."""
-    parent: dict[str, str] = {}
-
-    def find(x):
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for task, group in image_groups[["task", "group"]].drop_duplicates().itertuples(index=False):
-        a, b = find("t:" + str(task)), find("g:" + str(group))
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    members: dict[str, list[str]] = {}
-    for node in list(parent):
-        members.setdefault(find(node), []).append(node)
-    out = {}
-    for nodes in members.values():
-        tasks = sorted(n[2:] for n in nodes if n.startswith("t:"))
-        out["+".join(tasks)] = sorted(n[2:] for n in nodes if n.startswith("g:"))
-    return dict(sorted(out.items()))
-
-
-def split_manifest(manifest: pd.DataFrame, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                   seed: int = 0) -> Split:
-    """Split the images of ``manifest`` into train / val / test by group, never by slice.
-
-    Parameters
-    ----------
-    manifest : DataFrame
-        One row per object (``task, image_id, label_value``; ``source`` when known).
-    fractions : (train, val, test)
-        Target shares of objects (normalised to sum 1; val or test may be 0).
-    seed : int
-        Seed of the group order inside each stratum.
-
-    Returns
-    -------
-    Split
-
-    Notes
-    -----
-    Groups come from :func:`group_keys`; a stratum is a connected set of tasks and groups (a
-    task with all its groups; tasks sharing a group join). In each stratum, groups are put in
-    a seeded random order, then: with ``k >= 3`` groups each part with a non-zero share gets at
-    least one group and about ``k x share`` groups (train takes the rest); with ``k = 2`` one
-    goes to train and one to test (to val when test's share is 0); a stratum with one group
-    goes whole to one part: strata of one group are placed last, largest first, each into the
-    part furthest below its target number of objects. The ``assignment`` column of
-    :attr:`Split.strata` says which case applied.
-    """
-    fr = _check_fractions(fractions)
-    if len(manifest) == 0:
-        raise InputError(None, "cannot split an empty manifest")
-    keyed = pd.concat([manifest[["task", "image_id"]].reset_index(drop=True),
-                       group_keys(manifest).reset_index(drop=True)], axis=1)
-    if keyed.groupby(["task", "image_id"])["group"].nunique().max() > 1:
-        raise InputError(None, "an image's rows name different source volumes; fix the manifest")
-    images = keyed.drop_duplicates(["task", "image_id"]).sort_values(["task", "image_id"]).reset_index(drop=True)
-    n_obj_group = keyed.groupby("group").size()
-    strata = _strata(images)
-    total = float(len(keyed))
-    target = {p: f * total for p, f in zip(PARTS, fr)}
-    have = {p: 0.0 for p in PARTS}
-    part_of: dict[str, str] = {}
-    notes: dict[str, str] = {}
-    singles = []
-    for name, groups in strata.items():
-        k = len(groups)
-        if k == 1:
-            singles.append(name)
-            continue
-        rng = prompts.object_rng(int(seed), "finetune-split", name, 0)
-        order = [groups[i] for i in rng.permutation(k)]
-        if k == 2:
-            second = "test" if fr[2] > 0 else ("val" if fr[1] > 0 else "train")
-            alloc = ["train", second]
-            notes[name] = f"2 groups: one to train, one to {second}"
-        else:
-            n_val = max(1, round(k * fr[1])) if fr[1] > 0 else 0
-            n_test = max(1, round(k * fr[2])) if fr[2] > 0 else 0
-            while k - n_val - n_test < 1:  # train keeps at least one group
-                if n_test > 1 and n_test >= n_val:
-                    n_test -= 1
-                elif n_val > 1:
-                    n_val -= 1
-                else:  # k >= 3 and one group each for val and test: train has k - 2 >= 1
-                    break
-            alloc = ["val"] * n_val + ["test"] * n_test
-            alloc = ["train"] * (k - len(alloc)) + alloc
-            notes[name] = f"{k} groups: {alloc.count('train')} train, {n_val} val, {n_test} test"
-        for g, p in zip(order, alloc):
-            part_of[g] = p
-            have[p] += float(n_obj_group[g])
-    singles.sort(key=lambda s: (-int(n_obj_group[strata[s][0]]), s))
-    for name in singles:
-        g = strata[name][0]
-        open_parts = [p for p, f in zip(PARTS, fr) if f > 0]
-        p = max(open_parts, key=lambda q: (target[q] - have[q], -PARTS.index(q)))
-        part_of[g] = p
-        have[p] += float(n_obj_group[g])
-        notes[name] = f"single group: whole stratum to {p}"
-    images["stratum"] = images["group"].map({g: s for s, gs in strata.items() for g in gs})
-    images["part"] = images["group"].map(part_of)
-    rows = []
-    for name, groups in strata.items():
-        mine = images[images["stratum"] == name]
-        rows.append(dict(stratum=name, tasks=name.replace("+", ", "), n_groups=len(groups),
-                         n_images=int(len(mine)), n_objects=int(n_obj_group[groups].sum()),
-                         assignment=notes[name]))
-    return Split(images=images[["task", "image_id", "group", "rule", "stratum", "part"]],
-                 strata=pd.DataFrame(rows), fractions=fr, seed=int(seed))
 
 
 # ----------------------------------------------------------------------------- targets and loss
@@ -1228,252 +989,3 @@ try:  # a broken list must never break an import
     register_saved()
 except Exception as _exc:  # pragma: no cover
     warnings.warn(f"finetuned models not registered: {_exc}", stacklevel=1)
-
-
-# ----------------------------------------------------------------------------- the chapter (08_finetune)
-
-#: The chapter's settings per run-list config, used where the Config lacks the ``finetune_*``
-#: fields: epochs, objects per image per step, validation objects per epoch (0 = all), curricula,
-#: and the test images S1 (Everything, the costliest strategy: one decode per grid point) is
-#: evaluated on (0 = all; else that many, spread evenly over the sorted test images).
-CHAPTER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "smoke": dict(finetune_epochs=1, finetune_max_objects_per_image=1, finetune_max_val_objects=2,
-                  finetune_curricula=("box", "mixed"), finetune_s1_max_images=2),
-    "demo": dict(finetune_epochs=20, finetune_max_objects_per_image=4, finetune_max_val_objects=12,
-                 finetune_curricula=("box", "mixed"), finetune_s1_max_images=6),
-    "full": dict(finetune_epochs=20, finetune_max_objects_per_image=0, finetune_max_val_objects=0,
-                 finetune_curricula=("box", "mixed"), finetune_s1_max_images=0),
-}
-
-
-#: IoU-head loss weight per curriculum in the chapter: ``box`` follows the authors' script
-#: exactly; ``mixed`` also trains the IoU head, which the Everything mode (S1) filters by.
-CHAPTER_IOU_WEIGHT = {"box": 0.0, "mixed": 1.0}
-
-
-def chapter_settings(config) -> dict[str, Any]:
-    """The finetuning chapter's settings of a run-list Config.
-
-    Reads the Config's ``finetune_epochs``, ``finetune_max_objects_per_image``,
-    ``finetune_max_val_objects``, ``finetune_curricula`` and ``finetune_s1_max_images`` where it
-    has them, else :data:`CHAPTER_DEFAULTS` of its name (``full``'s for other names).
-    """
-    defaults = CHAPTER_DEFAULTS.get(config.name, CHAPTER_DEFAULTS["full"])
-    return {k: getattr(config, k, v) for k, v in defaults.items()}
-
-
-@dataclass
-class ChapterRuns:
-    """Everything the chapter shows: the runs, the split, and the test-split evaluations.
-
-    Attributes
-    ----------
-    split : Split
-    runs : dict
-        ``{(base model, curriculum): FinetuneResult}``.
-    test : DataFrame
-        Manifest rows of the test part.
-    results : DataFrame
-        Results table (:mod:`cosmoslib.protocol.evaluate`) of every base and finetuned model on the test
-        part, with ``base`` and ``curriculum`` columns (``"none"`` for base models).
-    pairs : dict
-        ``{finetuned model: (base model, curriculum)}``.
-    settings : dict
-        :func:`chapter_settings` of the config.
-    """
-
-    split: Split
-    runs: dict
-    test: pd.DataFrame
-    results: pd.DataFrame
-    pairs: dict
-    settings: dict
-
-
-def run_chapter(ch, progress: bool = False) -> ChapterRuns:
-    """Train (or reuse) every (base model, curriculum) run of a chapter and evaluate on the test part.
-
-    The ``mixed`` runs also train the IoU head (:data:`CHAPTER_IOU_WEIGHT`). Runs live in
-    ``<results>/finetune/<base>-<curriculum>/``; the test evaluations in
-    ``<results>/finetune/test/`` (:func:`cosmoslib.protocol.evaluate.evaluate`, keyed by content): every
-    model under S2-S6 on every test object (``s2_s6.parquet``), base and ``mixed`` models under
-    S1 with the config's grid on ``finetune_s1_max_images`` test images (``s1.parquet``).
-    """
-
-    cs = chapter_settings(ch.config)
-    manifest = ch.manifest
-    split = chapter_split(ch)
-    folder = ch.results_dir / "finetune"
-    runs, pairs = {}, {}
-    for base_name in ch.config.models:
-        for curriculum in cs["finetune_curricula"]:
-            result = chapter_run(ch, base_name, curriculum, split=split, progress=progress)
-            runs[(base_name, curriculum)] = result
-            pairs[result.name] = (base_name, curriculum)
-    test = split.rows(manifest, "test")
-    frames = []
-    if len(test):
-        loaded = {name: load_finetuned(runs[pair].out_dir) for name, pair in pairs.items()}
-        bases = [ch.model(b) for b in ch.config.models]
-        res, _ = evaluate_mod.evaluate(test, ch.root, bases + list(loaded.values()), folder / "test" / "s2_s6.parquet",
-                                       strategies=PROMPT_STRATEGIES, seed=ch.config.seed, progress=progress)
-        frames.append(res)
-        s1_models = bases + [m for name, m in loaded.items() if pairs[name][1] == "mixed"]
-        s1_test = _spread_images(test, int(cs["finetune_s1_max_images"]))
-        res, _ = evaluate_mod.evaluate(s1_test, ch.root, s1_models, folder / "test" / "s1.parquet",
-                                       strategies=["S1"], seed=ch.config.seed,
-                                       points_per_side=ch.config.s1_points_per_side, progress=progress)
-        frames.append(res)
-    results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if len(results):
-        info = {name: pair for name, pair in pairs.items()}
-        results["base"] = [info.get(m, (m, "none"))[0] for m in results["model"]]
-        results["curriculum"] = [info.get(m, (m, "none"))[1] for m in results["model"]]
-    return ChapterRuns(split, runs, test, results, pairs, cs)
-
-
-def _spread_images(manifest: pd.DataFrame, n: int) -> pd.DataFrame:
-    """The rows of at most ``n`` images (0 = all), spread evenly over the sorted image list."""
-    keys = manifest[["task", "image_id"]].drop_duplicates().sort_values(["task", "image_id"])
-    if n and len(keys) > n:
-        keys = keys.iloc[np.unique(np.linspace(0, len(keys) - 1, n).round().astype(int))]
-    return manifest.merge(keys, on=["task", "image_id"]).reset_index(drop=True)
-
-
-def history_table(runs: dict) -> pd.DataFrame:
-    """Per-epoch train loss and validation DICE of every run: ``base, curriculum`` + history."""
-    frames = [r.history.assign(base=b, curriculum=c) for (b, c), r in runs.items()]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def before_after(results: pd.DataFrame, pairs: dict, strategy: str = "S5",
-                 rule: str = "oracle_dice") -> pd.DataFrame:
-    """Per test object: DICE (%) of the base model and of each finetuned model under ``strategy``.
-
-    Returns
-    -------
-    DataFrame
-        ``model, base, curriculum, task, image_id, label_value, object, modality, dice_before,
-        dice_after, delta`` (after minus before, DICE points), one row per finetuned model and
-        object; unshifted prompts, selection rule ``rule``.
-    """
-    cols = ["task", "image_id", "label_value", "object", "modality"]
-    if len(results) == 0 or not pairs:
-        return pd.DataFrame(columns=["model", "base", "curriculum", *cols, "dice_before", "dice_after", "delta"])
-    keep = ((results["strategy"] == strategy) & (results["selection_rule"] == rule)
-            & (results["shift_level"] == 0))
-    df = results[keep]
-    out = []
-    for name, (base, curriculum) in pairs.items():
-        before = df[df["model"] == base][cols + ["dice"]].rename(columns={"dice": "dice_before"})
-        after = df[df["model"] == name][cols + ["dice"]].rename(columns={"dice": "dice_after"})
-        both = before.merge(after, on=cols)
-        out.append(both.assign(model=name, base=base, curriculum=curriculum))
-    if not out:
-        return pd.DataFrame(columns=["model", "base", "curriculum", *cols, "dice_before", "dice_after", "delta"])
-    table = pd.concat(out, ignore_index=True)
-    table["delta"] = table["dice_after"] - table["dice_before"]
-    return table[["model", "base", "curriculum", *cols, "dice_before", "dice_after", "delta"]]
-
-
-def per_class(table: pd.DataFrame) -> pd.DataFrame:
-    """Fig. 18: mean DICE before/after per object class (``object-modality``) and finetuned model.
-
-    Returns
-    -------
-    DataFrame
-        ``model, base, curriculum, object_modality, n, dice_before, dice_after, delta, improved``.
-    """
-    df = table.assign(object_modality=table["object"].astype(str) + "-" + table["modality"].astype(str))
-    out = (df.groupby(["model", "base", "curriculum", "object_modality"], as_index=False)
-             .agg(n=("delta", "size"), dice_before=("dice_before", "mean"), dice_after=("dice_after", "mean")))
-    out["delta"] = out["dice_after"] - out["dice_before"]
-    out["improved"] = out["delta"] > 0
-    return out
-
-
-def strategy_table(results: pd.DataFrame, pairs: dict, curriculum: str = "mixed",
-                   rule: str = "oracle_dice") -> pd.DataFrame:
-    """Mean DICE (%) per strategy before and after finetuning with ``curriculum``, on the test part.
-
-    Returns
-    -------
-    DataFrame
-        Index ``(base, strategy)``; columns ``before, after, delta, n``.
-    """
-    rows = []
-    if len(results) == 0:
-        results = pd.DataFrame(columns=["model", "strategy", "dice", "selection_rule", "shift_level"])
-    keep = (results["selection_rule"] == rule) & (results["shift_level"] == 0)
-    df = results[keep]
-    for name, (base, cur) in pairs.items():
-        if cur != curriculum:
-            continue
-        for strategy in sorted(set(df.loc[df["model"] == name, "strategy"])):
-            b = df[(df["model"] == base) & (df["strategy"] == strategy)]
-            a = df[(df["model"] == name) & (df["strategy"] == strategy)]
-            rows.append(dict(base=base, strategy=strategy, before=b["dice"].mean(), after=a["dice"].mean(),
-                             n=int(len(a))))
-    out = pd.DataFrame(rows, columns=["base", "strategy", "before", "after", "n"])
-    out["delta"] = out["after"] - out["before"]
-    return out.set_index(["base", "strategy"])[["before", "after", "delta", "n"]]
-
-
-# ----------------------------------------------------------------------------- shared with the other chapters
-
-
-def chapter_split(ch) -> Split:
-    """The split every chapter of a config uses: :func:`split_manifest` of the chapter's manifest
-    with :data:`DEFAULT_FRACTIONS` and the config's seed (the same split as ``08_finetune``)."""
-    return split_manifest(ch.manifest, DEFAULT_FRACTIONS, ch.config.seed)
-
-
-def chapter_settings_for(config, curriculum: str) -> Settings:
-    """The :class:`Settings` of one curriculum's run in a config (:func:`chapter_settings`, the
-    config's seed, :data:`CHAPTER_IOU_WEIGHT`): one definition for ``08_finetune`` and every
-    chapter that evaluates a finetuned model."""
-    cs = chapter_settings(config)
-    return Settings(curriculum=curriculum, epochs=int(cs["finetune_epochs"]), seed=config.seed,
-                    max_objects_per_image=int(cs["finetune_max_objects_per_image"]),
-                    max_val_objects=int(cs["finetune_max_val_objects"]),
-                    iou_weight=CHAPTER_IOU_WEIGHT.get(curriculum, 0.0))
-
-
-def chapter_run(ch, base_name: str, curriculum: str, split: Split | None = None,
-                progress: bool = False) -> FinetuneResult:
-    """Train, resume or reuse the run of (``base_name``, ``curriculum``) of a chapter's config.
-
-    The run lives in ``<results>/finetune/<base>-<curriculum>/`` with
-    :func:`chapter_settings_for` and :func:`chapter_split`, so whichever chapter asks first
-    trains it and every later request of the book (``08_finetune`` included) reuses it
-    (:func:`finetune` compares the run key: base signature, data, split, hyper-parameters);
-    a folder left by other settings is replaced.
-    """
-    split = split or chapter_split(ch)
-    return finetune(ch.manifest, ch.root, ch.model(base_name),
-                    ch.results_dir / "finetune" / f"{base_name}-{curriculum}",
-                    chapter_settings_for(ch.config, curriculum), split=split, progress=progress, overwrite=True)
-
-
-def evaluate_test_part(ch, test: pd.DataFrame, models: Sequence, s1_images: pd.DataFrame | None = None,
-                    progress: bool = False) -> pd.DataFrame:
-    """Results (:func:`cosmoslib.protocol.evaluate.evaluate`) of ``models`` on the test rows ``test``.
-
-    S2-S6 on every row of ``test``, S1 (the config's grid) on the rows of ``s1_images`` (default:
-    all of ``test``), in the files ``08_finetune`` uses (``<results>/finetune/test/s2_s6.parquet``
-    and ``s1.parquet``): their parts are keyed by content, model and settings, so what one chapter
-    computed the other reuses. Returns both tables concatenated (either may be empty).
-    """
-    folder = ch.results_dir / "finetune" / "test"
-    frames = []
-    if len(test):
-        res, _ = evaluate_mod.evaluate(test, ch.root, list(models), folder / "s2_s6.parquet",
-                                       strategies=PROMPT_STRATEGIES, seed=ch.config.seed, progress=progress)
-        frames.append(res)
-    s1_images = test if s1_images is None else s1_images
-    if len(s1_images):
-        res, _ = evaluate_mod.evaluate(s1_images, ch.root, list(models), folder / "s1.parquet", strategies=["S1"],
-                                       seed=ch.config.seed, points_per_side=ch.config.s1_points_per_side,
-                                       progress=progress)
-        frames.append(res)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=evaluate_mod.RESULT_COLUMNS)

@@ -15,7 +15,7 @@ from cosmoslib.analysis import synthetic
 from cosmoslib.data import indexer, layout
 from cosmoslib.models import cache as cache_mod
 from cosmoslib.models import registry
-from cosmoslib.protocol import finetune
+from cosmoslib.protocol import finetune, splits
 
 torch.set_num_threads(1)
 
@@ -40,7 +40,7 @@ def test_split_by_source_never_by_slice_and_single_sources_go_whole():
     rows += [("D", "cells", lv, "cells.tif") for lv in range(1, 40)]  # one big image
     rows += [("E", f"e{v}_{s}", 1, f"e{v}.nrrd") for v in range(2) for s in range(2)]  # 2 volumes
     manifest = _manifest(rows)
-    split = finetune.split_manifest(manifest, (0.6, 0.2, 0.2), seed=3)
+    split = splits.split_manifest(manifest, (0.6, 0.2, 0.2), seed=3)
     images = split.images.merge(manifest[["task", "image_id", "source"]].drop_duplicates())
     assert (images.groupby("source")["part"].nunique() == 1).all()  # no volume in two parts
     assert (images.groupby("group")["part"].nunique() == 1).all()
@@ -53,11 +53,11 @@ def test_split_by_source_never_by_slice_and_single_sources_go_whole():
     assert strata.loc["E", "assignment"] == "2 groups: one to train, one to test"
     assert images[images["task"] == "E"].drop_duplicates("source")["part"].tolist().count("train") == 1
     # every object row lands in exactly one part
-    assert sum(len(split.rows(manifest, p)) for p in finetune.PARTS) == len(manifest)
+    assert sum(len(split.rows(manifest, p)) for p in splits.PARTS) == len(manifest)
     # same seed, same split; the digest says so
-    again = finetune.split_manifest(manifest.sample(frac=1, random_state=0), (0.6, 0.2, 0.2), seed=3)
+    again = splits.split_manifest(manifest.sample(frac=1, random_state=0), (0.6, 0.2, 0.2), seed=3)
     assert again.digest() == split.digest()
-    assert finetune.split_manifest(manifest, (0.6, 0.2, 0.2), seed=4).digest() != split.digest()
+    assert splits.split_manifest(manifest, (0.6, 0.2, 0.2), seed=4).digest() != split.digest()
 
 
 def test_split_without_source_uses_case_ids_then_images():
@@ -65,11 +65,11 @@ def test_split_without_source_uses_case_ids_then_images():
     rows += [("6_Pancreas", f"6_Pancreas_{case}_{s}_0", 1, None) for case in (10, 12, 13) for s in (40, 41)]
     rows += [("misc", name, 1, None) for name in ("scan a", "scan b", "scan c")]
     manifest = _manifest(rows)
-    keys = finetune.group_keys(manifest)
+    keys = splits.group_keys(manifest)
     assert keys.loc[0, "group"] == "case:22_Heart:1" and keys.loc[0, "rule"] == "case"
     assert keys["group"][manifest["task"] == "6_Pancreas"].nunique() == 3
     assert set(keys["rule"][manifest["task"] == "misc"]) == {"image"}
-    split = finetune.split_manifest(manifest, seed=0)
+    split = splits.split_manifest(manifest, seed=0)
     heart = split.images[split.images["task"] == "22_Heart"]
     heart_case = heart["image_id"].str.split("_").str[2]
     assert (heart.groupby(heart_case)["part"].nunique() == 1).all()

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cosmoslib import models
-from cosmoslib.book import chapters, runlist
-from cosmoslib.protocol import finetune, s1_thresholds
+from cosmoslib.book import chapters, finetune_runs, runlist
+from cosmoslib.models import registry
+from cosmoslib.protocol import finetune, s1_thresholds, splits
 from cosmoslib.tests.test_finetune import _build_root
 
 torch.set_num_threads(1)
@@ -22,7 +22,7 @@ def book(tmp_path, monkeypatch):
     root = tmp_path / "root"
     _build_root(root)  # 4 volumes x 2 slices of bright ellipses, one object each
     monkeypatch.setenv("COSMOS_DATA", str(tmp_path / "generated"))
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setattr(chapters, "_MODELS", {})
     monkeypatch.setattr(chapters, "_INDEXED", {})
     epochs = {"n": 0}
@@ -50,7 +50,7 @@ def test_trained_once_reused_by_the_finetuning_chapter_and_scored_on_the_test_pa
     assert ch.finetuned() == {"litemedsam-ft-mixed": ("litemedsam", "mixed")}
     first = ch.finetune_runs()["litemedsam-ft-mixed"]
     assert epochs["n"] == 1 and not first.reused
-    parts = {p: _images(ch.finetune_split.rows(ch.manifest, p)) for p in finetune.PARTS}
+    parts = {p: _images(ch.finetune_split.rows(ch.manifest, p)) for p in splits.PARTS}
     assert all(parts.values()) and not (parts["test"] & (parts["train"] | parts["val"]))
 
     res = ch.finetuned_results()
@@ -62,7 +62,7 @@ def test_trained_once_reused_by_the_finetuning_chapter_and_scored_on_the_test_pa
 
     # chapter 08 asks for the same run: reused, not retrained, same weights
     ch8 = chapters.Chapter("08_finetune", cfg)
-    run = finetune.run_chapter(ch8)
+    run = finetune_runs.run_chapter(ch8)
     again = run.runs[("litemedsam", "mixed")]
     assert again.reused and epochs["n"] == 1
     assert again.provenance["checkpoint_sha256"] == first.provenance["checkpoint_sha256"]

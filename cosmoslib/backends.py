@@ -25,7 +25,7 @@ apart: :attr:`cosmoslib.models.SamFamilyModel.signature` gets ``encoder =
 ``cosmoslib/tests/test_backends.py``: embeddings within 1e-4 absolute of torch's and
 box-prompt masks at mean DICE >= 99.9 % of torch's on demo images.
 
-Missing package. When the runtime's package is not installed, :func:`resolve_backend` warns
+Missing package. When the runtime's package (or ``onnx``, used by the export) is not installed, :func:`resolve_backend` warns
 (:class:`BackendFallbackWarning`, naming the package and ``pip install
 'cosmoslib[runtimes]'``) and the model runs on ``"torch"``, whose signature it then carries, so
 a batch job goes on and caches its embeddings under the right key. Export errors (an encoder
@@ -90,7 +90,8 @@ def check_backend(backend: str) -> str:
 
 
 def _import(backend: str):
-    """Import the runtime of ``backend``; ImportError with the package name and install hint."""
+    """Import the runtime of ``backend`` (and ``onnx``, which torch's exporter writes through);
+    ImportError with the missing package's name and the install hint."""
     package = PACKAGES[backend]
     try:
         # Optional, heavy runtimes (68 MB / 180 MB installed): imported only when asked for.
@@ -98,6 +99,8 @@ def _import(backend: str):
             import onnxruntime as module
         else:
             import openvino as module
+        package = "onnx"
+        import onnx  # noqa: F401  (torch.onnx.export needs it; optional like the runtimes)
     except ImportError as exc:
         raise ImportError(f"encoder backend {backend!r} needs the Python package {package!r}, "
                           f"which is not installed ({exc}); install it with {INSTALL_HINT} "

@@ -39,10 +39,13 @@ Whether a backend pays is measured by ``benchmarks/encode.py`` (rows (d) onnxrun
 openvino). Measured under heavy load (2 shared cores, load average ~9, 1 torch thread, 3
 demo images x 2 repeats): LiteMedSAM images/s vs the authors' way (a) 2.14x onnxruntime,
 2.31x openvino, 1.65x the torch fast path: both runtimes kept, for LiteMedSAM-class
-encoders. SAM ViT-B (1024 px, single-image encoder, sequential, same load): torch fast path
-~26 s, onnxruntime ~77 s, openvino ~58 s: the exported stock graph materialises the
-(heads, 4096, 4096) global attention that the fast path avoids, so for ViT models use
-``"torch"`` (export ~110 s and ~4 GB, sessions ~8-10 GB resident).
+encoders. SAM ViT-B (1024 px, random weights, one image, 1 thread, load ~8, two rounds
+interleaved, seconds): torch stock 44 / 44, torch fast 51 / 40, onnxruntime 25 / 36, openvino
+float32 26 / 26; not yet settled for ViT (a sequential run under rising load had the runtimes
+slower): ``benchmarks/encode.py --repeats 3`` on a quiet machine decides. Export ~110 s and
+~4 GB; ViT-B sessions 8-10 GB resident. (OpenVINO bf16 took 8-16 s and torch CPU autocast
+bf16 23-29 s, but change embeddings by up to ~0.06 for values up to ~5: not offered, no
+parity test yet.)
 """
 
 from __future__ import annotations

@@ -9,7 +9,15 @@ or fp16 embedding per image:
     embedding per image -- the authors' released way;
 (b) ``stock``: the project's path before issue 14 -- ``EmbeddingCache.ensure`` (read,
     preprocess, encode, write an fp16 zarr entry) with ``fast_encoder=False``;
-(c) ``fast``: the same with ``fast_encoder=True`` (:mod:`cosmoslib.models.fast_encoder`).
+(c) ``fast``: the same with ``fast_encoder=True`` (:mod:`cosmoslib.models.fast_encoder`);
+(d) ``onnxruntime`` and (e) ``openvino``: the same with the encoder run by that runtime
+    (``load_model(..., backend=...)``, :mod:`cosmoslib.models.backends`; float32). The export is done
+    once before the timed repeats, into a temporary folder, and reported on its own line
+    (seconds, peak memory); a runtime that is not installed is left out, and said so.
+
+Default (quick): LiteMedSAM rows (a)-(e), ViT-B rows (a)-(c). ViT-B's runtime rows (an
+export of ~2 min and several GB of memory, see the issue-14 note) are added by
+``--repeats 3`` or more, or by ``--vit-b-backends``; ``--no-vit-b-backends`` leaves them out.
 
 Each path reads the images from disk itself. Reported per model and path: images/s (total
 images / total wall seconds over the repeats), seconds per image, ratio to (a) and to (b),
@@ -18,7 +26,8 @@ and peak resident memory above the process's level before the path started (samp
 nothing is reused from a cache.
 
 Run: ``.venv/bin/python benchmarks/encode.py [--n-images 3] [--repeats 1] [--threads 2]
-[--models vit_b,litemedsam]``. On a shared machine the absolute figures move with the load;
+[--models vit_b,litemedsam] [--backends onnxruntime,openvino]``; the complete run is
+``--repeats 3``. On a shared machine the absolute figures move with the load;
 the ratios of paths measured in the same run are the figure of merit.
 """
 
@@ -34,6 +43,8 @@ from pathlib import Path
 import numpy as np
 
 PATHS = ("authors", "stock", "fast")
+#: Optional runtime rows (d), (e): cosmoslib.models.backends names.
+RUNTIMES = ("onnxruntime", "openvino")
 
 
 class PeakRSS:
@@ -114,6 +125,21 @@ def _run_authors(model, paths: list[Path], out: Path) -> None:
         np.savez_compressed(out / f"{i:05d}.npz", embedding=emb)
 
 
+def _runtime_model(model, backend: str, exports: Path):
+    """A copy of ``model`` (same torch modules) whose encoder runs on ``backend``, exported
+    into ``exports``; (model, export seconds, export peak RSS bytes or None)."""
+    import dataclasses
+
+    from cosmoslib.models import backends
+
+    runtime = dataclasses.replace(model, backend=backend)
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        runtime._exported = backends.load_encoder(runtime, backend, exports_dir=exports)
+        seconds = time.perf_counter() - start
+    return runtime, seconds, mem.peak
+
+
 def _run_cache(model, paths: list[Path], out: Path, fast: bool, batch_size: int) -> None:
     from cosmoslib.models.cache import EmbeddingCache
 
@@ -136,11 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1,
                         help="images per encoder call on the cache paths (b) and (c)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backends", default=",".join(RUNTIMES),
+                        help="runtime rows (d), (e): comma-separated cosmoslib.models.backends names "
+                             "('' for none); CPU only")
+    parser.add_argument("--vit-b-backends", action=argparse.BooleanOptionalAction, default=None,
+                        help="runtime rows for ViT-B too (default: with --repeats >= 3)")
     args = parser.parse_args(argv)
 
     import torch
 
     from cosmoslib import models
+    from cosmoslib.models import backends
     from cosmoslib.data.dataset import resolve_root
 
     if args.threads is not None:
@@ -151,6 +183,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(paths)} images from {root}; {args.repeats} repeat(s), paths interleaved; "
           f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    runtimes = []
+    for backend in wanted:
+        backend = backends.check_backend(backend)
+        if backend == "torch":
+            continue
+        if args.device != "cpu":
+            print(f"runtime {backend}: left out (CPU only, device {args.device})")
+        elif not backends.backend_available(backend):
+            print(f"runtime {backend}: left out (package not installed: {backends.INSTALL_HINT})")
+        else:
+            runtimes.append(backend)
+    vit_b_runtimes = args.vit_b_backends if args.vit_b_backends is not None else args.repeats >= 3
+    print("runtimes: " + (", ".join(f"{b} {backends.backend_version(b)}" for b in runtimes)
+                          or "none") + ("" if vit_b_runtimes else " (LiteMedSAM only)"))
+
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name == "vit_b":
             model = _vit_b_random(args.device)
@@ -158,6 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = models.load_model(name, device=args.device)
             label = f"{name} (real weights)"
+        these = runtimes if (name != "vit_b" or vit_b_runtimes) else []
+        rows = PATHS + tuple(these)
+        exports_tmp = tempfile.TemporaryDirectory(prefix="cosmos-exports-")
+        runtime_models, export_notes = {}, []
+        for backend in these:
+            runtime_models[backend], sec, peak = _runtime_model(model, backend,
+                                                                Path(exports_tmp.name))
+            export_notes.append(f"  export {backend}: {sec:.1f} s, peak RSS +"
+                                + ("n/a" if peak is None else f"{peak / 2**20:.0f} MB"))
         # warm-up of both encoder paths (first-call allocations, oneDNN kernel selection)
         from cosmoslib.data import readers
 
@@ -165,15 +222,21 @@ def main(argv: list[str] | None = None) -> int:
         for fast in (False, True):
             model.fast_encoder = fast
             model.encode([warm])
-        seconds = {p: 0.0 for p in PATHS}
-        peaks = {p: 0 for p in PATHS}
+        for runtime in runtime_models.values():
+            runtime.encode([warm])
+        seconds = {p: 0.0 for p in rows}
+        peaks = {p: 0 for p in rows}
         for rep in range(args.repeats):
-            order = PATHS[rep % 3:] + PATHS[:rep % 3]  # rotate who goes first
+            k = rep % len(rows)
+            order = rows[k:] + rows[:k]  # rotate who goes first
             for path_name in order:
                 with tempfile.TemporaryDirectory(prefix="cosmos-bench-") as tmp, PeakRSS() as mem:
                     start = time.perf_counter()
                     if path_name == "authors":
                         _run_authors(model, paths, Path(tmp))
+                    elif path_name in runtime_models:
+                        _run_cache(runtime_models[path_name], paths, Path(tmp), True,
+                                   args.batch_size)
                     else:
                         _run_cache(model, paths, Path(tmp), path_name == "fast", args.batch_size)
                     seconds[path_name] += time.perf_counter() - start
@@ -181,17 +244,20 @@ def main(argv: list[str] | None = None) -> int:
                     peaks[path_name] = max(peaks[path_name], mem.peak)
         n = len(paths) * args.repeats
         print(f"\n{label}, input {model.input_size} px")
-        print(f"  {'path':<8} {'images/s':>9} {'s/image':>8} {'vs (a)':>7} {'vs (b)':>7} "
-              f"{'peak RSS +MB':>13}")
-        for p in PATHS:
+        print(f"  {'path':<11} {'images/s':>9} {'s/image':>8} {'vs (a)':>7} {'vs (b)':>7} "
+              f"{'vs (c)':>7} {'peak RSS +MB':>13}")
+        for p in rows:
             rate = n / seconds[p]
-            print(f"  {p:<8} {rate:9.3f} {seconds[p] / n:8.2f} "
+            print(f"  {p:<11} {rate:9.3f} {seconds[p] / n:8.2f} "
                   f"{seconds['authors'] / seconds[p]:6.2f}x {seconds['stock'] / seconds[p]:6.2f}x "
-                  f"{peaks[p] / 2**20:13.0f}")
+                  f"{seconds['fast'] / seconds[p]:6.2f}x {peaks[p] / 2**20:13.0f}")
+        print("\n".join(export_notes))
         model.fast_encoder = True
-        del model
+        del model, runtime_models
+        exports_tmp.cleanup()
     print("\n(a) authors: SamPredictor.set_image + np.savez_compressed (fp32), stock encoder; "
-          "(b) stock: EmbeddingCache.ensure, fast_encoder=False; (c) fast: fast_encoder=True. "
+          "(b) stock: EmbeddingCache.ensure, fast_encoder=False; (c) fast: fast_encoder=True; "
+          "(d), (e): the same with the encoder on that runtime (float32, exported beforehand). "
           "Ratios are of wall seconds measured in this run.")
     return 0
 

@@ -21,12 +21,35 @@ same run (the machine is shared, so read the ratios, not the absolute numbers):
   many pairs sit at another position of the output order (NMS orders by predicted IoU, and
   ties to ~1e-7 may swap).
 
-Run: ``.venv/bin/python benchmarks/strategies.py [--rounds 3] [--max-prompts 40] [--no-vit-b]``.
+**Protocol (issue 14, item 7)** -- the figure to quote for decoding. The single-image rows
+above flatter our path: one 512 x 512 image with 122 objects, 40 prompts sharing one
+``prepare``, one thread. The protocol section (``--protocol-images``, default 4) times both
+sides the same way on several images other than that one (the largest object's image of each
+task, 197 x 233 to 512 x 512 px on cosmos-demo), with every object's S2..S6 prompts:
+
+* **start**: the image's embedding as the cache stores it (float16 numpy); each side's
+  per-image set-up is timed: ours ``model.prepare(embedding)`` (cast to float32, the
+  prompt-independent decoder work), SamPredictor setting ``features`` (cast to a float32
+  tensor), ``original_size`` and ``input_size`` -- what ``set_image`` leaves behind, without
+  the encoder;
+* **per prompt**: ours ``model.decode(prepared, prompt, size)``; SamPredictor
+  ``predict(..., return_logits=False)``: both return bool masks at the original size
+  (postprocessing included), the predicted IoUs and the low-res logits as numpy arrays, with
+  the model's multimask setting (ViT-B 3 masks, LiteMedSAM 1);
+* **threads**: ``torch.set_num_threads(t)`` for both sides, t in ``--protocol-threads``
+  (default 1,2); rounds interleaved (order rotated), the ratio is total predictor seconds /
+  total our seconds over images and rounds, and per-part times are printed (set-up, decoder
+  to low-res logits, postprocessing to the original size) so a ratio can be traced to its
+  parts.
+
+Run: ``.venv/bin/python benchmarks/strategies.py [--rounds 3] [--max-prompts 40] [--no-vit-b]
+[--protocol-images 4] [--protocol-threads 1,2] [--protocol-only]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import warnings
@@ -186,6 +209,140 @@ def report(name: str, model, image, prompts, rounds: int, s1_params: dict, note:
           f"in the output order {e['moved']}")
 
 
+def _protocol_images(manifest, root: Path, n: int, exclude: str):
+    """(image, label) of the largest object's image per task (sorted by task), not ``exclude``."""
+    from cosmoslib.data import readers
+
+    rows = manifest[manifest["image_path"] != exclude].sort_values(
+        ["area_px", "image_path"], ascending=[False, True]).groupby("task", sort=True).head(1)
+    out = []
+    for row in rows.sort_values("task").head(n).itertuples():
+        out.append((row.image_path, readers.read_image(root / row.image_path),
+                    readers.read_label(root / row.label_path)))
+    return out
+
+
+def bench_protocol(model, cases, rounds: int, threads: int) -> dict:
+    """Both sides timed the same way (see the module docstring, "Protocol") at ``threads``.
+
+    ``cases``: list of (name, image, label). Returns seconds per side and part, decode counts.
+    """
+    import torch
+    from segment_anything import SamPredictor
+
+    torch.set_num_threads(threads)
+    multimask = model.default_multimask
+    predictor = SamPredictor(model.sam)
+    items = []
+    for _, image, label in cases:
+        emb16 = model.encode([image])[0].astype(np.float16)  # the cached entry (fp16 default)
+        items.append((image.shape[:2], emb16, [p for _, p in _prompts(label, 10**6)]))
+    n_prompts = sum(len(p) for _, _, p in items)
+
+    def ours(size, emb16, prompts):
+        prepared = model.prepare(emb16)
+        return [model.decode(prepared, p, size, multimask=multimask) for p in prompts]
+
+    def sam_predictor(size, emb16, prompts):
+        predictor.reset_image()
+        predictor.features = torch.as_tensor(emb16, dtype=torch.float32)[None]
+        predictor.original_size = tuple(size)
+        predictor.input_size = model.resized_size(size)
+        predictor.is_image_set = True
+        with torch.inference_mode():
+            return [predictor.predict(multimask_output=multimask, return_logits=False,
+                                      **_predict_kwargs(p)) for p in prompts]
+
+    def parts_ours(size, emb16, prompts):
+        t0 = time.perf_counter()
+        prepared = model.prepare(emb16)
+        t1 = time.perf_counter()
+        low_t = post_t = 0.0
+        for p in prompts:  # decode() split in two: decoder to low-res, postprocessing
+            a = time.perf_counter()
+            box = None if p.box is None else torch.as_tensor(
+                model.transform_boxes(np.asarray(p.box, float), size), dtype=torch.float32)
+            pts = lab = None
+            if p.points is not None and len(p.points):
+                pts = torch.as_tensor(model.transform_coords(np.asarray(p.points, float), size),
+                                      dtype=torch.float32)[None]
+                lab = torch.as_tensor(np.asarray(p.point_labels, np.int64))[None]
+            low, _ = model.predict_torch(prepared, pts, lab, box, None, multimask)
+            b = time.perf_counter()
+            (model.postprocess_masks(low, size)[0] > model.mask_threshold).cpu().numpy()
+            low_t += b - a
+            post_t += time.perf_counter() - b
+        return t1 - t0, low_t, post_t
+
+    def parts_predictor(size, emb16, prompts):
+        t0 = time.perf_counter()
+        sam_predictor(size, emb16, [])
+        t1 = time.perf_counter()
+        low_t = post_t = 0.0
+        sam = model.sam
+        with torch.inference_mode():
+            for p in prompts:  # SamPredictor.predict_torch split in two
+                a = time.perf_counter()
+                pts = None
+                if p.points is not None and len(p.points):
+                    c = predictor.transform.apply_coords(np.asarray(p.points, float), size)
+                    pts = (torch.as_tensor(c, dtype=torch.float)[None],
+                           torch.as_tensor(np.asarray(p.point_labels), dtype=torch.int)[None])
+                box = None if p.box is None else torch.as_tensor(
+                    predictor.transform.apply_boxes(np.asarray(p.box, float), size),
+                    dtype=torch.float)
+                sparse, dense = sam.prompt_encoder(points=pts, boxes=box, masks=None)
+                low, _ = sam.mask_decoder(image_embeddings=predictor.features,
+                                          image_pe=sam.prompt_encoder.get_dense_pe(),
+                                          sparse_prompt_embeddings=sparse,
+                                          dense_prompt_embeddings=dense,
+                                          multimask_output=multimask)
+                b = time.perf_counter()
+                masks = sam.postprocess_masks(low, predictor.input_size, predictor.original_size)
+                (masks > sam.mask_threshold)[0].numpy()
+                low_t += b - a
+                post_t += time.perf_counter() - b
+        return t1 - t0, low_t, post_t
+
+    sides = {"ours": ours, "sam_predictor": sam_predictor}
+    seconds = {k: 0.0 for k in sides}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # points on box-only LiteMedSAM warn (see models)
+        for item in items:  # warm-up: first-call allocations, resize operators per size
+            ours(*item), sam_predictor(*item)
+        for r in range(rounds):
+            order = list(sides)[r % 2:] + list(sides)[:r % 2]
+            for item in items:
+                for name in order:
+                    t0 = time.perf_counter()
+                    sides[name](*item)
+                    seconds[name] += time.perf_counter() - t0
+        parts = {"ours": np.zeros(3), "sam_predictor": np.zeros(3)}
+        for item in items:
+            parts["ours"] += parts_ours(*item)
+            parts["sam_predictor"] += parts_predictor(*item)
+    return {"seconds": seconds, "n": n_prompts * rounds, "parts": parts, "n_parts": n_prompts,
+            "threads": torch.get_num_threads(), "multimask": multimask}
+
+
+def report_protocol(name: str, model, cases, rounds: int, threads_list) -> None:
+    sizes = ", ".join(f"{c[1].shape[1]}x{c[1].shape[0]}" for c in cases)
+    print(f"\n== protocol, {name}: {len(cases)} images ({sizes} px), all objects' S2..S6 "
+          f"prompts, start from the fp16 cached embedding, set-up and postprocessing to the "
+          f"original size timed on both sides, {rounds} interleaved rounds")
+    for threads in threads_list:
+        d = bench_protocol(model, cases, rounds, threads)
+        s, n = d["seconds"], d["n"]
+        print(f"  threads {d['threads']}: decodes/s ours {n / s['ours']:.1f} | SamPredictor "
+              f"{n / s['sam_predictor']:.1f} -> {s['sam_predictor'] / s['ours']:.2f}x "
+              f"({d['n_parts']} prompts x {rounds} rounds, multimask={d['multimask']}; load "
+              f"average {os.getloadavg()[0]:.1f})")
+        for side, (t_set, t_low, t_post) in d["parts"].items():
+            print(f"    {side:<13} ms per image set-up {1e3 * t_set / len(cases):7.2f}; ms per "
+                  f"prompt: decoder {1e3 * t_low / d['n_parts']:7.2f}, postprocessing "
+                  f"{1e3 * t_post / d['n_parts']:7.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None, help="COSMOS root (default cosmos-demo)")
@@ -199,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads for both sides (default 1: on a shared 2-core "
                              "machine, 2 threads next to another busy process run up to 10x "
                              "slower and make every timing noise)")
+    parser.add_argument("--protocol-images", type=int, default=4,
+                        help="images of the protocol section (0 skips it)")
+    parser.add_argument("--protocol-threads", default="1,2",
+                        help="comma-separated torch thread counts of the protocol section")
+    parser.add_argument("--protocol-only", action="store_true",
+                        help="only the protocol section (the figure to quote)")
     args = parser.parse_args(argv)
 
     import torch
@@ -224,15 +387,26 @@ def main(argv: list[str] | None = None) -> int:
     # ViT-B, so lower ones leave masks to compare (same settings on both sides).
     s1 = {"points_per_batch": 64, "stability_score_thresh": 0.0}
     lite = models.load_model("litemedsam", device="cpu")
-    report("LiteMedSAM", lite, image, prompts, args.rounds,
-           {"points_per_side": args.lite_points_per_side, "pred_iou_thresh": 0.15, **s1}, "real weights, 256 px input")
+    protocol_threads = [int(t) for t in args.protocol_threads.split(",") if t.strip()]
+    cases = _protocol_images(manifest, root, args.protocol_images, rel)
+    vit_b = None
     if not args.no_vit_b:
         torch.manual_seed(0)
-        sam = build_sam_vit_b().eval()
         vit_b = models.SamFamilyModel(
-            name="vit_b_random", arch="vit_b", sam=sam, checkpoint_path=Path("<random>"),
-            checkpoint_sha256="", device=torch.device("cpu"), supports_points=True,
-            default_multimask=True)
+            name="vit_b_random", arch="vit_b", sam=build_sam_vit_b().eval(),
+            checkpoint_path=Path("<random>"), checkpoint_sha256="", device=torch.device("cpu"),
+            supports_points=True, default_multimask=True)
+    if cases:
+        report_protocol("LiteMedSAM", lite, cases, args.rounds, protocol_threads)
+        if vit_b is not None:
+            report_protocol("SAM ViT-B (random weights)", vit_b, cases, args.rounds,
+                            protocol_threads)
+        torch.set_num_threads(args.threads)
+    if args.protocol_only:
+        return 0
+    report("LiteMedSAM", lite, image, prompts, args.rounds,
+           {"points_per_side": args.lite_points_per_side, "pred_iou_thresh": 0.15, **s1}, "real weights, 256 px input")
+    if vit_b is not None:
         report("SAM ViT-B", vit_b, image, prompts, max(1, args.rounds - 1),
                {"points_per_side": args.vit_b_points_per_side, "pred_iou_thresh": 0.0, **s1},
                f"RANDOM weights, speed only; 1024 px input; S1 on a small "

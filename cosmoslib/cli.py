@@ -56,7 +56,8 @@ def _index(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     model = models.load_model(args.model, checkpoint=args.checkpoint, device=args.device,
                               autocast=args.autocast, fast_encoder=args.fast_encoder,
-                              compile_encoder=args.compile, threads=args.threads)
+                              compile_encoder=args.compile, threads=args.threads,
+                              backend=args.backend)
     report = cache.embed_root(
         args.root,
         model,
@@ -172,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=int, default=2, help="images read ahead on a background thread")
     p.add_argument("--autocast", action="store_true", help="bf16/fp16 autocast on CUDA (keyed apart in the cache)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA; slow first pass)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],
+                   help="who runs the image encoder on the CPU: exported once, cached, keyed apart in "
+                        "the embedding cache; a missing package falls back to torch with a warning "
+                        "(install: pip install 'cosmoslib[runtimes]')")
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("evaluate", help="run strategies S1..S6 from the embedding cache")

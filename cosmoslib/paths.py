@@ -101,3 +101,9 @@ def paper_text() -> Path | None:
         return env if env.is_file() else None
     found = sorted((home().parent / "shared" / "seed").glob("*.txt"))
     return found[0] if len(found) == 1 else None
+
+
+def exports_dir() -> Path:
+    """Encoders exported for the ONNX Runtime / OpenVINO backends (:mod:`cosmoslib.models.backends`):
+    ``$COSMOS_EXPORTS``, else ``<data>/exports``."""
+    return _env_path("COSMOS_EXPORTS") or generated_dir() / "exports"

@@ -24,7 +24,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from cosmoslib import __version__
 from cosmoslib.files import InputError
-from cosmoslib.models import registry
+from cosmoslib.models import backends, registry
 from cosmoslib.models.checkpoints import (
     _build_sam,
     _check_state_dict,
@@ -84,6 +84,9 @@ class SamFamilyModel:
         same weights, embeddings equal to the stock encoder's up to float32 rounding. False
         restores the stock forwards (also on ``sam.image_encoder``, e.g. for
         ``SamPredictor``). Read at every :meth:`encode`, so it can be switched at any time.
+    backend : str
+        Who runs the image encoder: ``"torch"`` (this module), ``"onnxruntime"`` or
+        ``"openvino"`` (an exported copy, :mod:`cosmoslib.models.backends`; part of the signature).
     compile_encoder : bool
         Run the encoder through ``torch.compile`` (worth it on a GPU for long runs; the first
         call compiles for tens of seconds; falls back to eager with a warning).
@@ -101,10 +104,12 @@ class SamFamilyModel:
     fast_decoder: bool = True
     fast_encoder: bool = True
     compile_encoder: bool = False
+    backend: str = "torch"
     _transform: ResizeLongestSide = field(init=False, repr=False)
     _compiled: Any = field(default=None, init=False, repr=False)
     _fast: _FastMaskDecoder | None = field(default=None, init=False, repr=False)
     _warned_points: bool = field(default=False, init=False, repr=False)
+    _exported: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._transform = ResizeLongestSide(self.input_size)
@@ -153,6 +158,8 @@ class SamFamilyModel:
                "input_size": self.input_size, "cosmoslib_version": __version__}
         if self.encoder_precision != "fp32":
             sig["encoder"] = f"torch-{self.encoder_precision}"
+        if self.backend != "torch":  # another runtime: other rounding (cosmoslib.models.backends)
+            sig["encoder"] = backends.signature_entry(self.backend)
         return sig
 
     @property
@@ -259,8 +266,13 @@ class SamFamilyModel:
 
     def _sync_encoder(self) -> torch.nn.Module:
         """Put ``sam.image_encoder`` on the path :attr:`fast_encoder` asks for; the module to
-        call (compiled when :attr:`compile_encoder`)."""
+        call (compiled when :attr:`compile_encoder`); with another :attr:`backend`, its
+        exported encoder (:func:`cosmoslib.models.backends.load_encoder`)."""
 
+        if self.backend != "torch":
+            if self._exported is None or self._exported.backend != self.backend:
+                self._exported = backends.load_encoder(self)
+            return self._exported
         encoder = self.sam.image_encoder
         fast = bool(self.fast_encoder)
         if self._compiled is not None and self._compiled[0] == (fast, id(encoder)) \
@@ -490,7 +502,7 @@ def _default_device(device: str | torch.device | None) -> torch.device:
 def load_model(name: str, checkpoint: str | os.PathLike | None = None,
                device: str | torch.device | None = None, autocast: bool = False,
                fast_encoder: bool = True, compile_encoder: bool = False,
-               threads: int | None = None) -> SamFamilyModel:
+               threads: int | None = None, backend: str = "torch") -> SamFamilyModel:
     """Load a registered SAM-family model.
 
     Parameters
@@ -516,6 +528,10 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
         Set torch's intra-op threads for this process (``torch.set_num_threads``; process
         wide). With several workers on one machine give each ``cores // workers``, so they
         do not oversubscribe the cores. Default: leave torch's setting.
+    backend : {"torch", "onnxruntime", "openvino"}
+        Who runs the image encoder on the CPU (:mod:`cosmoslib.models.backends`): exported once,
+        cached on disk, and part of the model signature. A runtime whose package is missing
+        falls back to ``"torch"`` with a warning naming the package and how to install it.
 
     Returns
     -------
@@ -538,8 +554,12 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
     if threads is not None:
         set_threads(threads)
     sam.to(dev).eval()
-    return SamFamilyModel(name=entry.name, arch=entry.arch, sam=sam, checkpoint_path=path,
-                          checkpoint_sha256=sha, device=dev,
-                          supports_points=entry.supports_points,
-                          default_multimask=entry.default_multimask, autocast=bool(autocast),
-                          fast_encoder=bool(fast_encoder), compile_encoder=bool(compile_encoder))
+    model = SamFamilyModel(name=entry.name, arch=entry.arch, sam=sam, checkpoint_path=path,
+                           checkpoint_sha256=sha, device=dev,
+                           supports_points=entry.supports_points,
+                           default_multimask=entry.default_multimask, autocast=bool(autocast),
+                           fast_encoder=bool(fast_encoder), compile_encoder=bool(compile_encoder),
+                           backend=backends.resolve_backend(backend, dev))
+    if model.backend != "torch":
+        model._sync_encoder()  # export (once) and open the session now, not in the first encode
+    return model

@@ -15,6 +15,7 @@ from cosmoslib import (
     cache,
     dataset,
     demo,
+    distributed,
     evaluate,
     factors,
     finetune,
@@ -49,6 +50,10 @@ def _modalities(pairs) -> dict[str, str] | None:
     return dict(pairs) if pairs else None
 
 
+SCHEDULER_HELP = ("run on Dask: local:N (N worker processes here), tcp://HOST:PORT (a running cluster), "
+                  "slurm:FILE / pbs:FILE / sge:FILE / lsf:FILE (dask-jobqueue options in a YAML file); "
+                  "default: this process")
+
 MODALITY_HELP = ("the modality of a task, TASK=NAME (repeatable); wins over the task json and the "
                  "catalog (see cosmoslib.vocabulary for the names)")
 
@@ -63,6 +68,13 @@ def _embed(args: argparse.Namespace) -> int:
     model = models.load_model(args.model, checkpoint=args.checkpoint, device=args.device,
                               autocast=args.autocast, fast_encoder=args.fast_encoder,
                               compile_encoder=args.compile, threads=args.threads)
+    if args.scheduler:
+        report = distributed.embed_root(args.root, model, args.scheduler, cache_dir=args.cache, dtype=args.dtype,
+                                        batch_size=args.batch_size, prefetch=args.prefetch,
+                                        group_size=args.shard_size, threads=args.threads or 1,
+                                        device=args.device)
+        print(report.summary())
+        return 1 if report.n_failed else 0
     report = cache.embed_root(
         args.root,
         model,
@@ -103,13 +115,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
         cache_dir=args.cache, save_masks=args.save_masks, seed=args.seed,
         points_per_side=args.points_per_side, shift_levels=args.shift_levels, repeats=args.repeats,
-        scheduler=args.scheduler, threads=args.threads or 1, shard_size=args.shard_size)
+        scheduler=args.scheduler, threads=args.threads or 1, shard_size=args.shard_size,
+        cache=args.use_cache)
     print(report.summary())
     return 1 if report.n_failed else 0
 
 
 def _factors(args: argparse.Namespace) -> int:
-    report = factors.factors_cli(args.root, args.out, info_dir=args.info_dir, modality=_modalities(args.modality))
+    report = factors.factors_cli(args.root, args.out, info_dir=args.info_dir, modality=_modalities(args.modality),
+                                 chunk_images=args.shard_size, scheduler=args.scheduler,
+                                 threads=args.threads or 1)
     print(report.summary())
     return 1 if report.n_skipped else 0
 
@@ -178,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=int, default=2, help="images read ahead on a background thread")
     p.add_argument("--autocast", action="store_true", help="bf16/fp16 autocast on CUDA (keyed apart in the cache)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA; slow first pass)")
+    p.add_argument("--scheduler", default=None, help=SCHEDULER_HELP)
+    p.add_argument("--shard-size", type=int, default=64, help="images per Dask task (with --scheduler)")
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("evaluate", help="run strategies S1..S6 from the embedding cache")
@@ -210,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "in a YAML file); default: this process")
     p.add_argument("--shard-size", type=int, default=1,
                    help="images per result shard (one Parquet file each; 64-256 at COSMOS scale)")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false",
+                   help="fused mode: encode each image and decode every strategy right away, keep no "
+                        "embedding on disk (same table; every later run encodes again)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("factors", help="object factors: size, aspect ratio, intensity difference, Fourier order")
@@ -217,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--info-dir", type=Path, default=None)
     p.add_argument("--modality", action="append", type=_modality_pair, default=None, help=MODALITY_HELP)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--scheduler", default=None, help=SCHEDULER_HELP)
+    p.add_argument("--threads", type=int, default=None, help="threads of each Dask worker (with --scheduler)")
+    p.add_argument("--shard-size", type=int, default=200,
+                   help="images per Dask task and per rewrite of --out (resume point)")
     p.set_defaults(func=_factors)
 
     p = sub.add_parser("book", help="execute the run list with papermill, then build the Jupyter Book")

@@ -172,7 +172,7 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def dask_scaling(n_images: int, copies: int, objects: int) -> None:
+def dask_scaling(n_images: int, copies: int, objects: int, encode_copies: int = 1) -> None:
     import torch
 
     from cosmoslib import dataset, evaluate, io, models, paths
@@ -208,29 +208,35 @@ def dask_scaling(n_images: int, copies: int, objects: int) -> None:
         client2, t_start2 = _timed(lambda: cosmos_dask.client_for("local:2", threads=1))
         client2.wait_for_workers(2)
         evaluate.evaluate(tiny, root, [model], tmp / "load2.parquet", scheduler=client2, **kw)
+        print(f"start-up (not in the rates below): local:1 cluster {t_start1:.1f} s + first run with model "
+              f"load {t_load1:.1f} s; local:2 cluster {t_start2:.1f} s", flush=True)
         times = {}
-        for label, cached in (("cached embeddings", True), ("encode included (--no-cache)", False)):
+        # the encoder-in-the-loop run uses one copy (each unit costs an encode: enough units already)
+        for label, cached, man in (("cached embeddings", True, manifest),
+                                   ("encode included (--no-cache)", False, _replicated(base, encode_copies))):
             row = {}
+            units = man.groupby(["task", "image_id"]).ngroups
             for name, sched in (("single process", None), ("local:1", client1), ("local:2", client2)):
                 out = tmp / f"{name}-{cached}.parquet".replace(":", "").replace(" ", "_")
-                _, row[name] = _timed(lambda: evaluate.evaluate(manifest, root, [model], out, scheduler=sched,
+                _, row[name] = _timed(lambda: evaluate.evaluate(man, root, [model], out, scheduler=sched,
                                                                 cache=cached, **kw))
             times[label] = row
+            _print_rates(label, row, units)
         cosmos_dask.close(client1)
         cosmos_dask.close(client2)
-    print(f"start-up (not in the rates below): local:1 cluster {t_start1:.1f} s + first run with model "
-          f"load {t_load1:.1f} s; local:2 cluster {t_start2:.1f} s")
-    for label, row in times.items():
-        single = row["single process"]
-        print(f"{label}:")
-        for name, t in row.items():
-            print(f"  {name:>15}: {n / t:7.2f} images/s  {1e3 * t / n:8.1f} ms/image ({t / single:.2f} x single)")
-        overhead = (row["local:1"] - single) / n
-        print(f"  scheduling overhead local:1 vs single process: {1e3 * overhead:+.1f} ms/image = "
-              f"{100 * overhead / (single / n):+.1f} % of the per-image work")
-        print(f"  2 workers vs 1 worker: {row['local:1'] / row['local:2']:.2f} x images/s "
-              f"(2 cores shared with other jobs)")
     _projection(model, root, full, times, n)
+
+
+def _print_rates(label: str, row: dict, n: int) -> None:
+    single = row["single process"]
+    print(f"{label} ({n} work units):")
+    for name, t in row.items():
+        print(f"  {name:>15}: {n / t:7.2f} images/s  {1e3 * t / n:8.1f} ms/image ({t / single:.2f} x single)")
+    overhead = (row["local:1"] - single) / n
+    print(f"  scheduling overhead local:1 vs single process: {1e3 * overhead:+.1f} ms/image = "
+          f"{100 * overhead / (single / n):+.1f} % of the per-image work")
+    print(f"  2 workers vs 1 worker: {row['local:1'] / row['local:2']:.2f} x images/s "
+          f"(2 cores shared with other jobs)", flush=True)
 
 
 def _projection(model, root, full: pd.DataFrame, times: dict, n_units: int) -> None:
@@ -312,11 +318,12 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=0, help="demo images (0: all 57)")
     parser.add_argument("--copies", type=int, default=4, help="copies of the manifest (more work units)")
     parser.add_argument("--objects", type=int, default=2, help="objects per image")
+    parser.add_argument("--encode-copies", type=int, default=1, help="copies for the run with the encoder")
     args = parser.parse_args(argv)
     if args.what == "bookkeeping":
         bookkeeping([int(v) for v in args.rows.split(",")], args.sample)
     else:
-        dask_scaling(args.images, args.copies, args.objects)
+        dask_scaling(args.images, args.copies, args.objects, args.encode_copies)
     return 0
 
 

@@ -56,12 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cosmoslib import models
-    from cosmoslib.protocol import metrics
     from cosmoslib.data import indexer, readers
-    from cosmoslib.models.cache import EmbeddingCache, image_key
-    from cosmoslib.protocol.prompts import make_prompt
-
     from cosmoslib.data.dataset import resolve_root
+    from cosmoslib.models.cache import EmbeddingCache, image_key
+    from cosmoslib.protocol import metrics
+    from cosmoslib.protocol.prompts import make_prompt
 
     root = resolve_root(args.root)  # None: cosmos-demo, built on first use
     manifest = indexer.index(root)

@@ -87,8 +87,11 @@ class PeakRSS:
 
 def _pick_images(root, n: int) -> list[Path]:
     """n distinct images spread over the tasks: the cache benchmark's choice (same images)."""
+    from embed_cache import (
+        _pick_images as pick,  # benchmarks/ is on sys.path when run as a script
+    )
+
     from cosmoslib.data import indexer
-    from embed_cache import _pick_images as pick  # benchmarks/ is on sys.path when run as a script
 
     return [Path(root) / p for p in pick(indexer.index(root), n)]
 
@@ -172,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cosmoslib import models
-    from cosmoslib.models import backends
     from cosmoslib.data.dataset import resolve_root
+    from cosmoslib.models import backends
 
     if args.threads is not None:
         models.set_threads(args.threads)

@@ -9,10 +9,15 @@ shard planning, image/label reading, the embedding cache, matching, metrics, ato
 writes. Per image = (planning time of the whole manifest) / images + (time of ``run_unit`` over
 the first ``--sample`` images) / sample. Flat means the ratio to the 10 k row stays near 1.
 
-``dask``: images/s of LiteMedSAM (real weights, S5, a filled embedding cache) on cosmos-demo in
-one process, on ``local:1`` and on ``local:2`` (1 thread each), side by side; scheduling
-overhead per image = (local:1 time - single-process time) / images, as a share of the per-image
-work; and a projection for COSMOS 1050K from the measured per-image costs.
+``dask``: images/s of LiteMedSAM (real weights, S5) on cosmos-demo (all 57 images, repeated
+``--copies`` times under new ids for more work units) in one process, on ``local:1`` and on
+``local:2`` (1 thread each), side by side, once from a filled embedding cache and once with the
+encoder in the loop (fused, ``--no-cache``). The clusters are started and the model loaded on
+every worker *before* the timed runs (start-up is printed apart). Scheduling overhead per image
+= (local:1 time - single-process time) / images, as a share of the per-image work. Then a
+**projection** (not a measurement) for COSMOS 1050K on N workers from per-image costs measured
+here: encode, decode per strategy, S1 (at 8x8, scaled to 32x32), the runner's bookkeeping (stand-in
+model) and the scheduling overhead.
 
 Run: ``.venv/bin/python benchmarks/scale.py [bookkeeping|dask] [--rows 10000,100000,1000000]``.
 """
@@ -144,42 +149,168 @@ def bookkeeping(rows: list[int], sample: int) -> None:
             del manifest, stored, man, ptable, units, jobs
 
 
-def dask_scaling(n_images: int) -> None:
+COSMOS_IMAGES = 1_050_000   #: COSMOS 1050K (paper section 2)
+COSMOS_MASKS = 6_000_000    #: "about 6 M masks" (issue 12; the paper: 1,050,000+ images, 6 M masks)
+PAPER_STRATEGIES = ("S2", "S3", "S4", "S5", "S6")
+
+
+def _replicated(manifest: pd.DataFrame, copies: int) -> pd.DataFrame:
+    """``copies`` copies of the manifest under new image ids (same files): more work units for the
+    same images, so the scheduling share is measured over enough units (embeddings are shared by
+    content, so the cache holds each image once)."""
+    parts = []
+    for c in range(copies):
+        part = manifest.copy()
+        part["image_id"] = part["image_id"].astype(str) + (f"~{c}" if c else "")
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def dask_scaling(n_images: int, copies: int, objects: int, encode_copies: int = 1) -> None:
     import torch
 
     from cosmoslib import models, paths
-    from cosmoslib.data import dataset
-    from cosmoslib.protocol import evaluate
-    from cosmoslib.data import indexer
+    from cosmoslib.data import dataset, indexer
     from cosmoslib.data import demo as demo_mod
+    from cosmoslib.protocol import distributed as cosmos_dask
+    from cosmoslib.protocol import evaluate
 
     torch.set_num_threads(1)
     root = paths.demo_root()
     demo_mod.build_demo(out=root)
-    manifest = indexer.index(root)
-    manifest = manifest[manifest["image_id"].isin(manifest["image_id"].drop_duplicates().head(n_images))]
-    manifest = dataset.subsample(manifest, max_objects_per_image=2, seed=0)
+    full = indexer.index(root)
+    if n_images:
+        full = full[full["image_id"].isin(full["image_id"].drop_duplicates().head(n_images))]
+    base = dataset.subsample(full, max_objects_per_image=objects, seed=0)
+    manifest = _replicated(base, copies)
+    n = manifest.groupby(["task", "image_id"]).ngroups
+    n_obj = len(manifest)
     model = models.load_model("litemedsam", device="cpu", threads=1)
+    print(f"LiteMedSAM on CPU, 1 torch thread per process; {base.groupby(['task', 'image_id']).ngroups} cosmos-demo images x "
+          f"{copies} copies = {n} work units (images), {n_obj} objects (<= {objects} per image), S5, one "
+          f"image per shard. Machine shared with other jobs: absolute times are under load, ratios are "
+          f"side by side in one run.")
     with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(tmp) / "cache"
+        tmp = Path(tmp)
+        cache = tmp / "cache"
         kw = dict(strategies=["S5"], cache_dir=cache, progress=False)
-        evaluate.evaluate(manifest, root, [model], Path(tmp) / "warm.parquet", **kw)  # fill the cache
+        evaluate.evaluate(base, root, [model], tmp / "warm.parquet", **kw)  # fill the cache
+        # start-up, measured apart: the cluster, then the first (tiny) run that loads the model
+        client1, t_start1 = _timed(lambda: cosmos_dask.client_for("local:1", threads=1))
+        client1.wait_for_workers(1)
+        tiny = base[base["image_id"] == base["image_id"].iloc[0]]
+        _, t_load1 = _timed(lambda: evaluate.evaluate(tiny, root, [model], tmp / "load1.parquet",
+                                                      scheduler=client1, **kw))
+        client2, t_start2 = _timed(lambda: cosmos_dask.client_for("local:2", threads=1))
+        client2.wait_for_workers(2)
+        evaluate.evaluate(tiny, root, [model], tmp / "load2.parquet", scheduler=client2, **kw)
+        print(f"start-up (not in the rates below): local:1 cluster {t_start1:.1f} s + first run with model "
+              f"load {t_load1:.1f} s; local:2 cluster {t_start2:.1f} s", flush=True)
         times = {}
-        for name, sched in (("single process", None), ("local:1", "local:1"), ("local:2", "local:2")):
-            start = time.perf_counter()
-            evaluate.evaluate(manifest, root, [model], Path(tmp) / f"{name}.parquet".replace(":", ""),
-                              scheduler=sched, **kw)
-            times[name] = time.perf_counter() - start
-        n = manifest.groupby(["task", "image_id"]).ngroups
-    single = times["single process"]
-    print(f"LiteMedSAM, S5, {n} images (embeddings cached), 1 torch thread per process; wall time "
-          f"includes starting the cluster and loading the model on each worker")
-    for name, t in times.items():
-        print(f"  {name:>15}: {n / t:6.2f} images/s ({t / single:.2f} x single-process time)")
-    print(f"  2 workers vs 1 worker: {times['local:1'] / times['local:2']:.2f} x images/s")
-    overhead = (times["local:1"] - single) / n
-    print(f"  scheduling overhead (incl. cluster start): {1e3 * overhead:.1f} ms/image = "
-          f"{100 * overhead / (single / n):.0f} % of the per-image work")
+        # the encoder-in-the-loop run uses one copy (each unit costs an encode: enough units already)
+        for label, cached, man in (("cached embeddings", True, manifest),
+                                   ("encode included (--no-cache)", False, _replicated(base, encode_copies))):
+            row = {}
+            units = man.groupby(["task", "image_id"]).ngroups
+            for name, sched in (("single process", None), ("local:1", client1), ("local:2", client2)):
+                out = tmp / f"{name}-{cached}.parquet".replace(":", "").replace(" ", "_")
+                _, row[name] = _timed(lambda: evaluate.evaluate(man, root, [model], out, scheduler=sched,
+                                                                cache=cached, **kw))
+            times[label] = row
+            _print_rates(label, row, units)
+        cosmos_dask.close(client1)
+        cosmos_dask.close(client2)
+    _projection(model, root, full, times, n)
+
+
+def _print_rates(label: str, row: dict, n: int) -> None:
+    single = row["single process"]
+    print(f"{label} ({n} work units):")
+    for name, t in row.items():
+        print(f"  {name:>15}: {n / t:7.2f} images/s  {1e3 * t / n:8.1f} ms/image ({t / single:.2f} x single)")
+    overhead = (row["local:1"] - single) / n
+    print(f"  scheduling overhead local:1 vs single process: {1e3 * overhead:+.1f} ms/image = "
+          f"{100 * overhead / (single / n):+.1f} % of the per-image work")
+    print(f"  2 workers vs 1 worker: {row['local:1'] / row['local:2']:.2f} x images/s "
+          f"(2 cores shared with other jobs)", flush=True)
+
+
+def _projection(model, root, full: pd.DataFrame, times: dict, n_units: int) -> None:
+    """Per-image costs measured here -> COSMOS 1050K on N workers (a projection, not a measurement)."""
+    from cosmoslib.data import dataset
+    from cosmoslib.protocol import evaluate
+
+    sample = dataset.subsample(full, max_images_per_task=1, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        res, _ = evaluate.evaluate(sample, root, [model], tmp / "r.parquet", strategies=list(PAPER_STRATEGIES),
+                                   cache_dir=tmp / "cache", cache=False, progress=False)
+        s1, _ = evaluate.evaluate(sample.head(3), root, [model], tmp / "s1.parquet", strategies=["S1"],
+                                  points_per_side=8, cache_dir=tmp / "cache", cache=False, progress=False)
+    first = res[res["selection_rule"] == "oracle_dice"]
+    encode = float(first.drop_duplicates(["task", "image_id"])["t_embed_s"].mean())
+    decode = first.groupby("strategy")["t_decode_s"].mean()
+    s1_8 = float(s1.drop_duplicates(["task", "image_id"])["t_decode_s"].mean())
+    s1_32 = s1_8 * (32 * 32) / (8 * 8)
+    single = times["cached embeddings"]["single process"] / n_units
+    overhead = max(0.0, (times["cached embeddings"]["local:1"] - times["cached embeddings"]["single process"])
+                   / n_units)
+    bookkeeping = _bookkeeping_per_image()
+    per_object = float(decode.sum())
+    objects_per_image = COSMOS_MASKS / COSMOS_IMAGES
+    per_image = encode + s1_32 + objects_per_image * per_object + bookkeeping + overhead
+    print(f"\nPer-image costs measured here (LiteMedSAM, CPU, 1 thread, under load; "
+          f"{sample.groupby(['task', 'image_id']).ngroups} images for S2-S6, "
+          f"{s1.groupby(['task', 'image_id']).ngroups} for S1):")
+    print(f"  encode {encode:.3f} s/image; decode per object " +
+          ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in decode.items()) +
+          f" (sum {1e3 * per_object:.0f} ms; both selection rules share one decode)")
+    print(f"  S1 {s1_8:.2f} s/image at 8x8, {s1_32:.1f} s/image at the paper's 32x32 (x16 points, assumed linear)")
+    print(f"  bookkeeping (stand-in model) {1e3 * bookkeeping:.1f} ms/image; Dask scheduling "
+          f"{1e3 * overhead:.1f} ms/image (one image per task; shards of 64-256 images divide it)")
+    print(f"  => {per_image:.1f} s per image with S1-S6 at {objects_per_image:.2f} objects/image "
+          f"(cached single process on the demo S5 run: {1e3 * single:.0f} ms/image)")
+    no_s1 = per_image - s1_32
+    print(f"\nProjection for COSMOS 1050K ({COSMOS_IMAGES:,} images, {COSMOS_MASKS:,} masks), LiteMedSAM at "
+          f"these CPU rates, one 1-thread worker per core, perfect scaling assumed (measured 2-worker "
+          f"ratio above), no I/O limit, encode once (cached or fused alike):")
+    print(f"  {'workers':>8} {'S1-S6 days':>11} {'S2-S6 days':>11} {'encode only h':>14}")
+    for w in (1, 8, 64, 512):
+        print(f"  {w:>8} {COSMOS_IMAGES * per_image / w / 86400:>11.1f} {COSMOS_IMAGES * no_s1 / w / 86400:>11.1f} "
+              f"{COSMOS_IMAGES * encode / w / 3600:>14.1f}")
+    print("  GPUs: not measured here (no GPU in this run); scale the encode column by the GPU/CPU encode "
+          "ratio of benchmarks/encode.py on the target GPU. The paper's ViT-B rate on an RTX 3090 gives "
+          "about 37 h of encoding on one GPU (issue 12), i.e. 37/N h on N GPUs.")
+
+
+def _bookkeeping_per_image(sample: int = 100) -> float:
+    """Seconds per image of the runner besides encode/decode (stand-in model, 10 k rows)."""
+    from cosmoslib.protocol import evaluate
+
+    model = StandIn()
+    with tempfile.TemporaryDirectory() as tmp:
+        root, image_path, label_path = _synthetic_root(Path(tmp) / "root")
+        manifest = _manifest(5 * (sample + 1), image_path, label_path, root)
+        out = Path(tmp) / "run" / "results.parquet"
+        out.parent.mkdir()
+        _prompts(manifest, root, seed=0).to_parquet(out.with_name("prompts.parquet"), index=False)
+        man = evaluate.with_digests(manifest, root)
+        ptable = evaluate.prompt_table(man, root, 0, out.with_name("prompts.parquet"))
+        units, _, _, _ = evaluate.plan(man, [model], out.with_name("parts"), ptable, 1)
+        settings = evaluate.RunSettings(root=root, strategies=("S5",), points_per_side=4, everything_kwargs=None,
+                                        save_masks=None, cache_dir=Path(tmp) / "cache")
+        caches: dict = {}
+        evaluate.run_unit(units[0], [model], settings, caches=caches)
+        start = time.perf_counter()
+        for unit in units[1:sample + 1]:
+            evaluate.run_unit(unit, [model], settings, caches=caches)
+        return (time.perf_counter() - start) / sample
 
 
 def main(argv=None) -> int:
@@ -187,12 +318,15 @@ def main(argv=None) -> int:
     parser.add_argument("what", nargs="?", default="bookkeeping", choices=["bookkeeping", "dask"])
     parser.add_argument("--rows", default="10000,100000,1000000")
     parser.add_argument("--sample", type=int, default=200)
-    parser.add_argument("--images", type=int, default=12)
+    parser.add_argument("--images", type=int, default=0, help="demo images (0: all 57)")
+    parser.add_argument("--copies", type=int, default=4, help="copies of the manifest (more work units)")
+    parser.add_argument("--objects", type=int, default=2, help="objects per image")
+    parser.add_argument("--encode-copies", type=int, default=1, help="copies for the run with the encoder")
     args = parser.parse_args(argv)
     if args.what == "bookkeeping":
         bookkeeping([int(v) for v in args.rows.split(",")], args.sample)
     else:
-        dask_scaling(args.images)
+        dask_scaling(args.images, args.copies, args.objects, args.encode_copies)
     return 0
 
 

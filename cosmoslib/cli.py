@@ -17,7 +17,7 @@ from cosmoslib.book import runlist
 from cosmoslib.data import dataset, demo, indexer, preprocess
 from cosmoslib.files import InputError
 from cosmoslib.models import cache
-from cosmoslib.protocol import evaluate, finetune, splits
+from cosmoslib.protocol import distributed, evaluate, finetune, splits
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -43,6 +43,10 @@ def _modalities(pairs) -> dict[str, str] | None:
     return dict(pairs) if pairs else None
 
 
+SCHEDULER_HELP = ("run on Dask: local:N (N worker processes here), tcp://HOST:PORT (a running cluster), "
+                  "slurm:FILE / pbs:FILE / sge:FILE / lsf:FILE (dask-jobqueue options in a YAML file); "
+                  "default: this process")
+
 MODALITY_HELP = ("the modality of a task, TASK=NAME (repeatable); wins over the task json and the "
                  "catalog (see cosmoslib.vocabulary for the names)")
 
@@ -58,6 +62,13 @@ def _embed(args: argparse.Namespace) -> int:
                               autocast=args.autocast, fast_encoder=args.fast_encoder,
                               compile_encoder=args.compile, threads=args.threads,
                               backend=args.backend)
+    if args.scheduler:
+        report = distributed.embed_root(args.root, model, args.scheduler, cache_dir=args.cache, dtype=args.dtype,
+                                        batch_size=args.batch_size, prefetch=args.prefetch,
+                                        group_size=args.shard_size, threads=args.threads or 1,
+                                        device=args.device)
+        print(report.summary())
+        return 1 if report.n_failed else 0
     report = cache.embed_root(
         args.root,
         model,
@@ -98,13 +109,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
         cache_dir=args.cache, save_masks=args.save_masks, seed=args.seed,
         points_per_side=args.points_per_side, shift_levels=args.shift_levels, repeats=args.repeats,
-        scheduler=args.scheduler, threads=args.threads or 1, shard_size=args.shard_size)
+        scheduler=args.scheduler, threads=args.threads or 1, shard_size=args.shard_size,
+        cache=args.use_cache)
     print(report.summary())
     return 1 if report.n_failed else 0
 
 
 def _factors(args: argparse.Namespace) -> int:
-    report = factors.factors_cli(args.root, args.out, info_dir=args.info_dir, modality=_modalities(args.modality))
+    report = factors.factors_cli(args.root, args.out, info_dir=args.info_dir, modality=_modalities(args.modality),
+                                 chunk_images=args.shard_size, scheduler=args.scheduler,
+                                 threads=args.threads or 1)
     print(report.summary())
     return 1 if report.n_skipped else 0
 
@@ -177,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="who runs the image encoder on the CPU: exported once, cached, keyed apart in "
                         "the embedding cache; a missing package falls back to torch with a warning "
                         "(install: pip install 'cosmoslib[runtimes]')")
+    p.add_argument("--scheduler", default=None, help=SCHEDULER_HELP)
+    p.add_argument("--shard-size", type=int, default=64, help="images per Dask task (with --scheduler)")
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("evaluate", help="run strategies S1..S6 from the embedding cache")
@@ -209,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "in a YAML file); default: this process")
     p.add_argument("--shard-size", type=int, default=1,
                    help="images per result shard (one Parquet file each; 64-256 at COSMOS scale)")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false",
+                   help="fused mode: encode each image and decode every strategy right away, keep no "
+                        "embedding on disk (same table; every later run encodes again)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("factors", help="object factors: size, aspect ratio, intensity difference, Fourier order")
@@ -216,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--info-dir", type=Path, default=None)
     p.add_argument("--modality", action="append", type=_modality_pair, default=None, help=MODALITY_HELP)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--scheduler", default=None, help=SCHEDULER_HELP)
+    p.add_argument("--threads", type=int, default=None, help="threads of each Dask worker (with --scheduler)")
+    p.add_argument("--shard-size", type=int, default=200,
+                   help="images per Dask task and per rewrite of --out (resume point)")
     p.set_defaults(func=_factors)
 
     p = sub.add_parser("book", help="execute the run list with papermill, then build the Jupyter Book")

@@ -426,6 +426,8 @@ def factors_cli(
     modality: dict[str, str] | None = None,
     chunk_images: int = 200,
     progress: bool = True,
+    scheduler=None,
+    threads: int = 1,
     **fo_kwargs,
 ) -> FactorsReport:
     """``cosmos factors``: index a COSMOS root, compute the factors, write Parquet.
@@ -442,9 +444,15 @@ def factors_cli(
         ``{task: modality name}`` overriding every other source of a task's modality
         (passed to :func:`cosmoslib.data.indexer.index`; ``cosmos factors --modality TASK=NAME``).
     chunk_images : int
-        Rewrite ``out`` (atomically) after every this many images.
+        Rewrite ``out`` (atomically) after every this many images; with ``scheduler`` also the
+        images of one Dask task.
     progress : bool
         tqdm bar over images on stderr.
+    scheduler : None (this process), or a Dask scheduler (``"local:N"``, ``"tcp://HOST:PORT"``,
+        ``"slurm:cluster.yaml"``, or a ``distributed.Client``; see
+        :func:`cosmoslib.protocol.distributed.client_for`): the chunks are computed on its workers and
+        ``out`` is rewritten as each finishes. The table and the skipped list are the same.
+    threads : threads per Dask worker made here (ignored without ``scheduler``).
     **fo_kwargs
         Passed to :func:`fourier_order`.
 
@@ -479,16 +487,31 @@ def factors_cli(
     parts = [done]
     skipped: list[tuple[str, str]] = []
     bar = tqdm(total=len(images), desc="factors", unit="image", disable=not progress)
-    for start in range(0, len(images), chunk_images):
-        chunk = todo.merge(images.iloc[start : start + chunk_images],
-                           on=["image_path", "label_path"])
-        rows: list[dict] = []
-        for image_rows, image_skipped in _iter_images(chunk, root, fo_kwargs, progress=False):
-            rows.extend(image_rows)
-            skipped.extend(image_skipped)
-            bar.update(1)
-        parts.append(_typed(pd.DataFrame(rows)))
-        files.atomic_write_parquet(_assemble(keys, parts), out)
+    if scheduler is None:
+        for start in range(0, len(images), chunk_images):
+            chunk = todo.merge(images.iloc[start : start + chunk_images],
+                               on=["image_path", "label_path"])
+            rows: list[dict] = []
+            for image_rows, image_skipped in _iter_images(chunk, root, fo_kwargs, progress=False):
+                rows.extend(image_rows)
+                skipped.extend(image_skipped)
+                bar.update(1)
+            parts.append(_typed(pd.DataFrame(rows)))
+            files.atomic_write_parquet(_assemble(keys, parts), out)
+    else:
+        # Dask (and torch, through the worker plugin module) load only for --scheduler runs.
+        from cosmoslib.protocol import distributed
+
+        chunks = [todo.merge(images.iloc[start : start + chunk_images], on=["image_path", "label_path"])
+                  for start in range(0, len(images), chunk_images)]
+        by_chunk: dict[int, list] = {}
+        for i, (frame, chunk_skipped) in distributed.map_groups(
+                scheduler, chunk_factors, chunks, root, fo_kwargs, threads=threads, progress=False):
+            by_chunk[i] = chunk_skipped
+            parts.append(frame)
+            bar.update(int(chunks[i][["image_path", "label_path"]].drop_duplicates().shape[0]))
+            files.atomic_write_parquet(_assemble(keys, parts), out)
+        skipped = [s for i in sorted(by_chunk) for s in by_chunk[i]]  # in image order, as in one process
     bar.close()
     table = _assemble(keys, parts)
     files.atomic_write_parquet(table, out)
@@ -508,3 +531,23 @@ def factors_cli(
         seconds=time.perf_counter() - t0,
         unknown_modality=indexer.unknown_modalities(manifest),
     )
+
+
+def chunk_factors(chunk: pd.DataFrame, root: str | Path, fo_kwargs: dict | None = None
+                  ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The factor rows of the objects of ``chunk`` (manifest rows of some images) and what failed.
+
+    One work unit of :func:`factors_cli` (in this process, or a Dask task with ``scheduler``).
+
+    Returns
+    -------
+    (DataFrame, list of (file, reason))
+        Rows with the columns of :data:`FACTOR_COLUMNS` (NaN factors where an object failed),
+        and the failures in image order.
+    """
+    rows: list[dict] = []
+    skipped: list[tuple[str, str]] = []
+    for image_rows, image_skipped in _iter_images(chunk, Path(root), dict(fo_kwargs or {}), progress=False):
+        rows.extend(image_rows)
+        skipped.extend(image_skipped)
+    return _typed(pd.DataFrame(rows)), skipped

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+
+from cosmoslib.models import cache as cache_mod
 
 
 def device_description() -> str:
@@ -45,3 +49,57 @@ def reuse_speedup(row: pd.Series) -> float:
     embed = float(row["embedding"])
     decode = sum(float(row[s]) for s in strategies)
     return (len(strategies) * embed + decode) / (embed + decode)
+
+
+#: Images of COSMOS 1050K (paper section 2).
+COSMOS_IMAGES = 1_050_000
+
+
+def embedding_disk_bytes(model, cache_dir=None, dtype: str = "float16") -> tuple[float, int, bool]:
+    """Bytes on disk per stored embedding of ``model`` in the embedding cache, measured.
+
+    Parameters
+    ----------
+    model : SamFamilyModel
+    cache_dir : the cache folder (default :func:`cosmoslib.paths.embedding_cache_dir`).
+    dtype : stored precision (the cache's default fp16).
+
+    Returns
+    -------
+    (float, int, bool)
+        Mean bytes per entry (every file of the model's store, metadata and indexes included,
+        divided by its entries), the number of entries, and whether it was measured. With no
+        entry stored yet the raw array size (``embedding_shape`` x item size, no compression)
+        is returned with ``False``.
+    """
+    cache = cache_mod.EmbeddingCache(cache_dir, model, dtype=dtype)
+    n = len(cache)
+    if n == 0:
+        return float(np.prod(model.embedding_shape) * np.dtype(dtype).itemsize), 0, False
+    total = sum(p.stat().st_size for p in Path(cache.store).rglob("*") if p.is_file())
+    return total / n, n, True
+
+
+def fused_tradeoff(encode_s: float, bytes_per_embedding: float, n_images: int = COSMOS_IMAGES) -> pd.Series:
+    """Disk versus compute of keeping embeddings (cached) or not (fused, ``--no-cache``).
+
+    Parameters
+    ----------
+    encode_s : encoder seconds per image (measured, e.g. Table 4's ``embedding``).
+    bytes_per_embedding : bytes on disk per embedding (:func:`embedding_disk_bytes`).
+    n_images : images of the study (default COSMOS 1050K).
+
+    Returns
+    -------
+    Series
+        ``disk_tb`` (terabytes, 1e12 bytes, the cache of all images), ``encode_hours`` (one
+        encoder pass over all images on this device, one process), ``mb_per_embedding`` and
+        ``gb_per_encode_hour`` (disk a cached run keeps per hour of encoding it saves every
+        later run). The cached path pays ``disk_tb`` once and ``encode_hours`` once; the
+        fused path keeps no disk and pays ``encode_hours`` in every run.
+    """
+    disk = float(bytes_per_embedding) * n_images
+    hours = float(encode_s) * n_images / 3600.0
+    return pd.Series({"n_images": n_images, "mb_per_embedding": bytes_per_embedding / 1e6,
+                      "encode_s": float(encode_s), "disk_tb": disk / 1e12, "encode_hours": hours,
+                      "gb_per_encode_hour": disk / 1e9 / hours if hours > 0 else float("nan")})

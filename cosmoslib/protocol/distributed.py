@@ -37,11 +37,13 @@ import logging
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import dask_jobqueue
+import pandas as pd
 import torch
 import yaml
 from distributed import Client, LocalCluster, as_completed, get_worker
@@ -49,11 +51,13 @@ from distributed import WorkerPlugin as _WorkerPlugin
 from tqdm.auto import tqdm
 
 from cosmoslib import models
+from cosmoslib.data import layout
 from cosmoslib.files import InputError
-from cosmoslib.protocol import evaluate
+from cosmoslib.models import cache as cache_mod
+from cosmoslib.protocol import evaluate, prompts
 
 __all__ = ["client_for", "connect", "ModelSpec", "ModelPlugin", "run_units", "JOBQUEUE_KINDS",
-           "PLUGIN_NAME"]
+           "PLUGIN_NAME", "map_groups", "make_prompt_table", "embed_root"]
 
 
 PLUGIN_NAME = "cosmos-models"
@@ -170,12 +174,14 @@ class ModelSpec:
     compile_encoder: bool
     device: str | None
     signature_hash: str
+    backend: str = "torch"
 
     @classmethod
     def of(cls, model, device: str | None = None) -> "ModelSpec":
         return cls(name=model.name, checkpoint=str(model.checkpoint_path), autocast=bool(model.autocast),
                    fast_encoder=bool(model.fast_encoder), compile_encoder=bool(model.compile_encoder),
-                   device=device, signature_hash=model.signature_hash)
+                   device=device, signature_hash=model.signature_hash,
+                   backend=str(getattr(model, "backend", "torch")))
 
 
 def _worker_index(name) -> int:
@@ -236,7 +242,8 @@ class ModelPlugin(_WorkerPlugin):
                 model = models.load_model(spec.name, checkpoint=spec.checkpoint,
                                           device=spec.device or self.device, autocast=spec.autocast,
                                           fast_encoder=spec.fast_encoder,
-                                          compile_encoder=spec.compile_encoder)
+                                          compile_encoder=spec.compile_encoder,
+                                          backend=spec.backend)
                 if model.signature_hash != spec.signature_hash:
                     raise InputError(spec.checkpoint, f"model {spec.name} on worker has signature "
                                                       f"{model.signature_hash}, the client's is "
@@ -282,3 +289,135 @@ def run_units(scheduler, units: list, models: Sequence, settings, threads: int =
             bar.update(1)
         bar.close()
     return results
+
+
+# --------------------------------------------------------------------------- other verbs
+
+
+def map_groups(scheduler, fn, groups: Sequence, *args, threads: int = 1, retries: int = 3,
+               progress: bool = True, desc: str = "dask", unit: str = "group", sizes=None,
+               config=None, **kwargs):
+    """Run ``fn(group, *args, **kwargs)`` for each of ``groups`` on a Dask cluster.
+
+    Yields ``(index, result)`` as tasks finish (not in order; the caller puts them in order).
+    A task that raises is retried ``retries`` times, then its error is raised here.
+
+    Parameters
+    ----------
+    scheduler : a ``distributed.Client`` or a scheduler text (:func:`client_for`).
+    fn : a module-level function (pickled by reference).
+    groups : the work units, e.g. lists of image paths or manifest chunks.
+    sizes : items per group for the progress bar (default: 1 per group).
+    """
+    if not len(groups):
+        return
+    with connect(scheduler, threads=threads, config=config) as client:
+        futures = client.map(fn, list(groups), *[[a] * len(groups) for a in args], retries=retries,
+                             pure=False, **kwargs)
+        position = {f.key: i for i, f in enumerate(futures)}
+        total = sum(sizes) if sizes is not None else len(groups)
+        bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress)
+        for future in as_completed(futures, loop=client.loop):
+            i = position[future.key]
+            result = future.result()
+            bar.update(sizes[i] if sizes is not None else 1)
+            yield i, result
+        bar.close()
+
+
+def _prompt_task(group, root, seed: int, kwargs: dict):
+    """One Dask task: the prompt rows of a group of images (:func:`cosmoslib.protocol.prompts.make_prompt_table`)."""
+    return prompts.make_prompt_table(group, root, seed=seed, **kwargs)
+
+
+def make_prompt_table(scheduler, manifest, root, seed: int, kwargs: dict | None = None,
+                      images_per_task: int = 256, progress: bool = False, threads: int = 1):
+    """:func:`cosmoslib.protocol.prompts.make_prompt_table` of ``manifest``, computed on the workers.
+
+    The manifest is split into groups of ``images_per_task`` images (each label file is read
+    once, on a worker, instead of all of them on the client). Every object's generator
+    depends only on the seed and the object's key (:func:`cosmoslib.protocol.prompts.object_rng`), so
+    the concatenated table equals the single-process one row for row after sorting.
+    An unreadable label raises :class:`~cosmoslib.files.InputError` as in one process.
+    """
+    keys = manifest[["task", "image_id"]].drop_duplicates()
+    n = max(1, int(images_per_task))
+    groups = [manifest.merge(keys.iloc[i:i + n], on=["task", "image_id"]) for i in range(0, len(keys), n)]
+    parts: list = [None] * len(groups)
+    for i, part in map_groups(scheduler, _prompt_task, groups, Path(root), int(seed), dict(kwargs or {}),
+                              threads=threads, progress=progress, desc="prompts (dask)", unit="image",
+                              sizes=[g[["task", "image_id"]].drop_duplicates().shape[0] for g in groups]):
+        parts[i] = part
+    if not parts:
+        return prompts.make_prompt_table(manifest, root, seed=seed, **dict(kwargs or {}))
+    table = pd.concat(parts, ignore_index=True)
+    return table.sort_values(["task", "image_id", "label_value", "strategy", "shift_level", "repeat"],
+                             kind="stable").reset_index(drop=True)
+
+
+def _embed_task(paths: list, cache_dir, dtype: str, batch_size: int, prefetch: int):
+    """One Dask task: :meth:`cosmoslib.models.cache.EmbeddingCache.ensure` of a group of images with
+    the worker's model, its images read and hashed ``prefetch`` ahead on a worker thread."""
+    plugin = get_worker().plugins[PLUGIN_NAME]
+    model = plugin.models()[0]
+    key = ("embed", model.name, model.signature_hash, str(cache_dir), dtype, batch_size, prefetch)
+    if key not in plugin.caches:
+        plugin.caches[key] = cache_mod.EmbeddingCache(cache_dir, model, dtype=dtype, batch_size=batch_size,
+                                                      prefetch=prefetch)
+    return plugin.caches[key].ensure(paths, progress=False)
+
+
+def embed_root(root, model, scheduler, cache_dir=None, dtype: str = "float16", batch_size: int = 1,
+               prefetch: int = 2, group_size: int = 64, threads: int = 1, retries: int = 3,
+               progress: bool = True, device: str | None = None, config=None) -> cache_mod.EmbedReport:
+    """``cosmos embed --scheduler ...``: :func:`cosmoslib.models.cache.embed_root` on a Dask cluster.
+
+    The images of ``root`` (in :func:`cosmoslib.io.list_images` order) are split into groups of
+    ``group_size``; each group is one task, run with the worker's copy of ``model`` (loaded once
+    per worker, :class:`ModelPlugin`) into the shared cache through its public API, images read
+    and resized ``prefetch`` ahead on the worker. The entries are those a single process writes;
+    resumable (valid entries are reused).
+
+    Parameters
+    ----------
+    model : SamFamilyModel loaded on the client (its registry name, checkpoint and signature
+        tell the workers what to load).
+    scheduler : ``"local:N"``, ``"tcp://..."``, ``"slurm:cluster.yaml"`` or a ``distributed.Client``.
+    group_size : images per task (>= 1).
+
+    Returns
+    -------
+    EmbedReport
+        Counts summed over the groups; ``failures`` (unreadable images, encoder errors) in image
+        order, as in one process. The same image content under two names in two groups may be
+        encoded twice (the cache keeps one entry), where one process would count it reused.
+    """
+    start = time.perf_counter()
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(root, "COSMOS root folder not found")
+    items = layout.list_images(root)
+    if not items:
+        raise InputError(root, "no images found (expected <task>/images/<name>.png)")
+    # the store (root group, signature) is created once here, not raced by every worker
+    store = cache_mod.EmbeddingCache(cache_dir, model, dtype=dtype)
+    paths = [p for _, _, p in items]
+    n = max(1, int(group_size))
+    groups = [paths[i:i + n] for i in range(0, len(paths), n)]
+    reports: list = [None] * len(groups)
+    with connect(scheduler, threads=threads, config=config) as client:
+        client.register_plugin(ModelPlugin([ModelSpec.of(model, device)], threads=threads), name=PLUGIN_NAME)
+        for i, rep in map_groups(client, _embed_task, groups, store.cache_dir, str(dtype), int(batch_size),
+                                 int(prefetch), retries=retries, progress=progress,
+                                 desc=f"embed {model.name} (dask)", unit="img", sizes=[len(g) for g in groups]):
+            reports[i] = rep
+    report = cache_mod.EmbedReport(model_name=model.name, dtype=str(store.dtype), n_images=len(paths),
+                                   cache_dir=store.cache_dir, store=store.store)
+    for rep in reports:
+        report.n_computed += rep.n_computed
+        report.n_reused += rep.n_reused
+        report.n_invalid += rep.n_invalid
+        report.encode_seconds += rep.encode_seconds
+        report.failures += rep.failures
+    report.elapsed = time.perf_counter() - start
+    return report

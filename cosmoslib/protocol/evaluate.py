@@ -252,13 +252,18 @@ def _combos(shift_levels: Sequence[int], repeats: int) -> set[tuple[int, int]]:
 
 
 def prompt_table(manifest: pd.DataFrame, root: Path, seed: int, path: Path | None = None,
-                 shift_levels: Sequence[int] = (0,), repeats: int = 3) -> pd.DataFrame:
+                 shift_levels: Sequence[int] = (0,), repeats: int = 3, scheduler=None) -> pd.DataFrame:
     """The seeded prompt table of ``manifest`` (S2-S6), keyed by label content.
 
     Rows stored in ``path`` are reused for an object only when its label file's digest
     (``label_sha``) and the seed match and every requested (strategy, shift level, repeat) is
     there; every other object gets fresh prompts. The table on disk is rewritten (atomically)
     when anything was added.
+
+    With ``scheduler`` (a ``distributed.Client`` or a scheduler text, see
+    :func:`cosmoslib.protocol.distributed.client_for`) the new prompts are generated on the workers, in
+    groups of images (each object's generator depends only on the seed and the object's key,
+    so the table is the same as in one process).
 
     Returns
     -------
@@ -284,7 +289,13 @@ def prompt_table(manifest: pd.DataFrame, root: Path, seed: int, path: Path | Non
     parts = [reuse] if len(reuse) else []
     if len(todo):
         kwargs = {} if set(shift_levels) <= {0} else dict(shift_levels=tuple(shift_levels), repeats=repeats)
-        fresh = prompts.make_prompt_table(todo, root, seed=seed, **kwargs)
+        if scheduler is None:
+            fresh = prompts.make_prompt_table(todo, root, seed=seed, **kwargs)
+        else:
+            # Dask loads only for --scheduler runs (and cosmoslib.protocol.distributed imports this module).
+            from cosmoslib.protocol import distributed
+
+            fresh = distributed.make_prompt_table(scheduler, todo, root, seed, kwargs)
         parts.append(fresh.merge(todo[[*_KEY, "label_sha"]], on=_KEY))
     table = (pd.concat(parts, ignore_index=True) if parts
              else pd.DataFrame(columns=[*prompts.PROMPT_COLUMNS, "label_sha"]))
@@ -449,6 +460,7 @@ class RunSettings:
     everything_kwargs: dict | None
     save_masks: Path | None
     cache_dir: Path
+    use_cache: bool = True   #: False: fused mode, embeddings are computed and dropped
 
 
 @dataclass
@@ -543,10 +555,13 @@ def run_unit(unit: WorkUnit, models: Sequence, settings: RunSettings, keep_table
             try:
                 if error is not None:
                     raise error
-                key = (model.name, model.signature_hash)
-                if key not in caches:
-                    caches[key] = cache_mod.EmbeddingCache(settings.cache_dir, model)
-                emb, t_embed = caches[key].get_with_time(img, source=root / job.image_path)
+                if settings.use_cache:
+                    key = (model.name, model.signature_hash)
+                    if key not in caches:
+                        caches[key] = cache_mod.EmbeddingCache(settings.cache_dir, model)
+                    emb, t_embed = caches[key].get_with_time(img, source=root / job.image_path)
+                else:  # fused (--no-cache): encode, decode below, keep nothing on disk
+                    emb, t_embed = fused_embedding(model, img)
                 if label is None:
                     label = read_label(root / job.label_path)
                 out, s1 = evaluate_image(model, emb, t_embed, label, job.objects, job.prompt_rows,
@@ -649,7 +664,8 @@ def evaluate(manifest: pd.DataFrame, root: str | Path, models: Iterable, out: st
              save_masks: str | Path | None = None, seed: int = 0, points_per_side: int = 32,
              everything_kwargs: dict | None = None, shift_levels: Sequence[int] = (0,),
              repeats: int = 3, progress: bool = True, shard_size: int = 1,
-             scheduler=None, threads: int = 1, retries: int = 3) -> tuple[pd.DataFrame, EvalReport]:
+             scheduler=None, threads: int = 1, retries: int = 3,
+             cache: bool = True) -> tuple[pd.DataFrame, EvalReport]:
     """Evaluate ``models`` on the objects of ``manifest`` and write the results table.
 
     Parameters
@@ -684,6 +700,12 @@ def evaluate(manifest: pd.DataFrame, root: str | Path, models: Iterable, out: st
     threads : torch threads per Dask worker (ignored without ``scheduler``).
     retries : times a Dask task is retried after an error (a task lost with a killed worker is
         rescheduled by Dask anyway).
+    cache : True (default): embeddings come from the embedding cache (computed and stored once).
+        False: *fused* mode (``cosmos evaluate --no-cache``): each image is encoded and every
+        requested strategy decoded right away, and the embedding is dropped -- no disk, at the
+        price of encoding again in every later run. The embedding is rounded to the cache's
+        precision (fp16) before decoding, so the table equals the cached path's (same result
+        shards; only ``t_embed_s`` is this run's encoder time).
 
     Returns
     -------
@@ -706,14 +728,14 @@ def evaluate(manifest: pd.DataFrame, root: str | Path, models: Iterable, out: st
     report = EvalReport(out=out, models=[m.name for m in models], strategies=list(strategies))
 
     need_prompts = any(s in PROMPT_STRATEGIES for s in strategies)
-    ptable = (prompt_table(manifest, root, seed, out.with_name("prompts.parquet"),
-                           shift_levels=shift_levels, repeats=repeats) if need_prompts else None)
-    units, jobs, planned, report.n_parts_resumed = plan(manifest, models, parts, ptable,
-                                                        shard_size)
-    report.n_images, report.n_objects = len(jobs), len(manifest)
     settings = RunSettings(root=root, strategies=tuple(strategies), points_per_side=points_per_side,
-                           everything_kwargs=everything_kwargs, save_masks=save_masks, cache_dir=cache_dir)
+                           everything_kwargs=everything_kwargs, save_masks=save_masks, cache_dir=cache_dir,
+                           use_cache=bool(cache))
     if scheduler is None:
+        ptable = (prompt_table(manifest, root, seed, out.with_name("prompts.parquet"),
+                               shift_levels=shift_levels, repeats=repeats) if need_prompts else None)
+        units, jobs, planned, report.n_parts_resumed = plan(manifest, models, parts, ptable,
+                                                            shard_size)
         done = []
         caches: dict = {}
         bar = tqdm(units, desc="evaluate", unit="shard", file=sys.stderr, disable=not progress)
@@ -723,8 +745,15 @@ def evaluate(manifest: pd.DataFrame, root: str | Path, models: Iterable, out: st
         # Dask loads only for --scheduler runs (and cosmoslib.protocol.distributed imports this module).
         from cosmoslib.protocol import distributed
 
-        done = distributed.run_units(scheduler, units, models, settings, threads=threads,
-                                     retries=retries, progress=progress)
+        with distributed.connect(scheduler, threads=threads) as client:  # one cluster for both steps
+            ptable = (prompt_table(manifest, root, seed, out.with_name("prompts.parquet"),
+                                   shift_levels=shift_levels, repeats=repeats, scheduler=client)
+                      if need_prompts else None)
+            units, jobs, planned, report.n_parts_resumed = plan(manifest, models, parts, ptable,
+                                                                shard_size)
+            done = distributed.run_units(client, units, models, settings, threads=threads,
+                                         retries=retries, progress=progress)
+    report.n_images, report.n_objects = len(jobs), len(manifest)
     results = _assemble(units, done, planned, jobs, models, report)
     atomic_write_parquet(results, out)
     if volume_sources and len(results):
@@ -791,3 +820,24 @@ def _write_volume_table(manifest, root, results, save_masks, out, report) -> Non
         report.failures.append((str(save_masks), f"volume table not written: {exc}"))
         return
     atomic_write_parquet(table, volumes_path(out))
+
+
+def fused_embedding(model, image: np.ndarray, dtype: str = "float16") -> tuple[np.ndarray, float]:
+    """The embedding of one image computed now and kept in memory only (fused mode).
+
+    Parameters
+    ----------
+    model : SamFamilyModel
+    image : uint8 ``(H, W)`` or ``(H, W, 3)``.
+    dtype : the precision the cache would store (default fp16, as :class:`cosmoslib.models.cache.EmbeddingCache`);
+        the embedding is rounded to it so that the decoded masks equal the cached path's.
+
+    Returns
+    -------
+    (float32 ndarray, float)
+        The embedding ``model.embedding_shape`` and the encoder seconds of this image.
+    """
+    start = time.perf_counter()
+    emb = model.encode([image], batch_size=1)[0]
+    seconds = time.perf_counter() - start
+    return np.asarray(emb, dtype=np.float32).astype(dtype).astype(np.float32), seconds

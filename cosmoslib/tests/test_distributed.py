@@ -12,12 +12,15 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from cosmoslib import models
+from cosmoslib.analysis import factors
 from cosmoslib.data import dataset, indexer
+from cosmoslib.models import cache
 from cosmoslib.protocol import distributed as cosmos_dask
 from cosmoslib.protocol import evaluate
 
@@ -123,3 +126,66 @@ def test_a_killed_worker_still_gives_every_row_once(single, manifest, demo_root,
     assert report.n_failed == 0
     assert not results.duplicated(KEY).any()
     pd.testing.assert_frame_equal(_values(results), _values(reference))
+
+
+# ---- fused mode, prompts on workers, embed and factors on the cluster
+
+
+def test_fused_mode_gives_the_cached_table_and_stores_nothing(single, manifest, demo_root, litemedsam, tmp_path):
+    reference, ref_report, _ = single
+    results, report = evaluate.evaluate(manifest, demo_root, [litemedsam], tmp_path / "r.parquet",
+                                        cache_dir=tmp_path / "cache", cache=False, **KW)
+    assert report.n_failed == 0 and report.n_parts_done == ref_report.n_parts_done
+    assert not (tmp_path / "cache").exists()  # no embedding on disk
+    assert (results["t_embed_s"] > 0).all()  # this run's encoder time, measured
+    got, want = _values(results), _values(reference)
+    pd.testing.assert_frame_equal(got[KEY], want[KEY])  # the same rows in the same order
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-6, atol=1e-6)
+
+
+def test_prompts_made_on_the_workers_equal_the_single_process_table(manifest, demo_root, client):
+    one = evaluate.prompt_table(manifest, demo_root, 3, shift_levels=(0, 1, 2), repeats=2)
+    many = cosmos_dask.make_prompt_table(client, manifest, demo_root, 3,
+                                         dict(shift_levels=(1, 2), repeats=2), images_per_task=1)
+    assert len(one) == len(many) > 0
+    again = evaluate.prompt_table(manifest, demo_root, 3, shift_levels=(0, 1, 2), repeats=2, scheduler=client)
+    pd.testing.assert_frame_equal(again, one)
+
+
+def test_embed_on_two_workers_writes_the_single_process_entries(single, manifest, demo_root, litemedsam,
+                                                                client, one_thread, tmp_path):
+    _, _, tmp = single
+    root = tmp_path / "root"
+    for path in manifest["image_path"].unique():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo_root / path, root / path)
+    bad = root / manifest["task"].iat[0] / "images" / "broken.png"
+    bad.write_bytes(b"not a png")
+    one = cache.embed_root(root, litemedsam, cache_dir=tmp / "cache", progress=False)  # filled by `single`
+    many = cosmos_dask.embed_root(root, litemedsam, client, cache_dir=tmp_path / "cache", group_size=2,
+                                  progress=False)
+    n_good = manifest["image_path"].nunique()
+    assert one.n_computed == 0 and many.n_computed == n_good and many.n_images == one.n_images == n_good + 1
+    assert many.failures == one.failures and str(bad) in many.failures[0][0]
+    mine = cache.EmbeddingCache(tmp_path / "cache", litemedsam)
+    ref = cache.EmbeddingCache(tmp / "cache", litemedsam)
+    assert len(mine.keys()) == n_good and set(mine.keys()) <= set(ref.keys())
+    for key in mine.keys():
+        np.testing.assert_allclose(mine.load(key), ref.load(key), rtol=0, atol=1e-3)
+    again = cosmos_dask.embed_root(root, litemedsam, client, cache_dir=tmp_path / "cache", group_size=2,
+                                   progress=False)
+    assert again.n_computed == 0 and again.n_reused == n_good  # resumable
+
+
+def test_factors_on_two_workers_equal_one_process(demo_root, client, tmp_path):
+    root = tmp_path / "root"
+    for task in TASKS:
+        shutil.copytree(demo_root / task, root / task)
+        shutil.copy(demo_root / f"{task}.json", root / f"{task}.json")
+    one = factors.factors_cli(root, tmp_path / "one.parquet", progress=False, chunk_images=3)
+    many = factors.factors_cli(root, tmp_path / "many.parquet", progress=False, chunk_images=3,
+                               scheduler=client)
+    assert many.skipped == one.skipped and many.n_computed == one.n_computed == one.n_objects
+    a, b = pd.read_parquet(tmp_path / "one.parquet"), pd.read_parquet(tmp_path / "many.parquet")
+    assert len(a) == one.n_objects and a["size_px"].notna().sum() > 0
+    pd.testing.assert_frame_equal(b, a, check_exact=False, rtol=1e-9)

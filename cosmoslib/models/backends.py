@@ -105,9 +105,9 @@ def _import(backend: str):
     try:
         # Optional, heavy runtimes (68 MB / 180 MB installed): imported only when asked for.
         if backend == "onnxruntime":
-            import onnxruntime as module
+            import onnxruntime as module  # optional runtime (see above)
         else:
-            import openvino as module
+            import openvino as module  # optional runtime (see above)
         package = "onnx"
         import onnx  # noqa: F401  (torch.onnx.export needs it; optional like the runtimes)
     except ImportError as exc:

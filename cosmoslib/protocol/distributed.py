@@ -236,7 +236,6 @@ class ModelPlugin(_WorkerPlugin):
     def models(self) -> list:
         """The run's models, loaded on first use (once per worker)."""
         if self._models is None:
-
             loaded = []
             for spec in self.specs:
                 model = models.load_model(spec.name, checkpoint=spec.checkpoint,

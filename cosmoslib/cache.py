@@ -5,12 +5,29 @@ paper evaluates six strategies -- several with many prompts -- on the same image
 embedding of every image is computed once per model and stored; every strategy then decodes
 from the stored embedding.
 
-Layout. One zarr (v3) store per model signature and stored precision::
+Layout. One store per model signature and stored precision; entries are appended to *packs*,
+so the number of files grows with packs (~1,000 entries each), not with images::
 
     <cache_dir>/<arch>-<signature_hash>-<fp16|fp32>.zarr/
         zarr.json                      root group, attributes: the full model signature
-        <image key>/zarr.json          one array (256, 64, 64) per image, attributes below
-        <image key>/c/0/0/0            its one chunk, Blosc(zstd, byte shuffle) compressed
+        packs/<host>-<pid>-<time>-<uuid>.pack   entries: JSON metadata + Blosc(zstd, shuffle) array
+        packs/<host>-<pid>-<time>-<uuid>.idx    64 bytes per entry: key, offset, lengths, time,
+                                                BLAKE2b of the metadata; a last record seals it
+        <image key>/zarr.json, c/0/0/0  an entry of the per-image layout (before issue 12)
+
+Each writing process appends only to packs it created (a new one after
+``EmbeddingCache.pack_entries`` entries or ``pack_bytes`` bytes, sealed when full or at exit),
+so any number of processes -- Dask workers on several hosts of a shared file system included
+-- write at once without locks. Readers merge all indexes into one in-memory dict at open
+(one sequential read of every index), pick up other writers' new records on a miss (only
+unsealed indexes are looked at again), and read an entry with one seek. The per-image layout
+(one zarr array per image: a folder and five files and folders each) is still read in place,
+entry by entry, after the packs; :meth:`EmbeddingCache.migrate` moves such entries into a pack.
+``benchmarks/cache_layout.py`` compares both at 100,000 entries. Every process that writes
+leaves at least one (small) pack, so many short writing processes mean many small packs. The
+store keeps its ``.zarr`` name (its root is still a zarr group) so older caches stay where they
+are. zarr v3 sharding was not used: a write rewrites its whole shard, so concurrent writers of
+one shard lose each other's entries and a killed write can damage entries already stored.
 
 Keys. The *image key* is a hash of the decoded pixels, dtype and shape (so a re-encoded PNG,
 or the same image under another name, hits the cache); the *model signature* is
@@ -18,14 +35,18 @@ or the same image under another name, hits the cache); the *model signature* is
 cosmoslib version -- so a changed checkpoint uses a new store and recomputes everything.
 
 Per-entry attributes: ``signature``, ``original_size`` (H, W), ``input_size`` (h, w after
-resizing), ``dtype``, ``sha256`` of the stored array bytes, ``encode_seconds`` (encoder time
-of that image; NaN when imported), ``source`` (path it came from) and ``created``.
+resizing), ``dtype``, ``shape``, ``sha256`` of the stored array bytes, ``encode_seconds``
+(encoder time of that image; NaN when imported), ``source`` (path it came from) and ``created``.
 
-Safety. An entry is written under a hidden temporary name and renamed into place (a rename
-is atomic on POSIX file systems), so a killed run leaves either a complete entry or a
-``.tmp-*`` folder that the next run removes. Every entry is verified before it is reused --
-readable metadata, matching signature, shape and dtype, and the checksum of the stored bytes
--- and recomputed otherwise (truncated or missing chunks, garbled metadata, edited values).
+Safety. A pack is append-only and an entry counts only once its index record is complete, so
+a killed writer leaves complete entries and at most a torn tail that nothing points at (a pack
+without one complete entry is removed once its writer is gone). Every entry is verified before
+it is reused -- the metadata checksum from the index, its format version, key, signature, shape
+and dtype, and the SHA-256 of the decoded array -- and recomputed otherwise (truncated packs,
+flipped bytes, garbled metadata, edited values). Of several valid copies of one key (two
+writers that raced on the same image) the oldest is read, by every process; the newer is
+never returned. Entries of the per-image layout were written under a temporary name and
+renamed into place; their ``.tmp-*`` leftovers are removed as before.
 
 Precision. fp16 by default (1.7-1.8 MB per embedding on disk instead of 3.5 MB in fp32);
 box-prompt masks decoded from fp16 and fp32 embeddings agree to a mean DICE above 99.9 %

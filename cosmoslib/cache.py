@@ -366,18 +366,24 @@ class EmbeddingCache:
         The oldest valid packed entry wins (so every process reads the same one), then an
         entry of the per-image layout; other writers' new entries are looked up on a miss.
         """
-        if key not in self._index:
+        refreshed = key not in self._index
+        if refreshed:
             self._refresh()
         first = ""
-        for loc in list(self._index.get(key, ())):
-            if loc in self._bad:
-                first = first or "invalid packed entry"
-                continue
-            data, attrs, reason = self._read_packed(key, loc)
-            if data is not None:
-                return data, attrs, ""
-            self._bad.add(loc)
-            first = first or reason
+        while True:
+            for loc in list(self._index.get(key, ())):
+                if loc in self._bad:
+                    first = first or "invalid packed entry"
+                    continue
+                data, attrs, reason = self._read_packed(key, loc)
+                if data is not None:
+                    return data, attrs, ""
+                self._bad.add(loc)
+                first = first or reason
+            if refreshed:
+                break
+            self._refresh()  # all known copies invalid: another writer may have stored a new one
+            refreshed = True
         if _is_key(key) and (self.store / key).is_dir():
             data, attrs, reason = self._read_legacy(key)
             if data is not None:

@@ -25,10 +25,7 @@ import numpy as np
 
 
 def _entry_bytes(cache) -> list[int]:
-    sizes = []
-    for key in cache.keys():
-        sizes.append(sum(f.stat().st_size for f in (cache.store / key).rglob("*") if f.is_file()))
-    return sizes
+    return [cache.stored_bytes(key) for key in cache.keys()]
 
 
 def _pick_images(manifest, n: int):

@@ -5,12 +5,29 @@ paper evaluates six strategies -- several with many prompts -- on the same image
 embedding of every image is computed once per model and stored; every strategy then decodes
 from the stored embedding.
 
-Layout. One zarr (v3) store per model signature and stored precision::
+Layout. One store per model signature and stored precision; entries are appended to *packs*,
+so the number of files grows with packs (~1,000 entries each), not with images::
 
     <cache_dir>/<arch>-<signature_hash>-<fp16|fp32>.zarr/
         zarr.json                      root group, attributes: the full model signature
-        <image key>/zarr.json          one array (256, 64, 64) per image, attributes below
-        <image key>/c/0/0/0            its one chunk, Blosc(zstd, byte shuffle) compressed
+        packs/<host>-<pid>-<time>-<uuid>.pack   entries: JSON metadata + Blosc(zstd, shuffle) array
+        packs/<host>-<pid>-<time>-<uuid>.idx    64 bytes per entry: key, offset, lengths, time,
+                                                BLAKE2b of the metadata; a last record seals it
+        <image key>/zarr.json, c/0/0/0  an entry of the per-image layout (before issue 12)
+
+Each writing process appends only to packs it created (a new one after
+``EmbeddingCache.pack_entries`` entries or ``pack_bytes`` bytes, sealed when full or at exit),
+so any number of processes -- Dask workers on several hosts of a shared file system included
+-- write at once without locks. Readers merge all indexes into one in-memory dict at open
+(one sequential read of every index), pick up other writers' new records on a miss (only
+unsealed indexes are looked at again), and read an entry with one seek. The per-image layout
+(one zarr array per image: a folder and five files and folders each) is still read in place,
+entry by entry, after the packs; :meth:`EmbeddingCache.migrate` moves such entries into a pack.
+``benchmarks/cache_layout.py`` compares both at 100,000 entries. Every process that writes
+leaves at least one (small) pack, so many short writing processes mean many small packs. The
+store keeps its ``.zarr`` name (its root is still a zarr group) so older caches stay where they
+are. zarr v3 sharding was not used: a write rewrites its whole shard, so concurrent writers of
+one shard lose each other's entries and a killed write can damage entries already stored.
 
 Keys. The *image key* is a hash of the decoded pixels, dtype and shape (so a re-encoded PNG,
 or the same image under another name, hits the cache); the *model signature* is
@@ -18,14 +35,18 @@ or the same image under another name, hits the cache); the *model signature* is
 cosmoslib version -- so a changed checkpoint uses a new store and recomputes everything.
 
 Per-entry attributes: ``signature``, ``original_size`` (H, W), ``input_size`` (h, w after
-resizing), ``dtype``, ``sha256`` of the stored array bytes, ``encode_seconds`` (encoder time
-of that image; NaN when imported), ``source`` (path it came from) and ``created``.
+resizing), ``dtype``, ``shape``, ``sha256`` of the stored array bytes, ``encode_seconds``
+(encoder time of that image; NaN when imported), ``source`` (path it came from) and ``created``.
 
-Safety. An entry is written under a hidden temporary name and renamed into place (a rename
-is atomic on POSIX file systems), so a killed run leaves either a complete entry or a
-``.tmp-*`` folder that the next run removes. Every entry is verified before it is reused --
-readable metadata, matching signature, shape and dtype, and the checksum of the stored bytes
--- and recomputed otherwise (truncated or missing chunks, garbled metadata, edited values).
+Safety. A pack is append-only and an entry counts only once its index record is complete, so
+a killed writer leaves complete entries and at most a torn tail that nothing points at (a pack
+without one complete entry is removed once its writer is gone). Every entry is verified before
+it is reused -- the metadata checksum from the index, its format version, key, signature, shape
+and dtype, and the SHA-256 of the decoded array -- and recomputed otherwise (truncated packs,
+flipped bytes, garbled metadata, edited values). Of several valid copies of one key (two
+writers that raced on the same image) the oldest is read, by every process; the newer is
+never returned. Entries of the per-image layout were written under a temporary name and
+renamed into place; their ``.tmp-*`` leftovers are removed as before.
 
 Precision. fp16 by default (1.7-1.8 MB per embedding on disk instead of 3.5 MB in fp32);
 box-prompt masks decoded from fp16 and fp32 embeddings agree to a mean DICE above 99.9 %
@@ -34,16 +55,21 @@ box-prompt masks decoded from fp16 and fp32 embeddings agree to a mean DICE abov
 
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
 import hashlib
 import io as _stdio
+import json
 import math
 import os
 import shutil
 import socket
+import struct
 import sys
+import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +79,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from numcodecs import Blosc
 from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec, BloscShuffle
 
@@ -61,11 +88,13 @@ from cosmoslib.data.layout import list_images
 from cosmoslib.data.readers import read_image
 from cosmoslib.files import InputError, atomic_write_bytes
 
-__all__ = ["STORE_VERSION", "EmbedReport", "EmbeddingCache", "image_key", "embed_root",
+__all__ = ["STORE_VERSION", "LEGACY_VERSION", "EmbedReport", "EmbeddingCache", "image_key", "embed_root",
            "export_npy", "import_npy"]
 
-#: Version of the on-disk entry format; entries of another version are recomputed.
-STORE_VERSION = 1
+#: Version of the on-disk entry format (2: packed); entries of another version are recomputed.
+STORE_VERSION = 2
+#: Format of the entries of the per-image layout (one zarr array per image), still read.
+LEGACY_VERSION = 1
 
 _DTYPES = {"float16": "fp16", "float32": "fp32"}
 _TMP_PREFIX = ".tmp-"
@@ -74,6 +103,18 @@ _TRASH_PREFIX = ".trash-"
 _STALE_TMP_SECONDS = 24 * 3600
 #: Tag of this host in temporary names (8 hex digits, no dashes).
 _HOST_TAG = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+#: Sub-folder of a store holding the packs.
+_PACK_DIR = "packs"
+#: One index record: key (16 bytes), offset, metadata length, array length (bytes), time
+#: written (Unix seconds), BLAKE2b-128 of the metadata. 64 bytes, little-endian.
+_IDX = struct.Struct("<16sQQQd16s")
+#: Key of the record that seals an index (its writer appends nothing more).
+_SEAL = b"\xff" * 16
+#: Compression of a packed array (as the per-image layout: Blosc zstd 5, byte shuffle).
+_CODEC = Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE)
+#: Attributes :meth:`EmbeddingCache._store_entry` sets itself.
+_ENTRY_FIELDS = frozenset({"cosmos_entry", "key", "signature", "dtype", "shape", "sha256", "codec"})
+_HEX = frozenset("0123456789abcdef")
 
 
 def image_key(image: np.ndarray) -> str:
@@ -190,6 +231,11 @@ class EmbeddingCache:
         runs (0: read in the main thread). Each costs one decoded image of memory.
     """
 
+    #: A pack is sealed (and a new one started) after this many entries ...
+    pack_entries: int = 1024
+    #: ... or once it holds this many bytes (about 1,100 fp16 SAM embeddings).
+    pack_bytes: int = 2 * 1024 ** 3
+
     def __init__(self, cache_dir, model, dtype: str = "float16", batch_size: int = 1,
                  prefetch: int = 2):
         if str(dtype) not in _DTYPES:
@@ -201,16 +247,24 @@ class EmbeddingCache:
         self.prefetch = max(0, int(prefetch))
         self._signature = dict(model.signature)
         self.store = self.cache_dir / f"{model.arch}-{model.signature_hash}-{_DTYPES[str(dtype)]}.zarr"
+        self.packs = self.store / _PACK_DIR
+        self._lock = threading.RLock()
+        self._index: dict[str, list[tuple]] = {}  # key -> locations, oldest first
+        self._seen: dict[str, int] = {}  # index file name -> bytes read (-1: sealed)
+        self._bad: set[tuple] = set()  # locations found invalid by this process
+        self._writer: _PackWriter | None = None
+        self._finalizer: weakref.finalize | None = None
         self._open_root()
         self.clean_temporaries()
+        self._refresh()
 
     # ---- store and entries
 
     def _open_root(self) -> None:
 
-        self.store.mkdir(parents=True, exist_ok=True)
+        self.packs.mkdir(parents=True, exist_ok=True)
         attrs = {"cosmos_embedding_cache": STORE_VERSION, "signature": self._signature,
-                 "model_name": self.model.name, "dtype": str(self.dtype)}
+                 "model_name": self.model.name, "dtype": str(self.dtype), "layout": "packs"}
         try:
             root = zarr.open_group(store=str(self.store), mode="a")
         except Exception:  # garbled root metadata: entries carry their own, so just rewrite it
@@ -220,13 +274,15 @@ class EmbeddingCache:
             root.attrs.update(attrs)
 
     def clean_temporaries(self) -> int:
-        """Remove leftovers of interrupted writes (``.tmp-*``, ``.trash-*``); returns how many.
+        """Remove leftovers of interrupted writes; returns how many.
 
-        A temporary folder whose writing process still runs (and is younger than a day) is
-        left alone, so several runs -- the workers of a Dask cluster included -- can share a
-        cache. Names carry a tag of the writing host: another host's folders (a cluster on a
-        shared file system, where its process ids mean nothing here) are removed only when a
-        day old.
+        Leftovers are ``.tmp-*`` / ``.trash-*`` folders of the per-image layout and packs whose
+        writer died before completing a single entry. A leftover whose writing process still
+        runs (and is younger than a day) is left alone, so several runs -- the workers of a
+        Dask cluster included -- can share a cache. Names carry a tag of the writing host:
+        another host's leftovers (a cluster on a shared file system, where its process ids
+        mean nothing here) are removed only when a day old. A pack with complete entries is
+        never removed; a torn last record of a killed writer is simply never indexed.
         """
         removed = 0
         for child in self.store.iterdir():
@@ -234,25 +290,71 @@ class EmbeddingCache:
             if not (name.startswith(_TMP_PREFIX) or name.startswith(_TRASH_PREFIX)):
                 continue
             parts = name.split("-")
+            if _stale(child, parts[-3] if len(parts) >= 5 else _HOST_TAG, parts[-2], mine_alive=False):
+                shutil.rmtree(child, ignore_errors=True)
+                removed += 1
+        for child in self.packs.glob("*.pack"):
+            idx = child.with_suffix(".idx")
             try:
-                pid = int(parts[-2])
-            except (ValueError, IndexError):
-                pid = -1
-            here = len(parts) < 5 or parts[-3] == _HOST_TAG  # names without a tag: this host
-            try:
-                age = time.time() - child.stat().st_mtime
+                complete = idx.stat().st_size >= _IDX.size
             except FileNotFoundError:
-                continue
-            if age < _STALE_TMP_SECONDS and (not here or (pid != os.getpid() and pid > 0 and _pid_alive(pid))):
-                continue
-            shutil.rmtree(child, ignore_errors=True)
-            removed += 1
+                complete = False
+            host, pid = (child.stem.split("-") + ["", ""])[:2]
+            if not complete and _stale(child, host, pid, mine_alive=True):
+                idx.unlink(missing_ok=True)
+                child.unlink(missing_ok=True)
+                removed += 1
         return removed
 
+    def _refresh(self) -> None:
+        """Read the index records appended since the last call (by any writer)."""
+        with self._lock:
+            try:
+                names = os.listdir(self.packs)
+            except FileNotFoundError:
+                return
+            for name in names:
+                if not name.endswith(".idx"):
+                    continue
+                done = self._seen.get(name, 0)
+                if done < 0:
+                    continue
+                path = self.packs / name
+                try:
+                    with open(path, "rb") as fh:
+                        fh.seek(done)
+                        raw = fh.read()
+                except FileNotFoundError:
+                    continue
+                raw = raw[:len(raw) - len(raw) % _IDX.size]  # a record being written: next time
+                pack = name[:-4] + ".pack"
+                sealed = False
+                for key, offset, meta_len, data_len, created, digest in _IDX.iter_unpack(raw):
+                    if key == _SEAL and meta_len == 0:
+                        sealed = True  # its writer is done: never read again
+                        break
+                    self._add(key.hex(), (created, pack, offset, meta_len, data_len, digest))
+                self._seen[name] = -1 if sealed else done + len(raw)
+
+    def _add(self, key: str, loc: tuple) -> None:
+        locs = self._index.setdefault(key, [])
+        if loc not in locs:
+            bisect.insort(locs, loc)
+
+    def _legacy_keys(self) -> list[str]:
+        return [p.name for p in self.store.iterdir() if _is_key(p.name) and p.is_dir()]
+
     def keys(self) -> list[str]:
-        """Image keys of all entries present (valid or not), sorted."""
-        return sorted(p.name for p in self.store.iterdir()
-                      if p.is_dir() and not p.name.startswith("."))
+        """Image keys of all entries present (valid or not), sorted, each once."""
+        self._refresh()
+        return sorted(set(self._index) | set(self._legacy_keys()))
+
+    def has(self, key: str) -> bool:
+        """Whether an entry for ``key`` is stored, *without* verifying it (an index look-up;
+        ``key in cache`` reads and verifies the entry)."""
+        if key not in self._index:
+            self._refresh()
+        return key in self._index or (_is_key(key) and (self.store / key).is_dir())
 
     def __contains__(self, key: str) -> bool:
         return self._read(key)[0] is not None
@@ -261,16 +363,75 @@ class EmbeddingCache:
         return len(self.keys())
 
     def _read(self, key: str) -> tuple[np.ndarray | None, dict | None, str]:
-        """``(stored array, attributes, "")`` for a valid entry, else ``(None, None, reason)``."""
+        """``(stored array, attributes, "")`` for a valid entry, else ``(None, None, reason)``.
+
+        The oldest valid packed entry wins (so every process reads the same one), then an
+        entry of the per-image layout; other writers' new entries are looked up on a miss.
+        """
+        refreshed = key not in self._index
+        if refreshed:
+            self._refresh()
+        first = ""
+        while True:
+            for loc in list(self._index.get(key, ())):
+                if loc in self._bad:
+                    first = first or "invalid packed entry"
+                    continue
+                data, attrs, reason = self._read_packed(key, loc)
+                if data is not None:
+                    return data, attrs, ""
+                self._bad.add(loc)
+                first = first or reason
+            if refreshed:
+                break
+            self._refresh()  # all known copies invalid: another writer may have stored a new one
+            refreshed = True
+        if _is_key(key) and (self.store / key).is_dir():
+            data, attrs, reason = self._read_legacy(key)
+            if data is not None:
+                return data, attrs, ""
+            first = first or reason
+        return None, None, first or "missing"
+
+    def _read_packed(self, key: str, loc: tuple) -> tuple[np.ndarray | None, dict | None, str]:
+        _, pack, offset, meta_len, data_len, digest = loc
+        try:
+            with open(self.packs / pack, "rb") as fh:
+                fh.seek(offset)
+                buf = fh.read(meta_len + data_len)
+            if len(buf) != meta_len + data_len:
+                return None, None, "truncated pack"
+            meta = buf[:meta_len]
+            if hashlib.blake2b(meta, digest_size=16).digest() != digest:
+                return None, None, "metadata checksum mismatch"
+            attrs = json.loads(meta)
+            if attrs.get("cosmos_entry") != STORE_VERSION:
+                return None, None, f"entry format {attrs.get('cosmos_entry')!r} != {STORE_VERSION}"
+            if attrs.get("key") != key:
+                return None, None, "entry of another key"
+            if attrs.get("signature") != self._signature:
+                return None, None, "model signature differs"
+            shape = tuple(attrs.get("shape", ()))
+            if shape != tuple(self.model.embedding_shape) or attrs.get("dtype") != str(self.dtype):
+                return None, None, f"stored {attrs.get('dtype')} {shape}, expected {self.dtype} " \
+                                   f"{self.model.embedding_shape}"
+            data = np.empty(shape, self.dtype)
+            _CODEC.decode(buf[meta_len:], out=data)
+        except Exception as exc:  # any failure to read an entry means: corrupt, recompute
+            return None, None, f"unreadable ({type(exc).__name__}: {exc})"
+        if _sha256(data) != attrs.get("sha256"):
+            return None, None, "checksum mismatch"
+        return data, attrs, ""
+
+    def _read_legacy(self, key: str) -> tuple[np.ndarray | None, dict | None, str]:
+        """An entry of the per-image layout (one zarr array per image, before packs)."""
 
         path = self.store / key
-        if not path.is_dir():
-            return None, None, "missing"
         try:
             arr = zarr.open_array(store=str(path), mode="r")
             attrs = dict(arr.attrs)
-            if attrs.get("cosmos_entry") != STORE_VERSION:
-                return None, None, f"entry format {attrs.get('cosmos_entry')!r} != {STORE_VERSION}"
+            if attrs.get("cosmos_entry") != LEGACY_VERSION:
+                return None, None, f"entry format {attrs.get('cosmos_entry')!r} != {LEGACY_VERSION}"
             if attrs.get("signature") != self._signature:
                 return None, None, "model signature differs"
             if tuple(arr.shape) != tuple(self.model.embedding_shape) or arr.dtype != self.dtype:
@@ -310,7 +471,7 @@ class EmbeddingCache:
         return attrs
 
     def verify(self) -> dict[str, str]:
-        """``{key: reason}`` for every invalid entry (empty when all are valid)."""
+        """``{key: reason}`` for every key without a valid entry (empty when all are valid)."""
         bad = {}
         for key in self.keys():
             _, _, reason = self._read(key)
@@ -320,48 +481,108 @@ class EmbeddingCache:
 
     def _write(self, key: str, embedding: np.ndarray, original_size: Sequence[int],
                encode_seconds: float, source: str | None) -> np.ndarray:
-        """Store one embedding atomically; returns the stored array (in the cache dtype)."""
+        """Store one embedding atomically; returns the stored array (in the cache dtype).
+
+        When another writer stored a valid entry for ``key`` meanwhile, that one is kept and
+        returned, and nothing is written.
+        """
 
         data = np.ascontiguousarray(np.asarray(embedding, dtype=np.float32).astype(self.dtype))
         if data.shape != tuple(self.model.embedding_shape):
             raise InputError(source, f"embedding of shape {data.shape}, expected "
                                      f"{self.model.embedding_shape}")
         attrs = {
-            "cosmos_entry": STORE_VERSION,
             "key": key,
-            "signature": self._signature,
             "signature_hash": self.model.signature_hash,
             "model_name": self.model.name,
             "original_size": [int(v) for v in original_size],
             "input_size": [int(v) for v in self.model.resized_size(original_size)],
-            "dtype": str(self.dtype),
-            "sha256": _sha256(data),
             "encode_seconds": None if not math.isfinite(encode_seconds) else float(encode_seconds),
             "source": None if source is None else str(source),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        tmp = self.store / f"{_TMP_PREFIX}{key}-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        final = self.store / key
-        try:
-            arr = zarr.create_array(
-                store=str(tmp), shape=data.shape, chunks=data.shape, dtype=data.dtype,
-                compressors=BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle),
-                fill_value=0, attributes=attrs)
-            arr[...] = data
+        return self._store_entry(key, data, attrs)
+
+    def _store_entry(self, key: str, data: np.ndarray, attrs: dict) -> np.ndarray:
+        """Append one verified-format entry to this process's pack (unless a valid one exists)."""
+        with self._lock:
+            self._refresh()
+            for loc in self._index.get(key, ()):
+                if loc not in self._bad:
+                    stored, _, _ = self._read_packed(key, loc)
+                    if stored is not None:
+                        return stored
+                    self._bad.add(loc)
+            attrs = {**attrs, "cosmos_entry": STORE_VERSION, "key": key, "signature": self._signature,
+                     "dtype": str(self.dtype), "shape": list(data.shape), "sha256": _sha256(data),
+                     "codec": _CODEC.get_config()}
+            meta = json.dumps(attrs, sort_keys=True).encode()
+            payload = _CODEC.encode(data)
+            writer = self._writer
+            if writer is None or writer.pid != os.getpid():  # none yet, or inherited by fork
+                writer = self._writer = _PackWriter.create(self.packs)
+                if self._finalizer is not None:
+                    self._finalizer.detach()
+                self._finalizer = weakref.finalize(self, writer.seal)  # seals at exit, too
             try:
-                os.rename(tmp, final)
-            except OSError:  # an entry is there already: keep it if valid, else replace it
-                if self._read(key)[0] is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                else:
-                    trash = self.store / f"{_TRASH_PREFIX}{key}-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                    os.rename(final, trash)
-                    os.rename(tmp, final)
-                    shutil.rmtree(trash, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                loc = writer.append(bytes.fromhex(key), meta, payload, time.time())
+            except BaseException:
+                writer.abandon()  # its files may now be misaligned: never append to it again
+                self._writer = None
+                raise
+            self._add(key, (loc[0], writer.pack.name, *loc[1:]))
+            self._seen[writer.idx.name] = writer.idx_bytes
+            if writer.count >= self.pack_entries or writer.size >= self.pack_bytes:
+                writer.seal()
+                self._seen[writer.idx.name] = -1
+                self._writer = None
         return data
+
+    def close(self) -> None:
+        """Seal this process's open pack (also done at exit; a killed process leaves it
+        unsealed, which costs readers one ``stat`` per look-up miss, nothing else)."""
+        with self._lock:
+            if self._writer is not None and self._writer.pid == os.getpid():
+                self._writer.seal()
+            self._writer = None
+
+    def stored_bytes(self, key: str) -> int:
+        """Bytes the valid entry of ``key`` takes on disk (metadata + compressed array)."""
+        if self._read(key)[0] is None:
+            raise KeyError(key)
+        for loc in self._index.get(key, ()):
+            if loc not in self._bad:
+                return int(loc[3] + loc[4])
+        return sum(f.stat().st_size for f in (self.store / key).rglob("*") if f.is_file())
+
+    def migrate(self, progress: bool = True) -> tuple[int, int]:
+        """Move the entries of the per-image layout (one zarr array per image) into packs.
+
+        Valid entries are appended to a pack with their attributes, then their folders are
+        removed; invalid ones are removed (they would be recomputed anyway). Safe to kill and
+        rerun: a folder is removed only once its entry is in a pack. Not needed to *read* an
+        old cache (its entries are found in place); it brings the file count down.
+
+        Returns
+        -------
+        (moved, dropped) : int, int
+            Entries packed, and invalid entries removed.
+        """
+        moved = dropped = 0
+        for key in tqdm(sorted(self._legacy_keys()), desc="migrate cache", unit="entry",
+                        file=sys.stderr, disable=not progress):
+            data, attrs, _ = self._read_legacy(key)
+            if data is None:
+                dropped += 1
+            else:
+                keep = {k: v for k, v in attrs.items() if k not in _ENTRY_FIELDS}
+                self._store_entry(key, data, keep)
+                moved += 1
+            trash = self.store / f"{_TRASH_PREFIX}{key}-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(self.store / key, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        self.close()
+        return moved, dropped
 
     # ---- computing
 
@@ -646,3 +867,107 @@ def import_npy(npy_dir, root, model, cache_dir=None, dtype: str = "float16",
         report.n_imported += 1
     report.elapsed = time.perf_counter() - start
     return report
+
+
+# --------------------------------------------------------------------------- packs
+
+
+def _is_key(name: str) -> bool:
+    """Whether ``name`` looks like an :func:`image_key` (32 lower-case hex digits)."""
+    return len(name) == 32 and all(c in _HEX for c in name)
+
+
+def _stale(path: Path, host: str, pid: str, mine_alive: bool) -> bool:
+    """Whether a leftover of an interrupted writer may be removed: a day old, or made on
+    this host by a process that no longer runs (this process counts as running when
+    ``mine_alive``)."""
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age >= _STALE_TMP_SECONDS:
+        return True
+    if host != _HOST_TAG:
+        return False
+    try:
+        pid_ = int(pid)
+    except ValueError:
+        pid_ = -1
+    if pid_ == os.getpid():
+        return not mine_alive
+    return not (pid_ > 0 and _pid_alive(pid_))
+
+
+def _write_all(fh, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[fh.write(view):]
+
+
+class _PackWriter:
+    """The one open pack of a process: ``<host>-<pid>-<time>-<uuid>.pack`` and its ``.idx``.
+
+    Only its creating process ever appends to a pack, so writers never need a lock (also on
+    NFS / Lustre, where file locks are unreliable). An entry is the JSON metadata followed
+    by the Blosc-compressed array, appended to the pack; then one fixed-size record
+    (:data:`_IDX`: key, offset, lengths, time, BLAKE2b of the metadata) is appended to the
+    index. A reader indexes complete records only, so a killed writer leaves complete entries
+    and, at most, a torn tail nobody points at.
+    """
+
+    def __init__(self, pack: Path, idx: Path):
+        self.pack, self.idx = pack, idx
+        self.pid = os.getpid()
+        self.size = self.count = self.idx_bytes = 0
+        self._pack = open(pack, "xb", buffering=0)
+        self._idx = open(idx, "xb", buffering=0)
+
+    @classmethod
+    def create(cls, folder: Path) -> _PackWriter:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        stem = f"{_HOST_TAG}-{os.getpid()}-{stamp}-{uuid.uuid4().hex[:8]}"
+        return cls(folder / f"{stem}.pack", folder / f"{stem}.idx")
+
+    def append(self, key: bytes, meta: bytes, payload: bytes, created: float) -> tuple:
+        """Append one entry; returns ``(created, offset, meta_len, data_len, digest)``."""
+        offset = self.size
+        _write_all(self._pack, meta + payload)
+        self.size += len(meta) + len(payload)
+        digest = hashlib.blake2b(meta, digest_size=16).digest()
+        _write_all(self._idx, _IDX.pack(key, offset, len(meta), len(payload), created, digest))
+        self.idx_bytes += _IDX.size
+        self.count += 1
+        return created, offset, len(meta), len(payload), digest
+
+    def seal(self) -> None:
+        """Append the seal record (readers then never look at this index again) and close."""
+        if self._idx.closed or self.pid != os.getpid():
+            return
+        try:
+            _write_all(self._idx, _IDX.pack(_SEAL, 0, 0, 0, time.time(), bytes(16)))
+        except OSError:
+            pass  # unsealed costs readers one stat per miss, nothing else
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Close without sealing (after a failed write: the index may be misaligned)."""
+        self._pack.close()
+        self._idx.close()
+
+
+def _write_legacy_entry(store: Path, key: str, data: np.ndarray, attrs: dict) -> None:
+    """Write one entry in the per-image layout of cosmoslib <= issue 12 (``<store>/<key>/``,
+    one zarr array, format :data:`LEGACY_VERSION`), atomically. Only tests and
+    ``benchmarks/cache_layout.py`` use it, to build caches of that layout."""
+    attrs = {**attrs, "cosmos_entry": LEGACY_VERSION, "key": key, "dtype": str(data.dtype),
+             "sha256": _sha256(data)}
+    tmp = store / f"{_TMP_PREFIX}{key}-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        arr = zarr.create_array(
+            store=str(tmp), shape=data.shape, chunks=data.shape, dtype=data.dtype,
+            compressors=BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle),
+            fill_value=0, attributes=attrs)
+        arr[...] = data
+        os.rename(tmp, store / key)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

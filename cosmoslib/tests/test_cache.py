@@ -6,6 +6,7 @@ checkpoint changes or the entry is damaged, and survive a SIGKILL of the writing
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -146,35 +147,74 @@ def test_changed_checkpoint_recomputes(filled, tmp_path, litemedsam, monkeypatch
     assert np.abs(new.load(key) - old.load(key)).mean() > 0.01
 
 
-def _chunk(entry: Path) -> Path:
-    return entry / "c" / "0" / "0" / "0"
+def _record(c: EmbeddingCache, key: str) -> tuple[Path, int, int, int]:
+    """(pack file, offset, metadata length, array length) of the oldest packed entry of ``key``."""
+    c._refresh()
+    _, pack, offset, meta_len, data_len, _ = c._index[key][0]
+    return c.packs / pack, offset, meta_len, data_len
 
 
-def _flip_bytes(entry: Path) -> None:
-    data = bytearray(_chunk(entry).read_bytes())
-    for i in range(100, 140):
-        data[i] ^= 0xFF
-    _chunk(entry).write_bytes(bytes(data))
+def _last_key(c: EmbeddingCache) -> str:
+    """The entry written last into its pack (truncating the pack then damages only it)."""
+    return max(c.keys(), key=lambda k: _record(c, k)[1])
 
 
-def _edit_value_keep_format(entry: Path) -> None:
-    import zarr
+def _patch(pack: Path, at: int, data: bytes) -> None:
+    raw = bytearray(pack.read_bytes())
+    raw[at:at + len(data)] = data
+    pack.write_bytes(bytes(raw))
 
-    arr = zarr.open_array(store=str(entry), mode="r+")
-    arr[0, 0, 0] = arr[0, 0, 0] + 1
+
+def _repoint(c: EmbeddingCache, key: str, meta: bytes, payload: bytes) -> None:
+    """Append a forged, well-formed record for ``key`` and point its index record at it
+    (an entry edited by someone who knows the format: only the content checks can tell)."""
+    pack, _, _, _ = _record(c, key)
+    idx = pack.with_suffix(".idx")
+    raw = bytearray(idx.read_bytes())
+    at = next(i for i in range(0, len(raw), cache._IDX.size) if raw[i:i + 16] == bytes.fromhex(key))
+    offset = pack.stat().st_size
+    with open(pack, "ab") as fh:
+        fh.write(meta + payload)
+    raw[at:at + cache._IDX.size] = cache._IDX.pack(bytes.fromhex(key), offset, len(meta), len(payload), 0.0,
+                                                   hashlib.blake2b(meta, digest_size=16).digest())
+    idx.write_bytes(bytes(raw))
 
 
-def _edit_signature(entry: Path) -> None:
-    meta = json.loads((entry / "zarr.json").read_text())
-    meta["attributes"]["signature"]["checkpoint_sha256"] = "0" * 64
-    (entry / "zarr.json").write_text(json.dumps(meta))
+def _meta_payload(c: EmbeddingCache, key: str) -> tuple[dict, bytes]:
+    pack, offset, meta_len, data_len = _record(c, key)
+    raw = pack.read_bytes()[offset:offset + meta_len + data_len]
+    return json.loads(raw[:meta_len]), raw[meta_len:]
+
+
+def _edit_value_keep_format(c: EmbeddingCache, key: str) -> None:
+    meta, _ = _meta_payload(c, key)
+    data = c.load(key).astype(np.float16)
+    data[0, 0, 0] += 1
+    _repoint(c, key, json.dumps(meta).encode(), cache._CODEC.encode(data))
+
+
+def _edit_signature(c: EmbeddingCache, key: str) -> None:
+    meta, payload = _meta_payload(c, key)
+    meta["signature"]["checkpoint_sha256"] = "0" * 64
+    _repoint(c, key, json.dumps(meta).encode(), payload)
+
+
+def _flip_bytes(c: EmbeddingCache, key: str) -> None:
+    pack, offset, meta_len, _ = _record(c, key)
+    at = offset + meta_len + 100
+    _patch(pack, at, bytes(b ^ 0xFF for b in pack.read_bytes()[at:at + 40]))
+
+
+def _truncate(c: EmbeddingCache, key: str) -> None:
+    pack, offset, meta_len, _ = _record(c, key)
+    with open(pack, "r+b") as fh:
+        fh.truncate(offset + meta_len + 1000)
 
 
 CORRUPTIONS = {
     "flipped bytes": _flip_bytes,
-    "truncated chunk": lambda e: _chunk(e).write_bytes(_chunk(e).read_bytes()[:1000]),
-    "missing chunk": lambda e: _chunk(e).unlink(),
-    "garbled metadata": lambda e: (e / "zarr.json").write_text('{"zarr_format": 3, "node_t'),
+    "truncated pack": _truncate,
+    "garbled metadata": lambda c, k: _patch(_record(c, k)[0], _record(c, k)[1], b'{"zarr_format": 3, "node_t'),
     "edited value": _edit_value_keep_format,
     "other signature": _edit_signature,
 }
@@ -185,18 +225,36 @@ def test_corrupt_entry_is_detected_and_recomputed(corruption, filled, tmp_path, 
     model, calls = counting
     root, cache_dir = copy_cache(filled, tmp_path)
     c = EmbeddingCache(cache_dir, model)
-    key = c.keys()[1]
+    key = _last_key(c)
     good = c.load(key)
-    CORRUPTIONS[corruption](c.store / key)
+    CORRUPTIONS[corruption](c, key)
+    c = EmbeddingCache(cache_dir, model)  # a process that opens the damaged cache
     assert set(c.verify()) == {key}
     with pytest.raises(InputError, match="invalid cache entry"):
         c.load(key)
     report = c.ensure([p for _, _, p in layout.list_images(root)], progress=False)
     assert (report.n_computed, report.n_invalid, report.n_reused) == (1, 1, 2)
     assert calls["images"] == 1
-    assert c.verify() == {}
+    assert c.verify() == {} and EmbeddingCache(cache_dir, model).verify() == {}
     # Recomputed, not restored: equal to the original entry up to one float16 step.
     np.testing.assert_allclose(c.load(key), good, rtol=FP16_RTOL, atol=FP16_ATOL)
+
+
+def test_torn_index_record_is_ignored(filled, tmp_path, counting):
+    """A writer killed while appending an index record: that entry is simply not there."""
+    model, calls = counting
+    root, cache_dir = copy_cache(filled, tmp_path)
+    c = EmbeddingCache(cache_dir, model)
+    key = _last_key(c)
+    idx = _record(c, key)[0].with_suffix(".idx")
+    raw = idx.read_bytes()
+    at = next(i for i in range(0, len(raw), cache._IDX.size) if raw[i:i + 16] == bytes.fromhex(key))
+    idx.write_bytes(raw[:at + 30])  # also drops the seal record behind it
+    c = EmbeddingCache(cache_dir, model)
+    assert key not in c.keys() and len(c) == 2 and c.verify() == {}
+    report = c.ensure([p for _, _, p in io.list_images(root)], progress=False)
+    assert (report.n_computed, report.n_invalid, report.n_reused, calls["images"]) == (1, 0, 2, 1)
+    assert EmbeddingCache(cache_dir, model).verify() == {}
 
 
 def test_half_written_temporaries_are_ignored_and_cleaned(filled, tmp_path, litemedsam):
@@ -208,19 +266,27 @@ def test_half_written_temporaries_are_ignored_and_cleaned(filled, tmp_path, lite
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         key = c.keys()[0]
-        dead_tmp = c.store / f".tmp-{key}-{dead_pid}-abcdef12"
-        shutil.copytree(c.store / key, dead_tmp)
-        _chunk(dead_tmp).write_bytes(b"half")
+        dead_tmp = c.store / f".tmp-{key}-{dead_pid}-abcdef12"  # per-image layout leftovers
+        dead_tmp.mkdir()
+        (dead_tmp / "zarr.json").write_bytes(b"half")
         live_tmp = c.store / f".tmp-{key}-{live.pid}-abcdef12"
         live_tmp.mkdir()
-        assert c.keys() == sorted(c.keys()) and dead_tmp.name not in c.keys()
+        # packs whose writer wrote no complete entry: one dead, one alive
+        dead_pack = c.packs / f"{cache._HOST_TAG}-{dead_pid}-20240101T000000-abcdef12.pack"
+        dead_pack.write_bytes(b"half an entry")
+        dead_pack.with_suffix(".idx").write_bytes(b"torn")
+        live_pack = c.packs / f"{cache._HOST_TAG}-{live.pid}-20240101T000000-abcdef12.pack"
+        live_pack.write_bytes(b"")
+        assert c.keys() == sorted(c.keys()) and len(c) == 3
         EmbeddingCache(cache_dir, litemedsam)  # opening cleans up
         assert not dead_tmp.exists() and live_tmp.exists()
+        assert not dead_pack.exists() and not dead_pack.with_suffix(".idx").exists() and live_pack.exists()
     finally:
         live.kill()
         live.wait()
     assert EmbeddingCache(cache_dir, litemedsam).clean_temporaries() == 0
-    assert not live_tmp.exists()
+    assert not live_tmp.exists() and not live_pack.exists()
+    assert EmbeddingCache(cache_dir, litemedsam).verify() == {}
 
 
 KILL_SCRIPT = """
@@ -230,6 +296,12 @@ cache.embed_root(sys.argv[1], "litemedsam", cache_dir=sys.argv[2], device="cpu",
 """
 
 
+def _complete_records(store: Path) -> int:
+    """Index records written completely, over all packs of a store."""
+    return sum(p.stat().st_size // cache._IDX.size for p in (store / "packs").glob("*.idx")) \
+        if (store / "packs").is_dir() else 0
+
+
 def test_sigkill_loses_nothing_already_written(tmp_path, litemedsam):
     root = make_root(tmp_path / "root", 6, seed=5)
     cache_dir = tmp_path / "cache"
@@ -237,18 +309,17 @@ def test_sigkill_loses_nothing_already_written(tmp_path, litemedsam):
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(root), str(cache_dir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    entries = []
     while time.monotonic() < deadline and proc.poll() is None:
-        entries = [p for p in store.glob("*") if p.is_dir() and not p.name.startswith(".")] \
-            if store.is_dir() else []
-        if len(entries) >= 2:
+        if _complete_records(store) >= 2:
             break
         time.sleep(0.05)
     assert proc.poll() is None, f"finished before the kill: {proc.stderr.read().decode()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    written = len([p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")])
+    written = _complete_records(store)
     assert 2 <= written < 6
+    c = EmbeddingCache(cache_dir, litemedsam)
+    assert len(c) == written and c.verify() == {}
     report = cache.embed_root(root, litemedsam, cache_dir=cache_dir, progress=False)
     assert report.n_reused >= written and report.n_computed == 6 - report.n_reused
     assert report.n_invalid == 0 and report.n_failed == 0
@@ -344,11 +415,11 @@ def test_fp16_embeddings_decode_like_fp32(demo_root, tmp_path, litemedsam):
 
 
 CONCURRENT_SCRIPT = """
-import sys
+import os, sys, time
 import numpy as np
 from cosmoslib.models.cache import EmbeddingCache
 
-class Fake:  # a stand-in encoder (no network): the embedding is a function of the pixels
+class Fake:  # a stand-in encoder (no network): the embedding is a seeded function of the pixels
     name = arch = "fake"
     signature = {"arch": "fake"}
     signature_hash = "f" * 16
@@ -356,27 +427,62 @@ class Fake:  # a stand-in encoder (no network): the embedding is a function of t
     def resized_size(self, size):
         return tuple(size)
     def encode(self, images, batch_size=None):
-        return np.stack([np.full(self.embedding_shape, float(np.asarray(i).mean()), np.float32) for i in images])
+        return np.stack([np.random.default_rng(int(np.asarray(i)[0, 0])).standard_normal(self.embedding_shape)
+                         .astype(np.float32) for i in images])
 
-cache = EmbeddingCache(sys.argv[1], Fake())
-for rep in range(3):
-    for i in range(8):
-        img = np.full((16, 16), 10 * i + 1, np.uint8)
-        assert float(cache.get(img)[0, 0, 0]) == float(10 * i + 1)
+cache_dir, worker, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+cache = EmbeddingCache(cache_dir, Fake())
+cache.pack_entries = 5  # several packs per writer
+shared = list(range(16))  # every writer wants these, in its own order
+own = list(range(100 + 20 * worker, 112 + 20 * worker))  # these only this writer
+values = np.random.default_rng(worker).permutation(shared + own).tolist()
+while not os.path.exists(go):
+    time.sleep(0.005)
+for rep in range(2):
+    for v in values:
+        img = np.full((16, 16), v, np.uint8)
+        got = cache.get(img)
+        assert np.array_equal(got, Fake().encode([img])[0].astype(np.float16).astype(np.float32)), v
 """
+
+N_WRITERS = 4
 
 
 def test_concurrent_writers_share_one_cache(tmp_path):
-    """Two processes (as two Dask workers) filling one cache with the same images at once:
-    both finish, every entry is valid and written once, no temporary is left behind."""
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_SCRIPT, str(tmp_path)],
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    """Four processes (as four Dask workers) filling one cache at once, with overlapping and
+    disjoint images: all finish, every entry is there once, valid and bit-exact, nothing
+    half-written is indexed, and a racing second copy of an entry is identical to the first."""
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_SCRIPT, str(tmp_path / "cache"), str(w), str(go)],
+                              stderr=subprocess.PIPE, text=True) for w in range(N_WRITERS)]
+    time.sleep(1.0)
+    go.touch()
     for proc in procs:
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
-    store = next(tmp_path.glob("fake-*.zarr"))
-    entries = [p for p in store.iterdir() if p.is_dir()]
-    assert len(entries) == 8 and not [p for p in entries if p.name.startswith(".")]
+    store = next((tmp_path / "cache").glob("fake-*.zarr"))
+    fake = type("Fake", (), {"name": "fake", "arch": "fake", "signature": {"arch": "fake"},
+                             "signature_hash": "f" * 16, "embedding_shape": (4, 8, 8)})()
+    c = EmbeddingCache(tmp_path / "cache", fake)
+    values = list(range(16)) + [100 + 20 * w + i for w in range(N_WRITERS) for i in range(12)]
+    keys = {image_key(np.full((16, 16), v, np.uint8)): v for v in values}
+    assert c.keys() == sorted(keys) and len(c) == len(values) == 16 + 12 * N_WRITERS
+    assert c.verify() == {}
+    records = 0
+    for key, v in keys.items():
+        want = np.random.default_rng(v).standard_normal((4, 8, 8)).astype(np.float32).astype(np.float16)
+        assert np.array_equal(c.load(key), want.astype(np.float32))
+        copies = [c._read_packed(key, loc)[0] for loc in c._index[key]]
+        assert all(np.array_equal(copy, want) for copy in copies)  # a race may store it twice, same bytes
+        if v >= 100:
+            assert len(copies) == 1  # one writer wants it: stored once
+        records += len(copies)
+    print(f"{records - len(values)} racing duplicate record(s) of {16} shared keys x {N_WRITERS} writers")
+    assert not [p for p in store.iterdir() if p.name.startswith(".")]
+    # each writer sealed its packs on exit; files grow with packs, not entries
+    packs = sorted(c.packs.glob("*.pack"))
+    assert len(packs) <= N_WRITERS * (2 + (16 + 12) // 5) and len(list(c.packs.iterdir())) == 2 * len(packs)
+    assert all(c._seen[p.with_suffix(".idx").name] == -1 for p in packs)
 
 
 def test_another_hosts_temporary_is_left_alone(tmp_path, litemedsam):
@@ -388,3 +494,78 @@ def test_another_hosts_temporary_is_left_alone(tmp_path, litemedsam):
     ours = c.store / f".tmp-{'0' * 32}-{cache._HOST_TAG}-999999999-abcdef12"  # our host, no such pid
     ours.mkdir()
     assert c.clean_temporaries() == 1 and not ours.exists() and foreign.exists()
+
+
+def _to_legacy(c: EmbeddingCache) -> None:
+    """Rewrite every entry of ``c`` in the per-image layout (one zarr array per image) and
+    remove its packs: a cache as cosmoslib wrote it before the packs."""
+    for key in c.keys():
+        data, attrs, _ = c._read(key)
+        keep = {k: v for k, v in attrs.items() if k not in cache._ENTRY_FIELDS}
+        cache._write_legacy_entry(c.store, key, data, {**keep, "signature": attrs["signature"]})
+    shutil.rmtree(c.packs)
+
+
+def _legacy_chunk(entry: Path) -> Path:
+    return entry / "c" / "0" / "0" / "0"
+
+
+LEGACY_CORRUPTIONS = {
+    "truncated chunk": lambda e: _legacy_chunk(e).write_bytes(_legacy_chunk(e).read_bytes()[:1000]),
+    "garbled metadata": lambda e: (e / "zarr.json").write_text('{"zarr_format": 3, "node_t'),
+}
+
+
+def test_per_image_layout_is_read_in_place(filled, tmp_path, counting):
+    model, calls = counting
+    root, cache_dir = copy_cache(filled, tmp_path)
+    c = EmbeddingCache(cache_dir, model)
+    want = {k: c.load(k) for k in c.keys()}
+    meta = {k: c.metadata(k) for k in c.keys()}
+    _to_legacy(c)
+    old = EmbeddingCache(cache_dir, model)
+    assert sorted(p.name for p in old.store.iterdir() if p.is_dir()) == sorted(want) + ["packs"]
+    assert old.keys() == sorted(want) and old.verify() == {}
+    for key in want:
+        assert np.array_equal(old.load(key), want[key])
+        assert old.metadata(key)["cosmos_entry"] == cache.LEGACY_VERSION
+        assert old.metadata(key)["original_size"] == meta[key]["original_size"]
+    report = cache.embed_root(root, model, cache_dir=cache_dir, progress=False)
+    assert (report.n_computed, report.n_reused, calls["images"]) == (0, 3, 0)
+    assert not list(old.packs.iterdir())  # nothing rewritten
+
+
+@pytest.mark.parametrize("corruption", sorted(LEGACY_CORRUPTIONS))
+def test_corrupt_per_image_entry_is_recomputed_into_a_pack(corruption, filled, tmp_path, counting):
+    model, calls = counting
+    root, cache_dir = copy_cache(filled, tmp_path)
+    c = EmbeddingCache(cache_dir, model)
+    key = c.keys()[1]
+    good = c.load(key)
+    _to_legacy(c)
+    LEGACY_CORRUPTIONS[corruption](c.store / key)
+    c = EmbeddingCache(cache_dir, model)
+    assert set(c.verify()) == {key}
+    report = c.ensure([p for _, _, p in io.list_images(root)], progress=False)
+    assert (report.n_computed, report.n_invalid, report.n_reused, calls["images"]) == (1, 1, 2, 1)
+    assert c.verify() == {} and c.metadata(key)["cosmos_entry"] == cache.STORE_VERSION
+    np.testing.assert_allclose(c.load(key), good, rtol=FP16_RTOL, atol=FP16_ATOL)
+
+
+def test_migrate_packs_the_per_image_layout(filled, tmp_path, litemedsam):
+    root, cache_dir = copy_cache(filled, tmp_path)
+    c = EmbeddingCache(cache_dir, litemedsam)
+    want = {k: c.load(k) for k in c.keys()}
+    _to_legacy(c)
+    old = EmbeddingCache(cache_dir, litemedsam)
+    bad = old.keys()[0]
+    (old.store / bad / "zarr.json").write_text("{")  # an invalid entry is dropped, not packed
+    assert old.migrate(progress=False) == (2, 1)
+    assert sorted(p.name for p in old.store.iterdir()) == ["packs", "zarr.json"]
+    assert len(list(old.packs.glob("*.pack"))) == 1
+    new = EmbeddingCache(cache_dir, litemedsam)
+    assert new.keys() == sorted(set(want) - {bad}) and new.verify() == {}
+    for key in new.keys():
+        assert np.array_equal(new.load(key), want[key])
+        assert new.metadata(key)["source"] == old.metadata(key)["source"] is not None
+    assert new.migrate(progress=False) == (0, 0)

@@ -252,7 +252,7 @@ def test_torn_index_record_is_ignored(filled, tmp_path, counting):
     idx.write_bytes(raw[:at + 30])  # also drops the seal record behind it
     c = EmbeddingCache(cache_dir, model)
     assert key not in c.keys() and len(c) == 2 and c.verify() == {}
-    report = c.ensure([p for _, _, p in io.list_images(root)], progress=False)
+    report = c.ensure([p for _, _, p in layout.list_images(root)], progress=False)
     assert (report.n_computed, report.n_invalid, report.n_reused, calls["images"]) == (1, 0, 2, 1)
     assert EmbeddingCache(cache_dir, model).verify() == {}
 
@@ -546,7 +546,7 @@ def test_corrupt_per_image_entry_is_recomputed_into_a_pack(corruption, filled, t
     LEGACY_CORRUPTIONS[corruption](c.store / key)
     c = EmbeddingCache(cache_dir, model)
     assert set(c.verify()) == {key}
-    report = c.ensure([p for _, _, p in io.list_images(root)], progress=False)
+    report = c.ensure([p for _, _, p in layout.list_images(root)], progress=False)
     assert (report.n_computed, report.n_invalid, report.n_reused, calls["images"]) == (1, 1, 2, 1)
     assert c.verify() == {} and c.metadata(key)["cosmos_entry"] == cache.STORE_VERSION
     np.testing.assert_allclose(c.load(key), good, rtol=FP16_RTOL, atol=FP16_ATOL)

@@ -172,7 +172,8 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def dask_scaling(n_images: int, copies: int, objects: int, encode_copies: int = 1) -> None:
+def dask_scaling(n_images: int, copies: int, objects: int, encode_copies: int = 1,
+                 shard_size: int = 1) -> None:
     import torch
 
     from cosmoslib import models, paths
@@ -193,13 +194,13 @@ def dask_scaling(n_images: int, copies: int, objects: int, encode_copies: int = 
     n_obj = len(manifest)
     model = models.load_model("litemedsam", device="cpu", threads=1)
     print(f"LiteMedSAM on CPU, 1 torch thread per process; {base.groupby(['task', 'image_id']).ngroups} cosmos-demo images x "
-          f"{copies} copies = {n} work units (images), {n_obj} objects (<= {objects} per image), S5, one "
-          f"image per shard. Machine shared with other jobs: absolute times are under load, ratios are "
+          f"{copies} copies = {n} images, {n_obj} objects (<= {objects} per image), S5, {shard_size} "
+          f"image(s) per shard (= per Dask task). Machine shared with other jobs: absolute times are under load, ratios are "
           f"side by side in one run.")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cache = tmp / "cache"
-        kw = dict(strategies=["S5"], cache_dir=cache, progress=False)
+        kw = dict(strategies=["S5"], cache_dir=cache, progress=False, shard_size=shard_size)
         evaluate.evaluate(base, root, [model], tmp / "warm.parquet", **kw)  # fill the cache
         # start-up, measured apart: the cluster, then the first (tiny) run that loads the model
         client1, t_start1 = _timed(lambda: cosmos_dask.client_for("local:1", threads=1))
@@ -322,11 +323,13 @@ def main(argv=None) -> int:
     parser.add_argument("--copies", type=int, default=4, help="copies of the manifest (more work units)")
     parser.add_argument("--objects", type=int, default=2, help="objects per image")
     parser.add_argument("--encode-copies", type=int, default=1, help="copies for the run with the encoder")
+    parser.add_argument("--shard-size", type=int, default=1,
+                        help="images per result shard and per Dask task (as cosmos evaluate --shard-size)")
     args = parser.parse_args(argv)
     if args.what == "bookkeeping":
         bookkeeping([int(v) for v in args.rows.split(",")], args.sample)
     else:
-        dask_scaling(args.images, args.copies, args.objects, args.encode_copies)
+        dask_scaling(args.images, args.copies, args.objects, args.encode_copies, args.shard_size)
     return 0
 
 

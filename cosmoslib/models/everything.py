@@ -120,6 +120,60 @@ def _as_embedding(embedding, model):
     return emb.to(device=model.device, dtype=dtype)
 
 
+def _decode_grid(model, embedding, original_size, points_per_side, points_per_batch,
+                 stability_score_offset, pred_iou_thresh, stability_score_thresh, progress, desc):
+    """Decode the point grid in batches; the candidates passing both thresholds (0 disables one),
+    as ``MaskData`` with ``rles, iou_preds, stability_score, boxes, points`` (original pixels)."""
+    if int(points_per_side) < 1 or int(points_per_batch) < 1:
+        raise ValueError("points_per_side and points_per_batch must be positive")
+    orig_h, orig_w = original_size
+    device = model.device
+    emb = _as_embedding(embedding, model)
+    threshold = float(model.mask_threshold)
+    chunk = max(1, _UPSAMPLE_BUDGET // (4 * orig_h * orig_w))
+
+    # Grid points in original pixels, (x, y): x scaled by the width, y by the height.
+    points = build_point_grid(int(points_per_side)) * np.array([[orig_w, orig_h]])
+    n_batches = -(-len(points) // int(points_per_batch))
+    data = MaskData()
+    with torch.inference_mode():
+        batches = batch_iterator(int(points_per_batch), points)
+        for (batch,) in tqdm(batches, total=n_batches, desc=desc, unit="batch",
+                             disable=not progress, leave=False):
+            coords = torch.as_tensor(model.transform_coords(batch, (orig_h, orig_w)), device=device)
+            labels = torch.ones(coords.shape[0], dtype=torch.int, device=device)
+            # (emb, point_coords, point_labels, boxes, mask_input, multimask)
+            low_res, iou_pred = model.predict_torch(
+                emb, coords[:, None, :], labels[:, None], None, None, True
+            )
+            k = low_res.shape[1]
+            low_res = low_res.flatten(0, 1)  # (B*k, 256, 256)
+            iou_pred = iou_pred.flatten(0, 1)
+            pts = torch.as_tensor(np.repeat(batch, k, axis=0))
+            if pred_iou_thresh > 0.0:
+                keep = iou_pred > pred_iou_thresh
+                low_res, iou_pred, pts = low_res[keep], iou_pred[keep], pts[keep.cpu()]
+            for start in range(0, low_res.shape[0], chunk):
+                logits = model.postprocess_masks(low_res[start : start + chunk, None], (orig_h, orig_w))[:, 0]
+                part = MaskData(
+                    masks=logits,
+                    iou_preds=iou_pred[start : start + chunk],
+                    points=pts[start : start + chunk],
+                )
+                part["stability_score"] = calculate_stability_score(
+                    part["masks"], threshold, stability_score_offset
+                )
+                if stability_score_thresh > 0.0:
+                    part.filter(part["stability_score"] >= stability_score_thresh)
+                part["masks"] = part["masks"] > threshold
+                part["boxes"] = batched_mask_to_box(part["masks"])
+                part["rles"] = mask_to_rle_pytorch(part["masks"])
+                del part["masks"]
+                data.cat(part)
+                del logits, part
+    return data
+
+
 def generate_everything(
     model,
     embedding,
@@ -159,53 +213,10 @@ def generate_everything(
     EverythingResult
         Possibly empty (``len(result) == 0``) when no mask passes the filters.
     """
-    if int(points_per_side) < 1 or int(points_per_batch) < 1:
-        raise ValueError("points_per_side and points_per_batch must be positive")
     orig_h, orig_w = (int(v) for v in original_size)
-    device = model.device
-    emb = _as_embedding(embedding, model)
-    threshold = float(model.mask_threshold)
-    chunk = max(1, _UPSAMPLE_BUDGET // (4 * orig_h * orig_w))
-
-    # Grid points in original pixels, (x, y): x scaled by the width, y by the height.
-    points = build_point_grid(int(points_per_side)) * np.array([[orig_w, orig_h]])
-    n_batches = -(-len(points) // int(points_per_batch))
-    data = MaskData()
-    with torch.inference_mode():
-        batches = batch_iterator(int(points_per_batch), points)
-        for (batch,) in tqdm(batches, total=n_batches, desc="everything", unit="batch",
-                             disable=not progress, leave=False):
-            coords = torch.as_tensor(model.transform_coords(batch, (orig_h, orig_w)), device=device)
-            labels = torch.ones(coords.shape[0], dtype=torch.int, device=device)
-            # (emb, point_coords, point_labels, boxes, mask_input, multimask)
-            low_res, iou_pred = model.predict_torch(
-                emb, coords[:, None, :], labels[:, None], None, None, True
-            )
-            k = low_res.shape[1]
-            low_res = low_res.flatten(0, 1)  # (B*k, 256, 256)
-            iou_pred = iou_pred.flatten(0, 1)
-            pts = torch.as_tensor(np.repeat(batch, k, axis=0))
-            if pred_iou_thresh > 0.0:
-                keep = iou_pred > pred_iou_thresh
-                low_res, iou_pred, pts = low_res[keep], iou_pred[keep], pts[keep.cpu()]
-            for start in range(0, low_res.shape[0], chunk):
-                logits = model.postprocess_masks(low_res[start : start + chunk, None], (orig_h, orig_w))[:, 0]
-                part = MaskData(
-                    masks=logits,
-                    iou_preds=iou_pred[start : start + chunk],
-                    points=pts[start : start + chunk],
-                )
-                part["stability_score"] = calculate_stability_score(
-                    part["masks"], threshold, stability_score_offset
-                )
-                if stability_score_thresh > 0.0:
-                    part.filter(part["stability_score"] >= stability_score_thresh)
-                part["masks"] = part["masks"] > threshold
-                part["boxes"] = batched_mask_to_box(part["masks"])
-                part["rles"] = mask_to_rle_pytorch(part["masks"])
-                del part["masks"]
-                data.cat(part)
-                del logits, part
+    data = _decode_grid(model, embedding, (orig_h, orig_w), points_per_side, points_per_batch,
+                        stability_score_offset, pred_iou_thresh, stability_score_thresh,
+                        progress, "everything")
 
     if len(data.items()) == 0 or len(data["rles"]) == 0:
         result = _empty(orig_h, orig_w)
@@ -338,36 +349,9 @@ def everything_candidates(
     Candidates
         ``3 * points_per_side ** 2`` candidates for a multimask decoder (every output kept).
     """
-    if int(points_per_side) < 1 or int(points_per_batch) < 1:
-        raise ValueError("points_per_side and points_per_batch must be positive")
     orig_h, orig_w = (int(v) for v in original_size)
-    device = model.device
-    emb = _as_embedding(embedding, model)
-    threshold = float(model.mask_threshold)
-    chunk = max(1, _UPSAMPLE_BUDGET // (4 * orig_h * orig_w))
-    points = build_point_grid(int(points_per_side)) * np.array([[orig_w, orig_h]])
-    n_batches = -(-len(points) // int(points_per_batch))
-    data = MaskData()
-    with torch.inference_mode():
-        for (batch,) in tqdm(batch_iterator(int(points_per_batch), points), total=n_batches, desc="candidates",
-                             unit="batch", disable=not progress, leave=False):
-            coords = torch.as_tensor(model.transform_coords(batch, (orig_h, orig_w)), device=device)
-            labels = torch.ones(coords.shape[0], dtype=torch.int, device=device)
-            low_res, iou_pred = model.predict_torch(emb, coords[:, None, :], labels[:, None], None, None, True)
-            k = low_res.shape[1]
-            low_res, iou_pred = low_res.flatten(0, 1), iou_pred.flatten(0, 1)
-            pts = torch.as_tensor(np.repeat(batch, k, axis=0))
-            for start in range(0, low_res.shape[0], chunk):
-                logits = model.postprocess_masks(low_res[start : start + chunk, None], (orig_h, orig_w))[:, 0]
-                part = MaskData(masks=logits, iou_preds=iou_pred[start : start + chunk],
-                                points=pts[start : start + chunk])
-                part["stability_score"] = calculate_stability_score(part["masks"], threshold,
-                                                                    stability_score_offset)
-                part["masks"] = part["masks"] > threshold
-                part["boxes"] = batched_mask_to_box(part["masks"])
-                part["rles"] = mask_to_rle_pytorch(part["masks"])
-                del part["masks"]
-                data.cat(part)
+    data = _decode_grid(model, embedding, (orig_h, orig_w), points_per_side, points_per_batch,
+                        stability_score_offset, 0.0, 0.0, progress, "candidates")
     data.to_numpy()
     return Candidates(
         rles=list(data["rles"]),

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from skimage import draw
 
-from cosmoslib.analysis import factors
+from cosmoslib.analysis import factors, fourier
 from cosmoslib.protocol import matching, metrics, prompts
 
 
@@ -227,7 +227,7 @@ def known_answer_study(model, cases: pd.DataFrame, patience: int = 12) -> pd.Dat
         paper's stopping rule exactly; ``fourier_order_patient`` stops on the gain rule only
         after ``patience`` orders without gain. The paper's rule stops a k-fold symmetric star
         at order 2 (orders 2..k-1 add nothing to such a contour), so it cannot rank stars with
-        k >= 6 by lobe count; the patient variant can (see :func:`cosmoslib.analysis.factors.fourier_order`).
+        k >= 6 by lobe count; the patient variant can (see :func:`cosmoslib.analysis.fourier.fourier_order`).
     """
     rows = []
     for case in cases.itertuples(index=False):
@@ -236,8 +236,8 @@ def known_answer_study(model, cases: pd.DataFrame, patience: int = 12) -> pd.Dat
         dec = model.decode(emb, prompt, case.mask.shape)
         m = matching.match(dec.masks, dec.iou_pred, case.mask)
         rows.append(dict(k=case.k, contrast=case.contrast,
-                         fourier_order=factors.fourier_order(case.mask).order,
-                         fourier_order_patient=factors.fourier_order(case.mask, patience=patience).order,
+                         fourier_order=fourier.fourier_order(case.mask).order,
+                         fourier_order_patient=fourier.fourier_order(case.mask, patience=patience).order,
                          intensity_diff=factors.intensity_difference(case.image, case.mask),
                          size_px=int(case.mask.sum()),
                          dice=metrics.evaluate_pair(dec.masks[m.oracle_index], case.mask)["dice"]))

@@ -310,12 +310,12 @@ def _scan(root, info_dir=None, progress=False, modality=None):
     root = Path(root)
     tasks = find_tasks(root)
     override = _modality_overrides(modality, [t for t, _ in tasks], root)
-    catalog: list = []  # loaded on first need, once
+    loaded: list = []  # the catalog, loaded on first need, once
 
     def descriptors():
-        if not catalog:
-            catalog.append(_load_descriptors())
-        return catalog[0]
+        if not loaded:
+            loaded.append(_load_descriptors())
+        return loaded[0]
 
     sources: dict = {}
     rows, skipped = [], []

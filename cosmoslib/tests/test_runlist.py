@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 
+import papermill
 import pytest
 import yaml
 
@@ -102,3 +103,11 @@ def test_finetuned_curricula_are_typed_and_must_be_runs_of_the_finetuning_chapte
         runlist.Config(name="x", finetune_curricula=("box",), finetuned_curricula=("mixed",))
     with pytest.raises(ValueError, match="positive"):
         runlist.Config(name="x", finetuned_grid_sizes=(0,))
+
+
+@pytest.mark.parametrize("notebook", sorted(p.name for p in (paths.notebooks_dir()).glob("*.ipynb")))
+def test_papermill_reads_every_parameter_of_every_notebook(notebook):
+    # papermill drops a parameter line it cannot parse (e.g. an apostrophe in its comment) with a
+    # warning only, and then injects the value as an "unknown parameter": catch that here.
+    found = papermill.inspect_notebook(str(paths.notebooks_dir() / notebook))
+    assert sorted(found) == ["config", "settings", "smoke"], notebook

@@ -279,7 +279,7 @@ VARIANT_QUANTILE = 0.9
 
 
 @dataclass
-class Candidates:
+class Candidates(EverythingResult):
     """Every mask the decoder proposes for one image's grid, before any filter.
 
     The S1 loop of :func:`generate_everything` without its predicted-IoU and stability filters
@@ -297,23 +297,9 @@ class Candidates:
     point_coords : (N, 2) float, the grid point (x, y) in original pixels.
     original_size : (H, W).
     params : the settings used (points_per_side, stability offset, ...).
+
+    Fields, ``mask``, ``masks`` and ``areas`` come from :class:`EverythingResult`.
     """
-
-    rles: list
-    predicted_iou: np.ndarray
-    stability_score: np.ndarray
-    boxes: np.ndarray
-    point_coords: np.ndarray
-    original_size: tuple[int, int]
-    params: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.rles)
-
-    @property
-    def areas(self) -> np.ndarray:
-        """(N,) int, pixel count of every candidate (from the RLE)."""
-        return np.array([area_from_rle(r) for r in self.rles], dtype=np.int64)
 
     def nonempty(self) -> "Candidates":
         """The candidates whose mask has at least one pixel (in the same order).

@@ -13,8 +13,12 @@ the first ``--sample`` images) / sample. Flat means the ratio to the 10 k row st
 ``--copies`` times under new ids for more work units) in one process, on ``local:1`` and on
 ``local:2`` (1 thread each), side by side, once from a filled embedding cache and once with the
 encoder in the loop (fused, ``--no-cache``). The clusters are started and the model loaded on
-every worker *before* the timed runs (start-up is printed apart). Scheduling overhead per image
-= (local:1 time - single-process time) / images, as a share of the per-image work. Then a
+every worker *before* the timed runs (start-up is printed apart). Scheduling overhead per task: from
+Dask's task stream of the ``local:1`` run, the worker's idle time between the end of one task and the
+start of the next (dispatch, serialisation, the scheduler's round trip), as a share of the mean task
+time (the per-image work, at one image per task); the whole-run difference local:1 - single process
+is printed beside it (it also holds per-run costs: registering the plugin, submitting, collecting
+results, and the contention of the scheduler and client processes for the 2 cores). Then a
 **projection** (not a measurement) for COSMOS 1050K on N workers from per-image costs measured
 here: encode, decode per strategy, S1 (at 8x8, scaled to 32x32), the runner's bookkeeping (stand-in
 model) and the scheduling overhead.
@@ -175,6 +179,7 @@ def _timed(fn):
 def dask_scaling(n_images: int, copies: int, objects: int, encode_copies: int = 1,
                  shard_size: int = 1) -> None:
     import torch
+    from distributed import get_task_stream
 
     from cosmoslib import models, paths
     from cosmoslib.data import dataset, indexer
@@ -221,28 +226,52 @@ def dask_scaling(n_images: int, copies: int, objects: int, encode_copies: int = 
             units = man.groupby(["task", "image_id"]).ngroups
             for name, sched in (("single process", None), ("local:1", client1), ("local:2", client2)):
                 out = tmp / f"{name}-{cached}.parquet".replace(":", "").replace(" ", "_")
-                _, row[name] = _timed(lambda: evaluate.evaluate(man, root, [model], out, scheduler=sched,
-                                                                cache=cached, **kw))
+                run = lambda: evaluate.evaluate(man, root, [model], out, scheduler=sched,  # noqa: E731
+                                                cache=cached, **kw)
+                if sched is client1:
+                    with get_task_stream(client=client1) as stream:
+                        _, row[name] = _timed(run)
+                    row["stream"] = stream.data
+                else:
+                    _, row[name] = _timed(run)
             times[label] = row
-            _print_rates(label, row, units)
+            _print_rates(label, row, units, shard_size)
         cosmos_dask.close(client1)
         cosmos_dask.close(client2)
-    _projection(model, root, full, times, n)
+    _projection(model, root, full, times, n, shard_size)
 
 
-def _print_rates(label: str, row: dict, n: int) -> None:
+def _dispatch(stream: list) -> tuple[float, float, int]:
+    """From Dask's task stream of a 1-worker run: (mean compute seconds per task, mean idle seconds of
+    the worker between one task's end and the next one's start, tasks)."""
+    spans = sorted((ss["start"], ss["stop"]) for task in stream if str(task["key"]).startswith("cosmos-shard")
+                   for ss in task["startstops"] if ss["action"] == "compute")
+    if len(spans) < 2:
+        return float("nan"), float("nan"), len(spans)
+    compute = sum(b - a for a, b in spans) / len(spans)
+    gaps = [max(0.0, nxt[0] - prev[1]) for prev, nxt in zip(spans, spans[1:])]
+    return compute, sum(gaps) / len(gaps), len(spans)
+
+
+def _print_rates(label: str, row: dict, n: int, shard_size: int = 1) -> None:
     single = row["single process"]
-    print(f"{label} ({n} work units):")
-    for name, t in row.items():
+    print(f"{label} ({n} images):")
+    for name in ("single process", "local:1", "local:2"):
+        t = row[name]
         print(f"  {name:>15}: {n / t:7.2f} images/s  {1e3 * t / n:8.1f} ms/image ({t / single:.2f} x single)")
-    overhead = (row["local:1"] - single) / n
-    print(f"  scheduling overhead local:1 vs single process: {1e3 * overhead:+.1f} ms/image = "
-          f"{100 * overhead / (single / n):+.1f} % of the per-image work")
+    compute, gap, tasks = _dispatch(row.get("stream", []))
+    print(f"  scheduling overhead per task (Dask's task stream, local:1, {tasks} tasks of {shard_size} image(s)): "
+          f"worker idle between tasks {1e3 * gap:.1f} ms vs {1e3 * compute:.1f} ms of work per task = "
+          f"{100 * gap / compute:.1f} % of the per-image work")
+    whole = (row["local:1"] - single) / n
+    print(f"  whole run local:1 vs single process (also the per-run costs: plugin registration, submission, "
+          f"collecting results): {1e3 * whole:+.1f} ms/image = {100 * whole / (single / n):+.1f} %, i.e. "
+          f"{row['local:1'] - single - (gap * tasks if tasks else 0):+.1f} s per run besides the per-task idle time")
     print(f"  2 workers vs 1 worker: {row['local:1'] / row['local:2']:.2f} x images/s "
-          f"(2 cores shared with other jobs)", flush=True)
+          f"(2 cores, shared with the scheduler and this process)", flush=True)
 
 
-def _projection(model, root, full: pd.DataFrame, times: dict, n_units: int) -> None:
+def _projection(model, root, full: pd.DataFrame, times: dict, n_units: int, shard_size: int = 1) -> None:
     """Per-image costs measured here -> COSMOS 1050K on N workers (a projection, not a measurement)."""
     from cosmoslib.data import dataset
     from cosmoslib.protocol import evaluate
@@ -260,8 +289,8 @@ def _projection(model, root, full: pd.DataFrame, times: dict, n_units: int) -> N
     s1_8 = float(s1.drop_duplicates(["task", "image_id"])["t_decode_s"].mean())
     s1_32 = s1_8 * (32 * 32) / (8 * 8)
     single = times["cached embeddings"]["single process"] / n_units
-    overhead = max(0.0, (times["cached embeddings"]["local:1"] - times["cached embeddings"]["single process"])
-                   / n_units)
+    _, gap, _ = _dispatch(times["cached embeddings"].get("stream", []))
+    overhead = gap / shard_size if gap == gap else 0.0  # a task is a shard of shard_size images
     bookkeeping = _bookkeeping_per_image()
     per_object = float(decode.sum())
     objects_per_image = COSMOS_MASKS / COSMOS_IMAGES
@@ -274,7 +303,7 @@ def _projection(model, root, full: pd.DataFrame, times: dict, n_units: int) -> N
           f" (sum {1e3 * per_object:.0f} ms; both selection rules share one decode)")
     print(f"  S1 {s1_8:.2f} s/image at 8x8, {s1_32:.1f} s/image at the paper's 32x32 (x16 points, assumed linear)")
     print(f"  bookkeeping (stand-in model) {1e3 * bookkeeping:.1f} ms/image; Dask scheduling "
-          f"{1e3 * overhead:.1f} ms/image (one image per task; shards of 64-256 images divide it)")
+          f"{1e3 * overhead:.1f} ms/image (measured at {shard_size} image(s) per task; larger shards divide it)")
     print(f"  => {per_image:.1f} s per image with S1-S6 at {objects_per_image:.2f} objects/image "
           f"(cached single process on the demo S5 run: {1e3 * single:.0f} ms/image)")
     no_s1 = per_image - s1_32

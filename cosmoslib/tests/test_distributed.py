@@ -81,6 +81,56 @@ def test_two_workers_give_the_single_process_table(single, manifest, demo_root, 
     pd.testing.assert_frame_equal(again, results)
 
 
+def _loaded_on_workers() -> list:
+    """Run on a worker: the ids of the models its process holds."""
+    return sorted(id(m) for m in cosmos_dask._LOADED.values())
+
+
+def test_a_second_run_on_the_cluster_reuses_the_loaded_models(manifest, demo_root, litemedsam, client,
+                                                             one_thread, tmp_path):
+    """Each run registers the plugin again (it replaces the previous one); the models stay loaded."""
+    kw = dict(KW, strategies=["S5"], cache_dir=tmp_path / "cache")
+    first = manifest[manifest["task"] == TASKS[0]]
+    evaluate.evaluate(first, demo_root, [litemedsam], tmp_path / "a.parquet", scheduler=client, **kw)
+    before = client.run(_loaded_on_workers)
+    assert any(before.values())  # at least one worker loaded LiteMedSAM
+    evaluate.evaluate(manifest, demo_root, [litemedsam], tmp_path / "b.parquet", scheduler=client, **kw)
+    after = client.run(_loaded_on_workers)
+    for worker, ids in before.items():
+        assert set(ids) <= set(after[worker])  # the same objects: nothing loaded twice
+    assert all(len(ids) <= 1 for ids in after.values())  # one model, loaded at most once per worker
+
+
+def test_workers_start_with_malloc_settings_that_keep_torch_fast(client, monkeypatch):
+    """Dask's default MALLOC_TRIM_THRESHOLD_ alone makes every large temporary an mmap; our
+    clusters set both thresholds, and a plain LocalCluster (Dask's defaults) is flagged."""
+    seen = client.run(cosmos_dask._worker_malloc)
+    assert len(seen) == 2 and all(env == cosmos_dask.WORKER_MALLOC for env in seen.values())
+    assert cosmos_dask.check_worker_malloc(client) == []
+    from distributed import Client, LocalCluster
+
+    for key in cosmos_dask.WORKER_MALLOC:  # a nanny exports its pre-spawn settings in its own process
+        monkeypatch.delenv(key, raising=False)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as plain, \
+            Client(plain, set_as_default=False) as plain_client:
+        with pytest.warns(UserWarning, match="MALLOC_MMAP_THRESHOLD_"):
+            assert len(cosmos_dask.check_worker_malloc(plain_client)) == 1
+
+
+def test_a_slurm_job_script_exports_threads_and_malloc_settings(tmp_path):
+    config = tmp_path / "slurm.yaml"
+    config.write_text("cores: 2\nmemory: 8GB\nwalltime: '01:00:00'\njobs: 3\n"
+                      "job_script_prologue: ['module load cuda']\n")
+    cluster, jobs = cosmos_dask.jobqueue_cluster("slurm", config, threads=2)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert jobs == 3 and "module load cuda" in script and "export OMP_NUM_THREADS=2" in script
+    for key, value in cosmos_dask.WORKER_MALLOC.items():
+        assert f"export {key}={value}" in script
+
+
 def test_a_corrupt_image_on_a_worker_is_skipped_as_in_one_process(demo_root, litemedsam, client, one_thread,
                                                                   tmp_path):
     task = "pyradiomics_brain_mri"

@@ -18,6 +18,9 @@ or fp16 embedding per image:
 Default (quick): LiteMedSAM rows (a)-(e), ViT-B rows (a)-(c). ViT-B's runtime rows (an
 export of ~2 min and several GB of memory, see the issue-14 note) are added by
 ``--repeats 3`` or more, or by ``--vit-b-backends``; ``--no-vit-b-backends`` leaves them out.
+Each ViT-B runtime session holds 8-10 GB while the run lasts: on a machine with 24 GB, time one
+runtime per run (``--models vit_b --backends openvino``, then ``--backends onnxruntime``); both
+at once were killed for memory there, before printing anything.
 
 Each path reads the images from disk itself. Reported per model and path: images/s (total
 images / total wall seconds over the repeats), seconds per image, ratio to (a) and to (b),

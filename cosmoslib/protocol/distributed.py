@@ -146,7 +146,9 @@ def client_for(scheduler: str | None, threads: int = 1, config: str | os.PathLik
         client._cosmos_cluster = cluster  # closed with the client by close()
         return client
     if text.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
-        return Client(text, set_as_default=False)
+        client = Client(text, set_as_default=False)
+        check_worker_malloc(client)  # workers started by hand may carry Dask's slow default
+        return client
     if kind in JOBQUEUE_KINDS:
         return _jobqueue_client(kind, arg or config, threads)
     raise InputError(None, f"unknown scheduler {text!r}: use local:N, tcp://HOST:PORT or one of "
@@ -202,8 +204,6 @@ def connect(scheduler, threads: int = 1, config=None):
         yield scheduler
         return
     client = client_for(scheduler, threads=threads, config=config)
-    if client is not None and str(scheduler).startswith(("tcp://", "tls://", "ucx://")):
-        check_worker_malloc(client)
     try:
         yield client
     finally:

@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine (see README):
 #   make book   -> creates/reuses .venv, installs, builds cosmos-demo, runs the book (config demo)
-#   make test   -> creates/reuses .venv, installs, runs `pytest cosmoslib tests`
+#   make test   -> creates/reuses .venv, installs, runs every test: `pytest cosmoslib tests --durations=15`
+# While working: `make test-fast` (= pytest cosmoslib -m "not slow", the library's unit tests).
 # Override the interpreter with PYTHON=python3.11, the environment folder with VENV=...
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cosmos-installed
 CONFIG ?= demo
 
-.PHONY: book test setup clean-book
+.PHONY: book test test-fast setup clean-book
 
 setup: $(STAMP)
 
@@ -30,7 +31,10 @@ book: $(STAMP)
 	$(VENV)/bin/cosmos book --config $(CONFIG)
 
 test: $(STAMP)
-	$(PY) -m pytest cosmoslib tests
+	$(PY) -m pytest cosmoslib tests --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest cosmoslib -m "not slow"
 
 clean-book:
 	rm -rf _build book/runs/*.ipynb book/runs/_toc--*.yml

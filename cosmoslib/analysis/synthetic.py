@@ -230,8 +230,10 @@ def known_answer_study(model, cases: pd.DataFrame, patience: int = 12) -> pd.Dat
         k >= 6 by lobe count; the patient variant can (see :func:`cosmoslib.analysis.fourier.fourier_order`).
     """
     rows = []
-    for case in cases.itertuples(index=False):
-        emb = model.encode([case.image])[0]
+    # One encoder call for all cases, in batches (1.2-1.3x faster than one image at a time on a
+    # 2-core CPU for LiteMedSAM); embeddings agree with one-at-a-time ones to float rounding.
+    embeddings = model.encode(list(cases["image"]), batch_size=8) if len(cases) else []
+    for case, emb in zip(cases.itertuples(index=False), embeddings):
         prompt = prompts.make_prompt(case.mask, "S5")
         dec = model.decode(emb, prompt, case.mask.shape)
         m = matching.match(dec.masks, dec.iou_pred, case.mask)

@@ -61,6 +61,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / float(total)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", RUNTIMES)
 def test_runtime_matches_torch_on_demo(backend, demo_root, litemedsam):
     model = _load(backend)
@@ -87,6 +88,7 @@ def test_runtime_matches_torch_on_demo(backend, demo_root, litemedsam):
     assert np.mean(scores) >= 0.999
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", RUNTIMES)
 def test_runtime_batches_and_reuses_its_export(backend, monkeypatch):
     model = _load(backend)

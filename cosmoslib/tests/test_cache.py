@@ -302,6 +302,7 @@ def _complete_records(store: Path) -> int:
         if (store / "packs").is_dir() else 0
 
 
+@pytest.mark.slow
 def test_sigkill_loses_nothing_already_written(tmp_path, litemedsam):
     root = make_root(tmp_path / "root", 6, seed=5)
     cache_dir = tmp_path / "cache"
@@ -382,6 +383,7 @@ FP16_TASKS = ("pyradiomics_brain_mri", "pyradiomics_lung_ct", "mni152_tissue_t1w
 FP16_OBJECTS_PER_IMAGE = 6
 
 
+@pytest.mark.slow
 def test_fp16_embeddings_decode_like_fp32(demo_root, tmp_path, litemedsam):
     """Box-prompt masks from fp16 and fp32 cache entries agree (mean DICE >= 0.99).
 
@@ -448,6 +450,7 @@ for rep in range(2):
 N_WRITERS = 4
 
 
+@pytest.mark.slow
 def test_concurrent_writers_share_one_cache(tmp_path):
     """Four processes (as four Dask workers) filling one cache at once, with overlapping and
     disjoint images: all finish, every entry is there once, valid and bit-exact, nothing

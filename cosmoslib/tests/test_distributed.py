@@ -1,7 +1,9 @@
 """The runner on a Dask LocalCluster (2 workers, 1 thread each) against the single process.
 
 Real LiteMedSAM on four cosmos-demo images. The same table (every column but the timings), the
-same skipped list, every row exactly once after a worker is killed mid-run.
+same skipped list, every row exactly once after a worker is killed mid-run. Every test that
+needs the cluster (one LocalCluster for the module) or the single-process reference run is marked
+``slow``; the job-script test needs neither.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def client():
     cosmos_dask.close(client)
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_single_process_table(single, manifest, demo_root, litemedsam, client, tmp_path):
     reference, ref_report, tmp = single
     results, report = evaluate.evaluate(manifest, demo_root, [litemedsam], tmp_path / "r.parquet",
@@ -86,6 +89,7 @@ def _loaded_on_workers() -> list:
     return sorted(id(m) for m in cosmos_dask._LOADED.values())
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_cluster_reuses_the_loaded_models(manifest, demo_root, litemedsam, client,
                                                              one_thread, tmp_path):
     """Each run registers the plugin again (it replaces the previous one); the models stay loaded."""
@@ -101,6 +105,7 @@ def test_a_second_run_on_the_cluster_reuses_the_loaded_models(manifest, demo_roo
     assert all(len(ids) <= 1 for ids in after.values())  # one model, loaded at most once per worker
 
 
+@pytest.mark.slow
 def test_workers_start_with_malloc_settings_that_keep_torch_fast(client, monkeypatch):
     """Dask's default MALLOC_TRIM_THRESHOLD_ alone makes every large temporary an mmap; our
     clusters set both thresholds, and a plain LocalCluster (Dask's defaults) is flagged."""
@@ -131,6 +136,7 @@ def test_a_slurm_job_script_exports_threads_and_malloc_settings(tmp_path):
         assert f"export {key}={value}" in script
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_on_a_worker_is_skipped_as_in_one_process(demo_root, litemedsam, client, one_thread,
                                                                   tmp_path):
     task = "pyradiomics_brain_mri"
@@ -150,6 +156,7 @@ def test_a_corrupt_image_on_a_worker_is_skipped_as_in_one_process(demo_root, lit
     assert bad.image_id not in set(many["image_id"]) and many["image_id"].nunique() == len(manifest) - 1
 
 
+@pytest.mark.slow
 def test_a_killed_worker_still_gives_every_row_once(single, manifest, demo_root, litemedsam, client, tmp_path):
     reference, _, _ = single
     out = tmp_path / "r.parquet"
@@ -181,6 +188,7 @@ def test_a_killed_worker_still_gives_every_row_once(single, manifest, demo_root,
 # ---- fused mode, prompts on workers, embed and factors on the cluster
 
 
+@pytest.mark.slow
 def test_fused_mode_gives_the_cached_table_and_stores_nothing(single, manifest, demo_root, litemedsam, tmp_path):
     reference, ref_report, _ = single
     results, report = evaluate.evaluate(manifest, demo_root, [litemedsam], tmp_path / "r.parquet",
@@ -193,6 +201,7 @@ def test_fused_mode_gives_the_cached_table_and_stores_nothing(single, manifest, 
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_prompts_made_on_the_workers_equal_the_single_process_table(manifest, demo_root, client):
     one = evaluate.prompt_table(manifest, demo_root, 3, shift_levels=(0, 1, 2), repeats=2)
     many = cosmos_dask.make_prompt_table(client, manifest, demo_root, 3,
@@ -202,6 +211,7 @@ def test_prompts_made_on_the_workers_equal_the_single_process_table(manifest, de
     pd.testing.assert_frame_equal(again, one)
 
 
+@pytest.mark.slow
 def test_embed_on_two_workers_writes_the_single_process_entries(single, manifest, demo_root, litemedsam,
                                                                 client, one_thread, tmp_path):
     _, _, tmp = single
@@ -227,6 +237,7 @@ def test_embed_on_two_workers_writes_the_single_process_entries(single, manifest
     assert again.n_computed == 0 and again.n_reused == n_good  # resumable
 
 
+@pytest.mark.slow
 def test_factors_on_two_workers_equal_one_process(demo_root, client, tmp_path):
     root = tmp_path / "root"
     for task in TASKS:

@@ -20,6 +20,7 @@ from segment_anything.modeling.image_encoder import ImageEncoderViT
 from cosmoslib.data import indexer, readers
 from cosmoslib.models import fast_encoder
 from cosmoslib.models.cache import EmbeddingCache, _prefetch, image_key
+from cosmoslib.models.tinyvit import TinyViT
 from cosmoslib.protocol.prompts import Prompt
 
 #: Largest |fast - stock| allowed for embeddings (values of order 1; measured ~4e-6).
@@ -94,20 +95,18 @@ def test_other_modules_are_left_stock():
     assert "forward" not in module.__dict__
 
 
-def test_litemedsam_fast_matches_stock_and_follows_weight_changes(litemedsam):
-    # A private copy: this test edits batch-norm statistics and runs training mode (which
-    # updates them), and the session's shared model must stay untouched for later tests.
-    enc = copy.deepcopy(litemedsam.sam.image_encoder)
+def _check_tinyvit_fast(enc, x, label, bn_name="layers.0.blocks.0.conv2.bn"):
+    """Fast vs stock TinyViT on ``x``; folded batch norms follow an in-place weight change; a
+    module in training mode runs stock. Leaves ``enc`` on the fast path, weights unchanged."""
     assert fast_encoder.fast_kind(enc) == "tinyvit"
-    x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(3))
     try:
         stock = _run(enc, x, False)
         fast = _run(enc, x, True)
         diff = (fast - stock).abs().max().item()
-        print(f"LiteMedSAM fast vs stock (random input): max |diff| {diff:.2e}")
-        assert diff <= EMBED_ATOL
+        print(f"{label} fast vs stock (random input): max |diff| {diff:.2e}")
+        assert diff <= EMBED_ATOL, f"{label}: max |fast - stock| {diff:.2e} > {EMBED_ATOL}"
         # folded batch norms are rebuilt when a weight changes in place
-        bn = enc.layers[0].blocks[0].conv2.bn
+        bn = enc.get_submodule(bn_name)
         saved = bn.running_mean.clone()
         with torch.no_grad():
             bn.running_mean.add_(0.5)
@@ -131,6 +130,34 @@ def test_litemedsam_fast_matches_stock_and_follows_weight_changes(litemedsam):
             enc.eval()
     finally:
         fast_encoder.set_fast_encoder(enc, True)
+
+
+def test_small_tinyvit_fast_matches_stock_and_follows_weight_changes():
+    """The same checks as on LiteMedSAM's real encoder (slow test below), on a shrunk TinyViT
+    (one block per stage, narrow, 128 px) with random weights and random batch-norm statistics,
+    so folding the norms is exercised with non-trivial values."""
+    torch.manual_seed(0)
+    enc = TinyViT(img_size=128, embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
+                  window_sizes=(7, 7, 14, 7), out_chans=32).eval()
+    with torch.no_grad():
+        for m in enc.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    # a norm late enough that its change survives the random network (early ones wash out)
+    _check_tinyvit_fast(enc, x, "small TinyViT", bn_name="layers.2.downsample.conv2.bn")
+
+
+@pytest.mark.slow
+def test_litemedsam_fast_matches_stock_and_follows_weight_changes(litemedsam):
+    # A private copy: this test edits batch-norm statistics and runs training mode (which
+    # updates them), and the session's shared model must stay untouched for later tests.
+    enc = copy.deepcopy(litemedsam.sam.image_encoder)
+    x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    _check_tinyvit_fast(enc, x, "LiteMedSAM")
 
 
 def test_model_switch_and_signature(litemedsam, monkeypatch):
@@ -161,6 +188,7 @@ def test_cache_store_depends_on_encoder_precision(litemedsam, tmp_path, monkeypa
     assert EmbeddingCache(tmp_path, half).store != EmbeddingCache(tmp_path, litemedsam).store
 
 
+@pytest.mark.slow
 def test_litemedsam_fast_masks_match_stock_on_demo(demo_root, litemedsam):
     """Box-prompt masks from fast and stock embeddings of real images: mean DICE >= 99.9 %."""
     manifest = indexer.index(demo_root)

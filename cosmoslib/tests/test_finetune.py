@@ -17,7 +17,6 @@ from cosmoslib.models import cache as cache_mod
 from cosmoslib.models import registry
 from cosmoslib.protocol import finetune, splits
 
-torch.set_num_threads(1)
 
 N_VOLUMES, SLICES = 4, 2
 FRACTIONS = (0.5, 0.25, 0.25)  # 4 volumes: 2 train, 1 val, 1 test
@@ -173,6 +172,7 @@ def trained(toy, litemedsam):
     return result
 
 
+@pytest.mark.slow
 def test_only_the_mask_decoder_changes(trained, litemedsam):
     base = litemedsam.sam.state_dict()
     tuned = torch.load(trained.checkpoint, map_location="cpu", weights_only=True)
@@ -192,6 +192,7 @@ def test_trainable_sam_freezes_everything_but_the_decoder(litemedsam):
     assert sam.image_encoder is litemedsam.sam.image_encoder
 
 
+@pytest.mark.slow
 def test_training_on_easy_objects_raises_validation_dice(trained):
     # known answer: LiteMedSAM was trained with boxes only; a few steps with S2-S6 prompts on
     # bright ellipses must raise its validation DICE (points and boxes in turn).
@@ -203,6 +204,7 @@ def test_training_on_easy_objects_raises_validation_dice(trained):
     assert trained.best_epoch == int(hist["epoch"][hist["val_dice"] == best].iloc[0])
 
 
+@pytest.mark.slow
 def test_provenance_and_split_are_saved(trained, toy):
     prov = json.loads((trained.out_dir / "provenance.json").read_text())
     assert prov["finished"] and prov["curriculum"] == "mixed" and prov["arch"] == "litemedsam"
@@ -225,6 +227,7 @@ def test_provenance_and_split_are_saved(trained, toy):
                           epochs=2, cache_dir=toy["cache"], progress=False, register=False)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_weights(trained, toy, litemedsam):
     out = toy["base"] / "killed"
 
@@ -245,6 +248,7 @@ def test_a_killed_run_resumes_to_the_same_weights(trained, toy, litemedsam):
     assert resumed.history["val_dice"].tolist() == trained.history["val_dice"].tolist()
 
 
+@pytest.mark.slow
 def test_the_checkpoint_loads_back_through_the_registry(trained, toy, litemedsam, monkeypatch, tmp_path):
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
@@ -267,6 +271,7 @@ def test_the_checkpoint_loads_back_through_the_registry(trained, toy, litemedsam
     assert models.load_model("litemedsam-ft-mixed", device="cpu").checkpoint_sha256 == model.checkpoint_sha256
 
 
+@pytest.mark.slow
 def test_cli_finetune_then_evaluate_by_name(toy, monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))

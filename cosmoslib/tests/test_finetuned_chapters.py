@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from cosmoslib.book import chapters, finetune_runs, runlist
 from cosmoslib.models import registry
 from cosmoslib.protocol import finetune, s1_thresholds, splits
 from cosmoslib.tests.test_finetune import _build_root
 
-torch.set_num_threads(1)
 
 KEY = ["task", "image_id"]
 
@@ -44,6 +42,7 @@ def _images(table):
     return set(map(tuple, table[KEY].drop_duplicates().to_numpy().tolist()))
 
 
+@pytest.mark.slow
 def test_trained_once_reused_by_the_finetuning_chapter_and_scored_on_the_test_part_only(book):
     cfg, epochs = book
     ch = chapters.Chapter("01_strategies", cfg)

@@ -295,18 +295,6 @@ def test_preprocess_grey_rgb_and_geometry(litemedsam):
 # --------------------------------------------------------------------------- SAM ViT-B
 
 
-@pytest.fixture(scope="module")
-def vit_b_checkpoint(tmp_path_factory):
-    """A SAM ViT-B checkpoint in the official format, from a seeded random initialisation."""
-    from segment_anything import sam_model_registry
-
-    torch.manual_seed(0)
-    sam = sam_model_registry["vit_b"]()
-    path = tmp_path_factory.mktemp("ckpt") / "random_vit_b.pth"
-    torch.save(sam.state_dict(), path)
-    return path
-
-
 def test_vit_b_loads_from_path_and_official_name(vit_b_checkpoint, tmp_path, monkeypatch):
     model = models.load_model("sam_vit_b", checkpoint=vit_b_checkpoint, device="cpu")
     assert (model.arch, model.input_size, model.embedding_shape) == ("vit_b", 1024, (256, 64, 64))
@@ -328,12 +316,6 @@ def test_vit_b_loads_from_path_and_official_name(vit_b_checkpoint, tmp_path, mon
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "sam_vit_b_01ec64.pth").symlink_to(vit_b_checkpoint)
     assert models.load_model("sam_vit_b").signature == model.signature
-
-
-@pytest.fixture(scope="module")
-def vit_b(vit_b_checkpoint):
-    """The random ViT-B loaded through the registry (multimask by default)."""
-    return models.load_model("sam_vit_b", checkpoint=vit_b_checkpoint, device="cpu")
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ from cosmoslib.models import everything
 from cosmoslib.protocol import s1_thresholds
 from cosmoslib.tests.test_everything import SMALL, Adapter, _embed, make_image, tiny_sam
 
-torch.set_num_threads(1)
 
 
 def _candidates(masks, iou, stab, size=(40, 40)) -> everything.Candidates:

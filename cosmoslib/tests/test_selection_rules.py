@@ -85,19 +85,6 @@ def test_oracle_is_never_worse_on_random_candidates():
 # --------------------------------------------------------------------------- SAM ViT-B
 
 
-@pytest.fixture(scope="module")
-def vit_b(tmp_path_factory):
-    """SAM ViT-B with seeded random weights, loaded through the registry (3 candidates)."""
-    from segment_anything import sam_model_registry
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "random_vit_b.pth"
-    torch.save(sam_model_registry["vit_b"]().state_dict(), path)
-    model = models.load_model("sam_vit_b", checkpoint=path, device="cpu")
-    path.unlink()  # 375 MB; the model is in memory
-    return model
-
-
 def _label_and_objects(root):
     """A 120 x 160 label map with four objects of different size and shape, in COSMOS layout."""
     h, w = 120, 160

@@ -17,7 +17,7 @@ from cosmoslib.book import runlist
 from cosmoslib.data import dataset, demo, indexer, preprocess
 from cosmoslib.files import InputError
 from cosmoslib.models import cache
-from cosmoslib.protocol import distributed, evaluate, finetune, splits
+from cosmoslib.protocol import distributed, evaluate, finetune, propagation, splits
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -112,6 +112,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, threads=args.threads or 1, shard_size=args.shard_size,
         cache=args.use_cache)
     print(report.summary())
+    if args.propagate:
+        table, skipped = propagation.run_propagation(manifest, args.root, loaded, args.out,
+                                                     stacks_from=indexer.index(args.root),
+                                                     source_dir=args.source_dir, progress=True)
+        print(f"Propagation: {len(table)} object run(s) in {propagation.propagation_path(args.out)}, "
+              f"beside the per-slice rows in {evaluate.volumes_path(args.out)}")
+        for what, reason in skipped:
+            print(f"  not propagated: {what}: {reason}")
     return 1 if report.n_failed else 0
 
 
@@ -228,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
                    help="fused mode: encode each image and decode every strategy right away, keep no "
                         "embedding on disk (same table; every later run encodes again)")
+    p.add_argument("--propagate", action="store_true",
+                   help="also segment each volume object from one box, propagated through the slices by SAM 2's "
+                        "video predictor (SAM 2 models), scored in 3D beside the per-slice rows")
+    p.add_argument("--source-dir", type=Path, default=None,
+                   help="with --propagate: the folder ROOT was prepared from, to read every slice of a volume")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("factors", help="object factors: size, aspect ratio, intensity difference, Fourier order")

@@ -3,7 +3,7 @@
 Every number is compared with an independent implementation -- the package's own
 ``SAM2ImagePredictor`` and ``SAM2AutomaticMaskGenerator`` fed the same cached features -- on a
 randomly initialised SAM 2.1 model shrunk for CI (Hiera of width 8 with 5 blocks, 256-px input,
-one memory-attention layer). Random weights test the arithmetic, never accuracy.
+one memory-attention and one memory-fuser layer). Random weights test the arithmetic, never accuracy.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ SHRUNK = (
     "++model.image_encoder.trunk.stages=[1,1,2,1]", "++model.image_encoder.trunk.global_att_blocks=[3]",
     "++model.image_encoder.neck.backbone_channel_list=[64,32,16,8]",
     "++model.memory_attention.num_layers=1", "++model.memory_attention.layer.dim_feedforward=32",
-    "++model.image_size=256",
+    "++model.memory_encoder.fuser.num_layers=1", "++model.image_size=256",
     "++model.memory_attention.layer.self_attention.feat_sizes=[16,16]",
     "++model.memory_attention.layer.cross_attention.feat_sizes=[16,16]",
 )

@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="compute (or reuse) image embeddings for a COSMOS-layout folder")
     p.add_argument("root", type=Path)
-    p.add_argument("--model", required=True, help="registry name: litemedsam, sam_vit_b, sam_vit_l, sam_vit_h")
+    p.add_argument("--model", required=True, help="registry name: litemedsam, sam_vit_b, sam_vit_l, sam_vit_h, medsam, "
+                        "sam2.1_hiera_t|s|b+|l, sam2_hiera_t|s|b+|l")
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (SAM models)")
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default: paths.embedding_cache_dir())")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -413,9 +413,13 @@ def run_propagation(manifest: pd.DataFrame, root, models: Sequence, out, stacks_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # spacing notes were given by the per-slice table
         new = volume_rows_with(run, manifest, root)
-    table = pd.concat([t for t in (old, new) if len(t)], ignore_index=True) if len(old) or len(new) \
-        else pd.DataFrame(columns=[*volumes.RUN_COLUMNS, "task", "source", *volumes.VOLUME_COLUMNS[2:]])
-    files.atomic_write_parquet(table, vpath)
+    if not volumes.has_volumes(manifest):
+        run.skipped.append(("(all)", "no volume sources in the manifest: nothing to propagate"))
+    if len(old) or len(new):
+        table = pd.concat([t for t in (old, new) if len(t)], ignore_index=True)
+        files.atomic_write_parquet(table, vpath)
+    else:
+        table = pd.DataFrame()
     summary = propagation_table(table, run.info) if len(run.info) else pd.DataFrame(columns=PROPAGATION_COLUMNS)
     files.atomic_write_parquet(summary, propagation_path(out))
     files.atomic_write_csv(pd.DataFrame(run.skipped, columns=["what", "reason"]), skipped_path(out))

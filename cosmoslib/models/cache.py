@@ -48,7 +48,11 @@ writers that raced on the same image) the oldest is read, by every process; the 
 never returned. Entries of the per-image layout were written under a temporary name and
 renamed into place; their ``.tmp-*`` leftovers are removed as before.
 
-Precision. fp16 by default (1.7-1.8 MB per embedding on disk instead of 3.5 MB in fp32);
+An entry holds one array of ``model.embedding_shape``: ``(256, 64, 64)`` for SAM, and for SAM 2
+its image embedding plus both high-resolution feature levels packed as ``(1024, 64, 64)``
+(:func:`cosmoslib.models.sam2.pack_features`; 8 MiB in fp16 before compression).
+
+Precision. fp16 by default (1.7-1.8 MB per SAM embedding on disk instead of 3.5 MB in fp32);
 box-prompt masks decoded from fp16 and fp32 embeddings agree to a mean DICE above 99.9 %
 (measured in ``cosmoslib/tests/test_cache.py`` and ``benchmarks/embed_cache.py``).
 """

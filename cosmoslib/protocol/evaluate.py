@@ -161,7 +161,8 @@ def evaluate_image(model, embedding: np.ndarray, t_embed: float, label: np.ndarr
     Parameters
     ----------
     model : SamFamilyModel
-    embedding : (256, 64, 64) float array from the cache.
+    embedding : float array ``model.embedding_shape`` from the cache ((256, 64, 64) for SAM;
+        SAM 2's packed features (1024, 64, 64), :mod:`cosmoslib.models.sam2`).
     t_embed : encoder seconds of this image (NaN when unknown).
     label : (H, W) uint8 label map of the image (COSMOS layout).
     objects : manifest rows of this image (task, image_id, label_value, object, modality).

@@ -325,6 +325,9 @@ def trainable_sam(model) -> tuple[Any, torch.nn.Module]:
     """
 
     base = model.sam
+    if not hasattr(base, "mask_decoder"):  # SAM 2 keeps its decoder as sam_mask_decoder
+        raise InputError(None, f"fine-tuning trains SAM's mask decoder; {model.name} ({model.arch}) has "
+                               f"another decoder layout and is not supported")
     sam = Sam.__new__(Sam)
     torch.nn.Module.__init__(sam)
     sam.image_encoder = base.image_encoder

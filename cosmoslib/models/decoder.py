@@ -327,11 +327,16 @@ class _FastMaskDecoder:
             attended = (_attend_from_image(att, i2t_q, q, queries, projected=True) if i == 0 else
                         _attend_from_image(att, keys_pe, q, queries))
             keys = block.norm4(attended.add_(keys))  # in place: a fresh (B, 4096, C) buffer
+        # The last attention only for the tokens read afterwards: the IoU token and the
+        # returned mask tokens (4 or 2 of the 5-7 rows; each query row is independent).
+        chosen = range(1, dec.num_mask_tokens) if multimask else range(0, 1)
+        rows = [0] + [1 + j for j in chosen]
+        queries, point_pe = queries[:, rows], point_pe[:, rows]
         att = transformer.final_attn_token_to_image
         queries = queries + _attend_to_image(att, queries + point_pe, keys + self.image_pe, keys)
         hs = transformer.norm_final_attn(queries)
-        chosen = range(1, dec.num_mask_tokens) if multimask else range(0, 1)
-        hyper = torch.stack([dec.output_hypernetworks_mlps[j](hs[:, 1 + j]) for j in chosen], dim=1)
+        hyper = torch.stack([dec.output_hypernetworks_mlps[j](hs[:, 1 + i])
+                             for i, j in enumerate(chosen)], dim=1)
         iou = dec.iou_prediction_head(hs[:, 0])[:, chosen.start:chosen.stop]
         return keys, hyper, iou
 

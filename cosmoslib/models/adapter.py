@@ -24,7 +24,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from cosmoslib import __version__
 from cosmoslib.files import InputError
-from cosmoslib.models import backends, registry
+from cosmoslib.models import backend_probe, backends, registry
 from cosmoslib.models.checkpoints import (
     _build_sam,
     _check_state_dict,
@@ -598,10 +598,15 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
         Set torch's intra-op threads for this process (``torch.set_num_threads``; process
         wide). With several workers on one machine give each ``cores // workers``, so they
         do not oversubscribe the cores. Default: leave torch's setting.
-    backend : {"torch", "onnxruntime", "openvino"}
+    backend : {"torch", "onnxruntime", "openvino", "auto"}
         Who runs the image encoder on the CPU (:mod:`cosmoslib.models.backends`): exported once,
         cached on disk, and part of the model signature. A runtime whose package is missing
         falls back to ``"torch"`` with a warning naming the package and how to install it.
+        ``"auto"`` (the default of the ``cosmos`` verbs and the book): the fastest installed
+        runtime whose export passed a parity probe on this machine, else torch, with one line
+        on stderr saying which and why (:mod:`cosmoslib.models.backend_probe`;
+        ``$COSMOS_BACKEND`` fixes it without a probe). The chosen backend is
+        :attr:`SamFamilyModel.backend`.
 
     Returns
     -------
@@ -613,6 +618,7 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
         Unknown name; checkpoint missing, unreadable, or of another architecture (the
         message says what was expected and what was found).
     """
+    request = backend_probe.check_request(backend)
     entry = registry.lookup(name)
     path = _resolve_checkpoint(entry, checkpoint)
     sha = file_sha256(path)
@@ -629,7 +635,10 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
                            supports_points=entry.supports_points,
                            default_multimask=entry.default_multimask, autocast=bool(autocast),
                            fast_encoder=bool(fast_encoder), compile_encoder=bool(compile_encoder),
-                           backend=backends.resolve_backend(backend, dev))
+                           backend="torch" if request == backend_probe.AUTO else
+                           backends.resolve_backend(request, dev))
+    if request == backend_probe.AUTO:  # probed with the torch encoder as the reference
+        model.backend = backend_probe.choose_backend(model)
     if model.backend != "torch":
         model._sync_encoder()  # export (once) and open the session now, not in the first encode
     return model

@@ -157,3 +157,31 @@ def test_check_request():
     assert backend_probe.check_request("ov") == "openvino"
     with pytest.raises(Exception, match="unknown encoder backend"):
         backend_probe.check_request("fast")
+
+
+@pytest.mark.parametrize("verb,extra", [("embed", []), ("evaluate", ["--out", "r.parquet"]),
+                                        ("finetune", ["--out", "run"])])
+def test_cli_verbs_default_to_auto(verb, extra):
+    from cosmoslib import cli
+
+    args = cli.build_parser().parse_args([verb, "root", "--model", "litemedsam", *extra])
+    assert args.backend == "auto"
+    args = cli.build_parser().parse_args([verb, "root", "--model", "litemedsam", *extra,
+                                          "--backend", "torch"])
+    assert args.backend == "torch"
+
+
+def test_book_models_use_auto(monkeypatch):
+    """The book's model loader asks load_model for "auto"."""
+    from cosmoslib.book import chapters
+
+    seen = {}
+
+    def fake_load(name, device=None, backend="torch"):
+        seen[name] = backend
+        return object()
+
+    monkeypatch.setattr(chapters.models_mod, "load_model", fake_load)
+    monkeypatch.setattr(chapters, "_MODELS", {})
+    chapters.model("litemedsam")
+    assert seen == {"litemedsam": "auto"}

@@ -185,3 +185,28 @@ def test_book_models_use_auto(monkeypatch):
     monkeypatch.setattr(chapters, "_MODELS", {})
     chapters.model("litemedsam")
     assert seen == {"litemedsam": "auto"}
+
+
+def test_finetune_shares_embeddings_under_the_base_backend(litemedsam, tmp_path, monkeypatch):
+    """A finetuned model's copy of its base's cached embeddings is filed under the backend that
+    made them (a runtime's entries never land in a torch-keyed store)."""
+    import copy
+
+    import pandas as pd
+
+    from cosmoslib.protocol import finetune
+
+    pytest.importorskip("onnxruntime")
+    base = copy.copy(litemedsam)  # no __post_init__: nothing is exported
+    base.backend = "onnxruntime"
+    seen = {}
+
+    def capture(b, view, paths, cache_dir, progress=True):
+        seen["base"], seen["view"] = b.signature, view.signature
+        return 0
+
+    monkeypatch.setattr(finetune, "share_embeddings", capture)
+    finetune._share_after(base, tmp_path, {"name": "ft", "checkpoint_sha256": "0" * 64},
+                          pd.DataFrame({"image_path": []}), tmp_path, tmp_path, False)
+    assert seen["view"]["encoder"] == seen["base"]["encoder"] == backends.signature_entry(
+        "onnxruntime")

@@ -455,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--s1-thresholds", default="",
                         help="extra comma-separated iou/stability pairs, e.g. 0.15/0")
     parser.add_argument("--s1-profile", action="store_true")
+    parser.add_argument("--s1-skip-paper", action="store_true",
+                        help="only the --s1-thresholds pairs, not the paper's")
     args = parser.parse_args(argv)
 
     import torch
@@ -483,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol_threads = [int(t) for t in args.protocol_threads.split(",") if t.strip()]
     cases = _protocol_images(manifest, root, args.protocol_images, rel)
     if args.s1:
-        pairs = [(0.88, 0.95)] + [tuple(float(v) for v in pair.split("/"))
+        pairs = [(0.88, 0.95)] * (not args.s1_skip_paper) + [tuple(float(v) for v in pair.split("/"))
                                   for pair in args.s1_thresholds.split(",") if pair.strip()]
         bench_s1_paper(lite, _protocol_images(manifest, root, args.s1_images, rel),
                        [int(t) for t in args.s1_threads.split(",") if t.strip()],

@@ -1,6 +1,6 @@
 """S1 through the fast decoder in batches (issue 22, item 3) == segment_anything's
-SamAutomaticMaskGenerator from the same image: the same masks (count, order, pixels), scores
-and boxes.
+SamAutomaticMaskGenerator from the same image: the same masks (count and order exactly; pixels
+up to float32 rounding flips, at most 1 in 1e5), scores and boxes.
 
 :func:`cosmoslib.models.everything.generate_everything` decodes the grid through
 :meth:`SamFamilyModel.decode_points` (the fast decoder, a few prompts at a time, the
@@ -80,13 +80,19 @@ def _assert_same_as_amg(model, image, params, min_masks=1):
     with torch.inference_mode():
         ref = SamAutomaticMaskGenerator(model.sam, **params).generate(_rgb(image))
     assert len(ours) == len(ref) >= min_masks
+    differing = compared = 0
     for i, ann in enumerate(ref):  # same order
-        np.testing.assert_array_equal(ours.mask(i), ann["segmentation"])
+        # Pixels: the fast decoder's logits equal the stock decoder's up to float32 rounding
+        # (~1e-5 for logits of +-40), so a pixel whose logit sits within that of the threshold
+        # may flip (measured on a 32 x 32 grid with 704 masks kept: 60 of ~3e7 pixels).
+        differing += int((ours.mask(i) != ann["segmentation"]).sum())
+        compared += ann["segmentation"].size
         assert ours.predicted_iou[i] == pytest.approx(ann["predicted_iou"], abs=1e-5)
         assert ours.stability_score[i] == pytest.approx(ann["stability_score"], abs=1e-4)
         np.testing.assert_allclose(ours.point_coords[i], ann["point_coords"][0], atol=1e-6)
         x, y, w, h = ann["bbox"]
-        np.testing.assert_array_equal(ours.boxes[i], [x, y, x + w, y + h])
+        np.testing.assert_allclose(ours.boxes[i], [x, y, x + w, y + h], rtol=0, atol=1)
+    assert differing <= 1e-5 * compared
     return ours
 
 

@@ -13,7 +13,11 @@ or fp16 embedding per image:
 (d) ``onnxruntime`` and (e) ``openvino``: the same with the encoder run by that runtime
     (``load_model(..., backend=...)``, :mod:`cosmoslib.models.backends`; float32). The export is done
     once before the timed repeats, into a temporary folder, and reported on its own line
-    (seconds, peak memory); a runtime that is not installed is left out, and said so.
+    (seconds, peak memory); a runtime that is not installed is left out, and said so. Each
+    export then goes through ``backend="auto"``'s parity probe
+    (:func:`cosmoslib.models.backend_probe.probe`: embeddings and decoded masks vs torch on
+    fixed images), printed beside it -- for ViT-B the full-size runtime parity check
+    (``--no-probe`` skips it; the suite tests a shrunk ViT).
 
 Default (quick): LiteMedSAM rows (a)-(e), ViT-B rows (a)-(c). ViT-B's runtime rows (an
 export of ~2 min and several GB of memory, see the issue-14 note) are added by
@@ -243,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                              "('' for none); CPU only")
     parser.add_argument("--vit-b-backends", action=argparse.BooleanOptionalAction, default=None,
                         help="runtime rows for ViT-B too (default: with --repeats >= 3)")
+    parser.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                        help="run backend auto's parity probe on each export (embeddings and "
+                             "decoded masks vs torch; the full-size ViT-B runtime parity check)")
     args = parser.parse_args(argv)
 
     import torch
@@ -295,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                 Path(exports_tmp.name))
             export_notes.append(f"  export {backend}: {sec:.1f} s, peak RSS +"
                                 + ("n/a" if peak is None else f"{peak / 2**20:.0f} MB"))
+            if args.probe:  # full-size runtime parity: backend auto's probe on this export
+                from cosmoslib.models import backend_probe
+
+                result = backend_probe.probe(model, backend, Path(exports_tmp.name))
+                export_notes.append(f"  parity {result.line()}")
         # warm-up of both encoder paths (first-call allocations, oneDNN kernel selection)
         from cosmoslib.data import readers
 

@@ -42,8 +42,23 @@ task, 197 x 233 to 512 x 512 px on cosmos-demo), with every object's S2..S6 prom
   to low-res logits, postprocessing to the original size) so a ratio can be traced to its
   parts.
 
+**S1 at the paper's settings (issue 22, item 3)** -- ``--s1``: the Everything mode at the
+paper's 32 x 32 grid and thresholds (predicted IoU > 0.88, stability >= 0.95, NMS 0.7) on
+LiteMedSAM (real weights), ``--s1-images`` images of the protocol set, at each of
+``--s1-threads``, both sides interleaved in one process: ours
+``generate_everything(model, embedding, size)`` from the cached embedding vs
+``SamAutomaticMaskGenerator(sam).generate(image)`` (which encodes; its encode is timed apart
+and printed, so both ratios, with and without it, are shown); ours is timed before and after
+the AMG run and the mean taken, as the load of a shared machine changes during AMG's minutes. Agreement: mask count, order and
+pixels (every mask compared with the one at the same position). ``--s1-thresholds`` adds
+looser ``iou/stability`` pairs (e.g. ``0.15/0``) where LiteMedSAM's masks pass the filters,
+so that the upscaling and stability work of the survivors is in the timing too;
+``--s1-profile`` prints cProfile's top entries of one of our runs.
+
 Run: ``.venv/bin/python benchmarks/strategies.py [--rounds 3] [--max-prompts 40] [--no-vit-b]
-[--protocol-images 4] [--protocol-threads 1,2] [--protocol-only]``.
+[--protocol-images 4] [--protocol-threads 1,2] [--protocol-only]``;
+``--s1 [--s1-images 1] [--s1-threads 1,2] [--s1-grid 32] [--s1-thresholds 0.15/0]
+[--s1-profile]`` runs only the S1 section.
 """
 
 from __future__ import annotations
@@ -343,6 +358,76 @@ def report_protocol(name: str, model, cases, rounds: int, threads_list) -> None:
                   f"{1e3 * t_post / d['n_parts']:7.2f}")
 
 
+def bench_s1_paper(model, cases, threads_list, grid: int, thresholds, profile: bool) -> None:
+    """The ``--s1`` section (see the module docstring)."""
+    import cProfile
+    import pstats
+
+    import torch
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from cosmoslib.models import everything
+
+    sizes = ", ".join(f"{c[1].shape[1]}x{c[1].shape[0]}" for c in cases)
+    print(f"\n== S1 at the paper's grid, LiteMedSAM: {len(cases)} image(s) ({sizes} px), "
+          f"{grid}x{grid} points; ours from the cached embedding vs SamAutomaticMaskGenerator."
+          f"generate (encodes; its encode timed apart); interleaved; other processes share "
+          f"the cores")
+    for iou_t, stab_t in thresholds:
+        params = {"points_per_side": grid, "pred_iou_thresh": iou_t,
+                  "stability_score_thresh": stab_t}
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            t_ours = t_amg = t_enc = 0.0
+            counts, same_order, px_diff = [], True, 0
+            for _, image, _ in cases:
+                rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+                embedding = model.encode([image])[0]
+                generator = SamAutomaticMaskGenerator(model.sam, **params)
+
+                def ours():
+                    return everything.generate_everything(model, embedding, image.shape[:2],
+                                                          **params)
+
+                def amg():
+                    with torch.inference_mode():
+                        return generator.generate(rgb)
+
+                # ours before and after AMG (mean): AMG runs for minutes, and the load of a
+                # shared machine changes within that time
+                out = {}
+                spent = []
+                for name, fn in (("ours", ours), ("amg", amg), ("ours", ours)):
+                    t0 = time.perf_counter()
+                    out[name] = fn()
+                    spent.append(time.perf_counter() - t0)
+                t_ours += (spent[0] + spent[2]) / 2
+                t_amg += spent[1]
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    generator.predictor.set_image(rgb)
+                t_enc += time.perf_counter() - t0
+                mine, ref = out["ours"], out["amg"]
+                counts.append((len(mine), len(ref)))
+                for i, ann in enumerate(ref[:len(mine)]):
+                    diff = int((mine.mask(i) != ann["segmentation"]).sum())
+                    px_diff += diff
+                    same_order &= abs(mine.predicted_iou[i] - ann["predicted_iou"]) < 1e-4
+            print(f"  thresholds iou>{iou_t} stab>={stab_t}, threads {torch.get_num_threads()}: "
+                  f"ours {t_ours:.2f} s | AMG {t_amg:.2f} s (its encode ~{t_enc:.2f} s) -> "
+                  f"{t_amg / t_ours:.2f}x, without its encode {(t_amg - t_enc) / t_ours:.2f}x; "
+                  f"masks (ours, AMG) {counts}, same order {same_order}, differing pixels "
+                  f"{px_diff}; load average {os.getloadavg()[0]:.1f}")
+            if profile:
+                image = cases[0][1]
+                embedding = model.encode([image])[0]
+                prof = cProfile.Profile()
+                prof.enable()
+                everything.generate_everything(model, embedding, image.shape[:2], **params)
+                prof.disable()
+                pstats.Stats(prof).sort_stats("tottime").print_stats(8)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None, help="COSMOS root (default cosmos-demo)")
@@ -362,6 +447,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated torch thread counts of the protocol section")
     parser.add_argument("--protocol-only", action="store_true",
                         help="only the protocol section (the figure to quote)")
+    parser.add_argument("--s1", action="store_true",
+                        help="only the S1 section at the paper's grid and thresholds")
+    parser.add_argument("--s1-images", type=int, default=1)
+    parser.add_argument("--s1-threads", default="1,2")
+    parser.add_argument("--s1-grid", type=int, default=32)
+    parser.add_argument("--s1-thresholds", default="",
+                        help="extra comma-separated iou/stability pairs, e.g. 0.15/0")
+    parser.add_argument("--s1-profile", action="store_true")
+    parser.add_argument("--s1-skip-paper", action="store_true",
+                        help="only the --s1-thresholds pairs, not the paper's")
     args = parser.parse_args(argv)
 
     import torch
@@ -389,6 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     lite = models.load_model("litemedsam", device="cpu")
     protocol_threads = [int(t) for t in args.protocol_threads.split(",") if t.strip()]
     cases = _protocol_images(manifest, root, args.protocol_images, rel)
+    if args.s1:
+        pairs = [(0.88, 0.95)] * (not args.s1_skip_paper) + [tuple(float(v) for v in pair.split("/"))
+                                  for pair in args.s1_thresholds.split(",") if pair.strip()]
+        bench_s1_paper(lite, _protocol_images(manifest, root, args.s1_images, rel),
+                       [int(t) for t in args.s1_threads.split(",") if t.strip()],
+                       args.s1_grid, pairs, args.s1_profile)
+        return 0
     vit_b = None
     if not args.no_vit_b:
         torch.manual_seed(0)

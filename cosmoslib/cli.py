@@ -113,7 +113,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise files.InputError(None, f"give one --checkpoint per --model ({len(args.model)} models, "
                                   f"{len(checkpoints)} checkpoints)")
     loaded = [models.load_model(name, checkpoint=checkpoints[i] if checkpoints else None, device=args.device,
-                                threads=args.threads)
+                                threads=args.threads, backend=args.backend)
               for i, name in enumerate(args.model)]
     manifest = indexer.index(args.root)
     if args.max_objects:
@@ -148,7 +148,8 @@ def _factors(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     """``cosmos finetune``: split ROOT by source, train the mask decoder, write and register DIR/model.pth."""
-    model = models.load_model(args.model, checkpoint=args.checkpoint, device=args.device, threads=args.threads)
+    model = models.load_model(args.model, checkpoint=args.checkpoint, device=args.device, threads=args.threads,
+                              backend=args.backend)
     manifest = indexer.index(args.root)
     settings = finetune.Settings(
         curriculum=args.prompts, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
@@ -168,6 +169,18 @@ def _book(args: argparse.Namespace) -> int:
     )
     print(report.summary())
     return 0 if report.ok else 1
+
+
+BACKEND_HELP = ("who runs the image encoder on the CPU: auto (default) = the fastest installed runtime "
+                "whose export passed a parity probe on this machine, else torch (one line says which "
+                "and why; $COSMOS_BACKEND fixes it); or torch, onnxruntime, openvino. Runtimes export "
+                "once, and are keyed apart in the embedding cache; a missing package falls back to "
+                "torch with a warning (install: pip install 'cosmoslib[runtimes]')")
+
+
+def _backend_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"],
+                   help=BACKEND_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,10 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=int, default=2, help="images read ahead on a background thread")
     p.add_argument("--autocast", action="store_true", help="bf16/fp16 autocast on CUDA (keyed apart in the cache)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA; slow first pass)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],
-                   help="who runs the image encoder on the CPU: exported once, cached, keyed apart in "
-                        "the embedding cache; a missing package falls back to torch with a warning "
-                        "(install: pip install 'cosmoslib[runtimes]')")
+    _backend_option(p)
     p.add_argument("--scheduler", default=None, help=SCHEDULER_HELP)
     p.add_argument("--shard-size", type=int, default=64, help="images per Dask task (with --scheduler)")
     p.set_defaults(func=_embed)
@@ -267,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "video predictor (SAM 2 models), scored in 3D beside the per-slice rows")
     p.add_argument("--source-dir", type=Path, default=None,
                    help="with --propagate: the folder ROOT was prepared from, to read every slice of a volume")
+    _backend_option(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("factors", help="object factors: size, aspect ratio, intensity difference, Fourier order")
@@ -315,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--overwrite", action="store_true", help="replace a run of other inputs found in --out")
+    _backend_option(p)
     p.set_defaults(func=_finetune)
     return parser
 

@@ -57,10 +57,12 @@ _INDEXED: dict[tuple[str, str], pd.DataFrame] = {}
 
 
 def model(name: str, device: str | None = None):
-    """The registry model ``name``, loaded at most once per process (and per device)."""
+    """The registry model ``name``, loaded at most once per process (and per device), with
+    ``backend="auto"`` (the fastest encoder runtime that passed a parity probe here, else
+    torch; :mod:`cosmoslib.models.backend_probe`)."""
     key = (name, str(device))
     if key not in _MODELS:
-        _MODELS[key] = models_mod.load_model(name, device=device)
+        _MODELS[key] = models_mod.load_model(name, device=device, backend="auto")
     return _MODELS[key]
 
 

@@ -24,7 +24,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from cosmoslib import __version__
 from cosmoslib.files import InputError
-from cosmoslib.models import backends, registry
+from cosmoslib.models import backend_probe, backends, registry
 from cosmoslib.models.checkpoints import (
     _build_sam,
     _check_state_dict,
@@ -396,6 +396,76 @@ class SamFamilyModel:
                     multimask_output=bool(multimask))
         return low_res.float(), iou.float()
 
+    def decode_points(self, embedding, point_coords: torch.Tensor, multimask: bool = True,
+                      min_iou: float | None = None, batch: int | None = None):
+        """Decode many single-point prompts, keeping only the masks whose predicted IoU passes.
+
+        The Everything mode's inner loop (:func:`cosmoslib.models.everything.generate_everything`):
+        one foreground point per prompt, decoded ``batch`` prompts at a time. With the fast
+        decoder the IoU head runs before the output upscaling, so a mask that fails
+        ``min_iou`` is never upscaled (the masks that pass are those of :meth:`predict_torch`:
+        each mask is its own hypernetwork vector times the prompt's upscaled features).
+
+        Parameters
+        ----------
+        embedding : tensor/array (1, 256, 64, 64) or (256, 64, 64), or a PreparedEmbedding
+        point_coords : float tensor (P, 2)
+            (x, y) already in model input space (:meth:`transform_coords`).
+        multimask : bool
+            3 outputs per prompt (True, what SAM's automatic generator uses) or 1.
+        min_iou : float, optional
+            Keep masks with predicted IoU ``>`` this (SAM's comparison); None keeps all.
+        batch : int, optional
+            Prompts through the transformer together (default 4 on a CPU, 64 otherwise;
+            no effect on the results).
+
+        Yields
+        ------
+        prompt : int64 tensor (M,)
+            Index into ``point_coords`` of each kept mask.
+        low_res : float32 tensor (M, 256, 256)
+            Its low-res logits.
+        iou : float32 tensor (M,)
+            Its predicted IoU.
+
+        Kept masks come in prompt order, then output order, as ``predict_torch``'s outputs
+        flattened; a batch where nothing passes yields nothing.
+        """
+        coords = torch.as_tensor(point_coords, dtype=torch.float32, device=self.device)
+        coords = coords.reshape(-1, 2)
+        if batch is None:
+            batch = 4 if self.device.type == "cpu" else 64
+        prepared = self.prepare(embedding)
+        fast = self._use_fast() and prepared.image_tokens is not None
+        with self._context():
+            labels = torch.ones(len(coords), 1, dtype=torch.int64, device=self.device)
+            for start in range(0, len(coords), int(batch)):
+                stop = min(start + int(batch), len(coords))
+                index = torch.arange(start, stop, device=self.device)
+                if fast:
+                    sparse, _ = self.sam.prompt_encoder(
+                        points=(coords[start:stop, None], labels[start:stop]), boxes=None,
+                        masks=None)
+                    keys, hyper, iou = self._fast.tokens(prepared, sparse, None, bool(multimask))
+                else:
+                    low, iou = self.predict_torch(prepared, coords[start:stop, None],
+                                                  labels[start:stop], None, None, multimask)
+                iou = iou.float()
+                keep = iou > min_iou if min_iou is not None else torch.ones_like(iou, dtype=torch.bool)
+                if not bool(keep.any()):
+                    continue
+                rows = torch.nonzero(keep.any(dim=1)).flatten()
+                if fast:  # upscale only prompts with a kept mask, one at a time (cache-sized)
+                    step = _CPU_DECODE_CHUNK if self.device.type == "cpu" else len(rows)
+                    low = torch.cat([self._fast.upscale(keys[rows[i:i + step]],
+                                                        hyper[rows[i:i + step]])
+                                     for i in range(0, len(rows), step)])
+                else:
+                    low = low[rows]
+                kept = keep[rows]
+                yield (index[rows, None].expand_as(kept)[kept], low.float()[kept],
+                       iou[rows][kept])
+
     def postprocess_masks(self, low_res_logits, original_size: Sequence[int]) -> torch.Tensor:
         """Low-res logits (B, K, 256, 256) -> logits (B, K, H, W) at the original size.
 
@@ -536,10 +606,15 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
         Set torch's intra-op threads for this process (``torch.set_num_threads``; process
         wide). With several workers on one machine give each ``cores // workers``, so they
         do not oversubscribe the cores. Default: leave torch's setting.
-    backend : {"torch", "onnxruntime", "openvino"}
+    backend : {"torch", "onnxruntime", "openvino", "auto"}
         Who runs the image encoder on the CPU (:mod:`cosmoslib.models.backends`): exported once,
         cached on disk, and part of the model signature. A runtime whose package is missing
         falls back to ``"torch"`` with a warning naming the package and how to install it.
+        ``"auto"`` (the default of the ``cosmos`` verbs and the book): the fastest installed
+        runtime whose export passed a parity probe on this machine, else torch, with one line
+        on stderr saying which and why (:mod:`cosmoslib.models.backend_probe`;
+        ``$COSMOS_BACKEND`` fixes it without a probe). The chosen backend is
+        :attr:`SamFamilyModel.backend`.
 
     Returns
     -------
@@ -552,6 +627,7 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
         message says what was expected and what was found); ``mobilesam`` without its
         fetched weights (the message says how to get them).
     """
+    request = backend_probe.check_request(backend)
     entry = registry.lookup(name)
     family_loader = FAMILY_LOADERS.get(registry.family(entry.arch))
     if family_loader is not None:
@@ -572,7 +648,10 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
                            supports_points=entry.supports_points,
                            default_multimask=entry.default_multimask, autocast=bool(autocast),
                            fast_encoder=bool(fast_encoder), compile_encoder=bool(compile_encoder),
-                           backend=backends.resolve_backend(backend, dev))
+                           backend="torch" if request == backend_probe.AUTO else
+                           backends.resolve_backend(request, dev))
+    if request == backend_probe.AUTO:  # probed with the torch encoder as the reference
+        model.backend = backend_probe.choose_backend(model)
     if model.backend != "torch":
         model._sync_encoder()  # export (once) and open the session now, not in the first encode
     return model

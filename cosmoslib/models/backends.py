@@ -40,6 +40,10 @@ The runtimes run on the CPU only; with a CUDA model use ``"torch"``. Threads: ea
 uses ``torch.get_num_threads()`` at the time it is built (set it with ``load_model(...,
 threads=n)`` / ``cosmos embed --threads``).
 
+``"auto"`` -- the default of ``cosmos embed``, ``evaluate``, ``finetune`` and of the book's
+models -- picks among these by a parity probe on this machine:
+:mod:`cosmoslib.models.backend_probe`.
+
 Whether a backend pays is measured by ``benchmarks/encode.py`` (rows (d) onnxruntime and (e)
 openvino). Measured under heavy load (2 shared cores, load average ~9, 1 torch thread, 3
 demo images x 2 repeats): LiteMedSAM images/s vs the authors' way (a) 2.14x onnxruntime,

@@ -76,7 +76,7 @@ def _as_size(size: Sequence[int]) -> tuple[int, int]:
 #: Prompts decoded together by the fast path on a CPU (see SamFamilyModel.predict_torch).
 _CPU_DECODE_CHUNK = 1
 
-#: Image tokens upscaled together on a CPU (see _FastMaskDecoder._upscale): 1024 tokens are
+#: Image tokens upscaled together on a CPU (see _FastMaskDecoder.upscale): 1024 tokens are
 #: 16384 output pixels, whose (16384, 32) features (2 MB) stay in cache.
 _CPU_UPSCALE_TOKENS = 1024
 
@@ -274,6 +274,25 @@ class _FastMaskDecoder:
 
         ``dense`` is the mask-prompt embedding (B, C, h, w), or None for no mask prompt.
         """
+        keys, hyper, iou = self.tokens(prepared, sparse, dense, multimask)
+        return self.upscale(keys, hyper), iou
+
+    def tokens(self, prepared: PreparedEmbedding, sparse: torch.Tensor,
+               dense: torch.Tensor | None, multimask: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The two-way transformer and the heads, without the output upscaling.
+
+        Returns
+        -------
+        keys : (B, h*w, C) image tokens after the transformer
+        hyper : (B, K, C/8) the hypernetwork vectors of the returned mask tokens
+        iou : (B, K) predicted IoU
+
+        ``upscale(keys, hyper)`` gives the masks; ``upscale(keys[i:i+1], hyper[i:i+1, ks])``
+        only some of them (each mask is a product of its own hypernetwork vector with the
+        prompt's upscaled features), so a caller that filters on the predicted IoU upscales
+        only the masks it keeps (:func:`cosmoslib.models.everything.generate_everything`).
+        """
         self._refresh()
         dec = self.sam.mask_decoder
         transformer = dec.transformer
@@ -308,15 +327,20 @@ class _FastMaskDecoder:
             attended = (_attend_from_image(att, i2t_q, q, queries, projected=True) if i == 0 else
                         _attend_from_image(att, keys_pe, q, queries))
             keys = block.norm4(attended.add_(keys))  # in place: a fresh (B, 4096, C) buffer
+        # The last attention only for the tokens read afterwards: the IoU token and the
+        # returned mask tokens (4 or 2 of the 5-7 rows; each query row is independent).
+        chosen = range(1, dec.num_mask_tokens) if multimask else range(0, 1)
+        rows = [0] + [1 + j for j in chosen]
+        queries, point_pe = queries[:, rows], point_pe[:, rows]
         att = transformer.final_attn_token_to_image
         queries = queries + _attend_to_image(att, queries + point_pe, keys + self.image_pe, keys)
         hs = transformer.norm_final_attn(queries)
-        chosen = range(1, dec.num_mask_tokens) if multimask else range(0, 1)
-        hyper = torch.stack([dec.output_hypernetworks_mlps[j](hs[:, 1 + j]) for j in chosen], dim=1)
+        hyper = torch.stack([dec.output_hypernetworks_mlps[j](hs[:, 1 + i])
+                             for i, j in enumerate(chosen)], dim=1)
         iou = dec.iou_prediction_head(hs[:, 0])[:, chosen.start:chosen.stop]
-        return self._upscale(keys, hyper), iou
+        return keys, hyper, iou
 
-    def _upscale(self, keys: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+    def upscale(self, keys: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
         """``output_upscaling`` then the hypernetwork product, as matrix products.
 
         keys (B, h*w, C) image tokens, hyper (B, K, C/8) -> mask logits (B, K, 4h, 4w).

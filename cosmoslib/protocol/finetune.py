@@ -890,6 +890,10 @@ def _share_after(model, out_dir: Path, prov: dict, manifest, root: Path, cache_d
         name=prov["name"], arch=model.arch, sam=sam, checkpoint_path=out_dir / _MODEL,
         checkpoint_sha256=prov["checkpoint_sha256"], device=model.device, supports_points=True,
         default_multimask=False, autocast=model.autocast, fast_encoder=model.fast_encoder)
+    # The base's entries were made by its encoder backend (e.g. an ONNX Runtime / OpenVINO
+    # export under backend="auto"): file them under the same backend's signature. Set after
+    # construction, so the view does not export an encoder of its own (it never encodes).
+    view.backend = getattr(model, "backend", "torch")
     return share_embeddings(model, view, {root / p for p in manifest["image_path"]}, cache_dir,
                             progress=progress)
 

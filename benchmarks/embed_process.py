@@ -1,0 +1,157 @@
+"""What a user gets from ``cosmos embed ROOT`` without flags, as whole processes (issue 22, item 1).
+Prints, never asserts.
+
+Two sides, each a fresh Python process over the same images, interleaved (order alternating
+per round) so that load changes on a shared machine hit both alike:
+
+* **cosmos embed** -- ``python -m cosmoslib.cli embed ROOT --model M --cache <fresh> --device
+  cpu`` with no ``--backend`` (so ``auto``; pass ``--backend X`` to time another), into a new
+  cache folder each round;
+* **stock** -- a process that loads the same model with the stock encoder forward
+  (``load_model(M, fast_encoder=False, backend="torch")``), then per image reads it, runs
+  ``segment_anything.SamPredictor.set_image`` and writes ``get_image_embedding()`` with
+  ``np.savez_compressed`` (the authors' way to precompute embeddings).
+
+Both processes start Python, import, load the weights and read the images: the wall time
+of each process is what a user waits for. The export and parity probe of ``auto`` happen once
+per machine; they run first, in a process of their own (outside the timing), into a fresh
+exports folder, and their seconds (from the stored ``probe.json``) are printed with the
+number of images that amortise them: (export + probe) / (stock - ours seconds per image).
+
+Images: one task of ``--root`` (default cosmos-demo, task ``pyradiomics_brain_mri``, 9 images)
+copied into a temporary COSMOS root, or ``--task``.
+
+Measured (LiteMedSAM, 2 shared cores, load ~1.5, 2 rounds): 9 images 8.1 s vs 13.9 s (1.73x),
+16 images 10.1 s vs 21.8 s (2.15x); export + probe 6.5-7.1 s, amortised after 10 images. Ours
+costs ~0.3 s per image and ~5.5 s per process (imports of the whole CLI, model load, runtime
+compile), the stock ~1.1 s per image and ~3.7 s per process: the ratio grows with the images.
+
+Run: ``.venv/bin/python benchmarks/embed_process.py [--model litemedsam] [--rounds 2]
+[--task NAME] [--threads N] [--backend X]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STOCK = r"""
+import sys, time
+from pathlib import Path
+import numpy as np, torch
+from segment_anything import SamPredictor
+from cosmoslib import models
+from cosmoslib.data import layout, readers
+root, out, name, threads = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+if threads > 0:
+    torch.set_num_threads(threads)
+model = models.load_model(name, device="cpu", fast_encoder=False, backend="torch")
+predictor = SamPredictor(model.sam)
+out.mkdir(parents=True, exist_ok=True)
+n = 0
+for _, _, path in layout.list_images(root):
+    image = readers.read_image(path)
+    rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    with torch.inference_mode():
+        predictor.set_image(rgb)
+        emb = predictor.get_image_embedding().cpu().numpy()
+    np.savez_compressed(out / f"{path.parent.parent.name}__{path.stem}.npz", embedding=emb)
+    n += 1
+print(f"stock: {n} images")
+"""
+
+
+def _run(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (user + sys of the child) and the last output line."""
+    before = os.times()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = os.times()
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    lines = (proc.stdout.strip().splitlines() or [""]) + proc.stderr.strip().splitlines()
+    auto = [line for line in lines if line.startswith("backend auto")]
+    return wall, cpu, (auto[0] if auto else lines[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=None)
+    parser.add_argument("--task", default="pyradiomics_brain_mri")
+    parser.add_argument("--model", default="litemedsam")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of both (0: default)")
+    parser.add_argument("--backend", default=None, help="pass --backend to cosmos embed")
+    args = parser.parse_args(argv)
+
+    from cosmoslib.data import layout
+    from cosmoslib.data.dataset import resolve_root
+
+    source = resolve_root(args.root)
+    work = Path(tempfile.mkdtemp(prefix="embed-process-"))
+    root = work / "root"
+    root.mkdir()
+    shutil.copytree(source / args.task, root / args.task)  # os.walk does not follow links
+    if (source / f"{args.task}.json").is_file():
+        shutil.copy2(source / f"{args.task}.json", root / f"{args.task}.json")
+    n_images = len(layout.list_images(root))
+    exports = work / "exports"
+    env = dict(os.environ, COSMOS_EXPORTS=str(exports), PYTHONPATH=os.getcwd())
+    env.pop("COSMOS_BACKEND", None)
+    py = sys.executable
+    embed = [py, "-m", "cosmoslib.cli", "embed", str(root), "--model", args.model, "--device", "cpu"]
+    if args.backend:
+        embed += ["--backend", args.backend]
+    if args.threads:
+        embed += ["--threads", str(args.threads)]
+    print(f"{n_images} images of {args.task}; model {args.model}; python {py}; load average "
+          f"{os.getloadavg()[0]:.1f} (other processes share the cores)")
+
+    wall, cpu, line = _run(embed + ["--cache", str(work / "cache-first")], env)
+    print(f"first run (export + probe, not timed below): {wall:.1f} s wall; {line}")
+    probes = list(exports.glob("*/probe.json"))
+    setup_s = 0.0
+    for record in probes:
+        data = json.loads(record.read_text())
+        setup_s += data["export_s"] + data["probe_s"]
+        print(f"  {record.parent.name}: export {data['export_s']:.1f} s, probe "
+              f"{data['probe_s']:.1f} s, passed {data['passed']}")
+
+    times: dict[str, list[float]] = {"cosmos embed": [], "stock": []}
+    cpus: dict[str, list[float]] = {"cosmos embed": [], "stock": []}
+    for r in range(args.rounds):
+        sides = [("cosmos embed", embed + ["--cache", str(work / f"cache-{r}")]),
+                 ("stock", [py, "-c", STOCK, str(root), str(work / f"npz-{r}"), args.model,
+                            str(args.threads)])]
+        for name, cmd in (sides if r % 2 == 0 else sides[::-1]):
+            wall, cpu, line = _run(cmd, env)
+            times[name].append(wall)
+            cpus[name].append(cpu)
+            print(f"  round {r} {name:<13} {wall:6.1f} s wall, {cpu:6.1f} s CPU; {line[:160]}")
+    ours, stock = statistics.median(times["cosmos embed"]), statistics.median(times["stock"])
+    print(f"median wall: cosmos embed {ours:.1f} s | stock set_image + savez_compressed "
+          f"{stock:.1f} s -> {stock / ours:.2f}x ({n_images} images, {args.rounds} rounds "
+          f"interleaved; CPU seconds {statistics.median(cpus['cosmos embed']):.1f} vs "
+          f"{statistics.median(cpus['stock']):.1f}); load average {os.getloadavg()[0]:.1f}")
+    gain = (stock - ours) / n_images
+    if setup_s and gain > 0:
+        print(f"export + probe {setup_s:.1f} s, once per machine: amortised after "
+              f"{setup_s / gain:.0f} images ({gain:.2f} s saved per image)")
+    elif setup_s:
+        print(f"export + probe {setup_s:.1f} s, once per machine; no per-image gain to amortise it")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -535,6 +535,10 @@ def load_sam2(entry: registry.ModelEntry, checkpoint=None, device=None, autocast
         ``sam2`` not installed; checkpoint missing, not a checkpoint, of another architecture,
         or incomplete; another backend.
     """
+    # "auto" (the CLI's and the book's default) picks among the runtimes that passed a parity
+    # probe; SAM 2 has no exported encoder, so torch is the only candidate and auto means torch.
+    if backend == "auto":
+        backend = "torch"
     if backend != "torch":
         raise InputError(None, f"{entry.name}: SAM 2 runs its encoder in torch only, not {backend!r}")
     spec = _spec(entry.arch)

@@ -441,6 +441,9 @@ class EmbeddingCache:
             if tuple(arr.shape) != tuple(self.model.embedding_shape) or arr.dtype != self.dtype:
                 return None, None, f"stored {arr.dtype} {arr.shape}, expected {self.dtype} " \
                                    f"{self.model.embedding_shape}"
+            bad = _truncated_blosc_chunk(path, arr)
+            if bad:
+                return None, None, bad
             data = np.asarray(arr[...])
         except Exception as exc:  # any failure to read an entry means: corrupt, recompute
             return None, None, f"unreadable ({type(exc).__name__}: {exc})"
@@ -975,3 +978,26 @@ def _write_legacy_entry(store: Path, key: str, data: np.ndarray, attrs: dict) ->
         os.rename(tmp, store / key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _truncated_blosc_chunk(path: Path, arr) -> str:
+    """A reason when a chunk file of a per-image (zarr) entry is shorter or longer than its blosc
+    header says, else "".
+
+    Blosc's decoder trusts the compressed size in the header and reads that many bytes: a
+    truncated chunk file made it read past the buffer and crash the process (a segmentation
+    fault, seen once in the suite) instead of raising. Checked here, before zarr decodes.
+    """
+    if not any("blosc" in type(c).__name__.lower() for c in getattr(arr.metadata, "codecs", ())):
+        return ""
+    chunks = Path(path) / "c"
+    for chunk in (p for p in chunks.rglob("*") if p.is_file()) if chunks.is_dir() else ():
+        data = chunk.read_bytes()
+        if len(data) < 16:
+            return f"truncated chunk {chunk.relative_to(path)} ({len(data)} bytes)"
+        # the Blosc-1 frame header: 4 bytes of version/flags/typesize, then little-endian uint32
+        # nbytes, blocksize, cbytes (numcodecs keeps its reader of it private)
+        _, _, cbytes = struct.unpack_from("<III", data, 4)
+        if cbytes != len(data):
+            return f"truncated chunk {chunk.relative_to(path)} ({len(data)} bytes, header says {cbytes})"
+    return ""

@@ -45,6 +45,26 @@ from cosmoslib.models.fast_encoder import maybe_compile, set_fast_encoder
 from cosmoslib.models.registry import EMBEDDING_SHAPE
 
 
+def rgb_uint8(image) -> np.ndarray:
+    """A uint8 ``(H, W)`` / ``(H, W, 1)`` / ``(H, W, 3)`` image as ``(H, W, 3)`` (grey repeated).
+
+    Raises
+    ------
+    InputError
+        Not such an array, or an empty one.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
+            image.ndim == 3 and image.shape[2] != 3) or 0 in image.shape:
+        raise InputError(None, f"expected a uint8 image (H, W) or (H, W, 3), got "
+                               f"{image.dtype} {image.shape}")
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return image
+
+
 @dataclass
 class SamFamilyModel:
     """A loaded SAM-family model behind one interface (build it with :func:`load_model`).
@@ -224,15 +244,7 @@ class SamFamilyModel:
         InputError
             Not a uint8 (H, W) / (H, W, 1) / (H, W, 3) array, or an empty one.
         """
-        image = np.asarray(image)
-        if image.ndim == 3 and image.shape[2] == 1:
-            image = image[..., 0]
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
-                image.ndim == 3 and image.shape[2] != 3) or 0 in image.shape:
-            raise InputError(None, f"expected a uint8 image (H, W) or (H, W, 3), got "
-                                   f"{image.dtype} {image.shape}")
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
+        image = rgb_uint8(image)
         resized = self._transform.apply_image(image)
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
         input_size = tuple(int(v) for v in tensor.shape[-2:])

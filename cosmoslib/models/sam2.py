@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from cosmoslib.files import InputError
 from cosmoslib.models import registry
-from cosmoslib.models.adapter import FAMILY_LOADERS, SamFamilyModel, _default_device, set_threads
+from cosmoslib.models.adapter import FAMILY_LOADERS, SamFamilyModel, _default_device, rgb_uint8, set_threads
 from cosmoslib.models.checkpoints import _guess_arch, _read_state_dict, _resolve_checkpoint, file_sha256
 from cosmoslib.models.decoder import Decoded, _as_size
 
@@ -310,15 +310,7 @@ class Sam2Model(SamFamilyModel):
         InputError
             Not a uint8 (H, W) / (H, W, 1) / (H, W, 3) array, or an empty one.
         """
-        image = np.asarray(image)
-        if image.ndim == 3 and image.shape[2] == 1:
-            image = image[..., 0]
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
-                image.ndim == 3 and image.shape[2] != 3) or 0 in image.shape:
-            raise InputError(None, f"expected a uint8 image (H, W) or (H, W, 3), got "
-                                   f"{image.dtype} {image.shape}")
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
+        image = rgb_uint8(image)
         tensor = self._transforms(image)[None].to(self.device)
         return tensor, tuple(image.shape[:2]), self.resized_size(image.shape[:2])
 

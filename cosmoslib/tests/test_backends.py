@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from cosmoslib import models
-from cosmoslib.data import indexer, readers
 from cosmoslib.files import InputError
 from cosmoslib.models import backends
 from cosmoslib.models.cache import EmbeddingCache
 from cosmoslib.protocol.prompts import Prompt
+from cosmoslib.tests.demo_cases import largest_object_images
 
 #: Largest |runtime - torch| allowed for embeddings (values of order 1; measured ~3e-6).
 EMBED_ATOL = 1e-4
@@ -42,18 +42,7 @@ def _load(backend: str) -> models.SamFamilyModel:
 
 
 def _demo_images(demo_root):
-    manifest = indexer.index(demo_root)
-    tasks = sorted(manifest["task"].unique())[:N_IMAGES]
-    manifest = manifest[manifest["task"].isin(tasks)]
-    top = manifest.sort_values(["area_px", "image_id"], ascending=[False, True]
-                               ).groupby("task").head(1)
-    out = []
-    for row in top.itertuples():
-        objects = manifest[(manifest["task"] == row.task) & (manifest["image_id"] == row.image_id)]
-        out.append((readers.read_image(demo_root / row.image_path),
-                    readers.read_label(demo_root / row.label_path),
-                    objects.nlargest(OBJECTS_PER_IMAGE, "area_px")["label_value"].tolist()))
-    return out
+    return largest_object_images(demo_root, N_IMAGES, OBJECTS_PER_IMAGE)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

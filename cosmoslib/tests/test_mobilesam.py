@@ -32,12 +32,13 @@ import torch
 from scipy import ndimage
 
 from cosmoslib import cli, models, paths
-from cosmoslib.data import indexer, readers
+from cosmoslib.data import indexer
 from cosmoslib.files import InputError
 from cosmoslib.models import backends, mobilesam, registry
 from cosmoslib.models.fast_encoder import set_fast_encoder
 from cosmoslib.models.tinyvit import TinyViT
 from cosmoslib.protocol.prompts import Prompt
+from cosmoslib.tests.demo_cases import largest_object_images
 
 #: Largest max|torch - onnx| / max|onnx| of an embedding (measured ~1e-6).
 EMBED_RTOL = 1e-4
@@ -97,18 +98,7 @@ def rule():
 @pytest.fixture(scope="module")
 def demo_cases(demo_root):
     """``[(image, label, [label values])]``: per task the image of its largest object."""
-    manifest = indexer.index(demo_root)
-    tasks = sorted(manifest["task"].unique())[:N_IMAGES]
-    manifest = manifest[manifest["task"].isin(tasks)]
-    top = manifest.sort_values(["area_px", "image_id"], ascending=[False, True]
-                               ).groupby("task").head(1)
-    out = []
-    for row in top.itertuples():
-        objects = manifest[(manifest["task"] == row.task) & (manifest["image_id"] == row.image_id)]
-        out.append((readers.read_image(demo_root / row.image_path),
-                    readers.read_label(demo_root / row.label_path),
-                    objects.nlargest(2, "area_px")["label_value"].tolist()))
-    return out
+    return largest_object_images(demo_root, N_IMAGES, 2)
 
 
 @pytest.fixture(scope="module")

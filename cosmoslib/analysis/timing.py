@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pandas as pd
 import torch
 
 from cosmoslib.models import cache as cache_mod
+from cosmoslib.models import load_model
 
 
 def device_description() -> str:
@@ -103,3 +105,38 @@ def fused_tradeoff(encode_s: float, bytes_per_embedding: float, n_images: int = 
     return pd.Series({"n_images": n_images, "mb_per_embedding": bytes_per_embedding / 1e6,
                       "encode_s": float(encode_s), "disk_tb": disk / 1e12, "encode_hours": hours,
                       "gb_per_encode_hour": disk / 1e9 / hours if hours > 0 else float("nan")})
+
+
+def reference_encode_seconds(image: np.ndarray | None = None, repeats: int = 3) -> float:
+    """The day's speed reference: seconds of one stock LiteMedSAM encoder pass on ``image``.
+
+    The machine's speed varies (about 2x from day to day on shared 2-core CPUs), so a book time
+    means little without a figure of the same day: this one is the authors' LiteMedSAM image
+    encoder as shipped (``segment_anything``-style module, fp32 torch, no fast path, no runtime),
+    on the CPU with the process's torch threads, after one warm-up pass.
+
+    Parameters
+    ----------
+    image : uint8 array (H, W) or (H, W, 3); default a seeded random 256 x 256 grey image (the
+        encoder's cost does not depend on the content, and every input is resized to 256 px).
+    repeats : timed passes; the median is returned.
+
+    Returns
+    -------
+    float
+        Median seconds of one encoder pass (preprocessing excluded).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    model = load_model("litemedsam", device="cpu", fast_encoder=False, backend="torch")
+    if image is None:
+        image = np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)
+    batch = model.preprocess(image)[0]
+    times = []
+    with torch.inference_mode():
+        model.sam.image_encoder(batch)  # warm-up (allocations, kernel choice)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.sam.image_encoder(batch)
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))

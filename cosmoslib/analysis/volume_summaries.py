@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from cosmoslib.analysis import uncertainty
-from cosmoslib.protocol import volumes
+from cosmoslib.protocol import propagation, volumes
 from cosmoslib.protocol.metrics import NSD_TOLERANCE_MM
 
 #: Metrics of :func:`side_by_side`: (label, unit, 3D column, 2D slice-mean column or None).
@@ -232,3 +232,43 @@ def metric_sentence(side: pd.DataFrame, strategy: str, metric: str, model: str |
 
 __all__ = ["METRIC_PAIRS", "SIDE_COLUMNS", "gap_sentence", "metric_sentence", "redecoded_masks", "side_by_side",
            "status_sentence", "volume_scores"]
+
+
+def propagation_scores(manifest: pd.DataFrame, root, models: Sequence, volume_table: pd.DataFrame,
+                       stacks_from: pd.DataFrame | None = None, tolerance: float = NSD_TOLERANCE_MM
+                       ) -> tuple[pd.DataFrame, list]:
+    """The volumes chapter's SAM 2 section: one box per object propagated through its slices,
+    beside the per-slice rows of the same model (:mod:`cosmoslib.protocol.propagation`).
+
+    Parameters
+    ----------
+    manifest : the config's manifest (only volume slices are used).
+    root : the COSMOS root.
+    models : loaded models; only those with a video predictor (SAM 2) are propagated, the others
+        are listed in the returned reasons.
+    volume_table : :func:`volume_scores` of the same models (its S5 rows are the per-slice
+        protocol the propagation is compared with).
+    stacks_from : manifest rows the slice stacks are built from (default ``manifest``).
+    tolerance : NSD tolerance in mm.
+
+    Returns
+    -------
+    (DataFrame, list)
+        :func:`cosmoslib.protocol.propagation.propagation_table` (one row per model, prompt-slice
+        rule and object: 3D DICE/NSD/HD95 beside S5's, DICE gap, leaked and missed slices,
+        prompts 1 against one per slice), and ``(what, reason)`` for every model or volume not
+        propagated. Empty table (same columns) when no model has a video predictor.
+    """
+    video_models = [m for m in models if hasattr(m, "video")]
+    skipped = [(m.name, "no video predictor (propagation needs a SAM 2 model)")
+               for m in models if not hasattr(m, "video")]
+    if not video_models or not volumes.has_volumes(manifest):
+        why = "no SAM 2 model" if not video_models else "no volume source in this config"
+        return pd.DataFrame(columns=propagation.PROPAGATION_COLUMNS), skipped + [("(all)", why)]
+    run = propagation.propagate(manifest, root, video_models, stacks_from=stacks_from)
+    rows = propagation.volume_rows_with(run, manifest, root, tolerance=tolerance)
+    table = pd.concat([t for t in (volume_table, rows) if len(t)], ignore_index=True)
+    if not len(run.info):
+        return pd.DataFrame(columns=propagation.PROPAGATION_COLUMNS), skipped + run.skipped
+    return propagation.propagation_table(table, run.info), skipped + run.skipped
+

@@ -452,7 +452,7 @@ class Chapter:
     def _finetuned(self) -> dict:
         split = self.finetune_split if self.config.finetuned_curricula else None
         runs = {}
-        for base in self.config.models:
+        for base in finetune_runs.finetunable(self)[0]:
             for curriculum in self.config.finetuned_curricula:
                 result = finetune_runs.chapter_run(self, base, curriculum, split=split)
                 runs[result.name] = (base, curriculum, result)
@@ -511,8 +511,9 @@ class Chapter:
     def finetuned_note(self) -> str:
         """The honesty note of every chapter that shows a finetuned model (glued, never hand-written)."""
         pairs = self.finetuned()
+        skipped = "".join(f" {name} is not finetuned: {why}." for name, why in finetune_runs.finetunable(self)[1].items())
         if not pairs:
-            return "This config evaluates no finetuned model."
+            return "This config evaluates no finetuned model." + skipped
         split = self.finetune_split
         counts = {p: split.rows(self.manifest, p) for p in ("train", "val", "test")}
         n_img = {p: int(rows[["task", "image_id"]].drop_duplicates().shape[0]) for p, rows in counts.items()}
@@ -524,7 +525,7 @@ class Chapter:
                 f"on {len(counts['val'])} validation objects of {n_img['val']} images. It is evaluated here, beside "
                 f"its base model, on the **test part only**: {len(counts['test'])} objects of {n_img['test']} "
                 f"images whose source volumes or files were never used for training or validation "
-                f"(split by {split.rule}). No finetuned model is reported on its own training images.")
+                f"(split by {split.rule}). No finetuned model is reported on its own training images." + skipped)
 
     def s1_thresholds(self, quantile: float | None = None, scope: str = "run") -> pd.DataFrame:
         """S1 DICE at the paper's thresholds and at the own-score variant (:mod:`cosmoslib.protocol.s1_thresholds`)

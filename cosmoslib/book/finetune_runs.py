@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from cosmoslib.protocol import evaluate as evaluate_mod
+from cosmoslib.protocol import finetune as finetune_mod
 from cosmoslib.protocol.finetune import (
     FinetuneResult,
     Settings,
@@ -93,6 +94,20 @@ class ChapterRuns:
     settings: dict
 
 
+def finetunable(ch) -> tuple[list[str], dict[str, str]]:
+    """``(names, skipped)``: the config's models whose decoder the chapter finetunes, and
+    ``{name: reason}`` for the others (SAM 2: :func:`cosmoslib.protocol.finetune.unsupported_reason`),
+    which every chapter showing finetuned models names."""
+    names, skipped = [], {}
+    for name in ch.config.models:
+        reason = finetune_mod.unsupported_reason(ch.model(name))
+        if reason:
+            skipped[name] = reason
+        else:
+            names.append(name)
+    return names, skipped
+
+
 def run_chapter(ch, progress: bool = False) -> ChapterRuns:
     """Train (or reuse) every (base model, curriculum) run of a chapter and evaluate on the test part.
 
@@ -108,7 +123,7 @@ def run_chapter(ch, progress: bool = False) -> ChapterRuns:
     split = chapter_split(ch)
     folder = ch.results_dir / "finetune"
     runs, pairs = {}, {}
-    for base_name in ch.config.models:
+    for base_name in finetunable(ch)[0]:
         for curriculum in cs["finetune_curricula"]:
             result = chapter_run(ch, base_name, curriculum, split=split, progress=progress)
             runs[(base_name, curriculum)] = result

@@ -10,7 +10,7 @@ missing model is never silent.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from cosmoslib.models import registry
 
@@ -66,6 +66,70 @@ def models_note(models: Sequence[str], unavailable: Sequence[str] = ()) -> str:
     return "Models of this chapter:\n\n" + "\n".join(lines)
 
 
+def short(name: str) -> str:
+    """The model's nature in a few words, for labels beside its numbers.
+
+    Returns
+    -------
+    str, e.g. ``"general; points, boxes, masks; 1024 px"`` or ``"medical; boxes; 256 px"``.
+    """
+    facts = registry.lookup(name).facts()
+    return f"{facts['nature']}; {facts['trained_prompts'] or 'prompts unstated'}; {facts['input_size']} px"
+
+
+def per_model(sentences: Mapping[str, str]):
+    """A Markdown list with one labelled line per model, to glue with ``{glue:md}``.
+
+    Parameters
+    ----------
+    sentences : ``{model name: sentence}`` in the order to show; each line starts with the
+        model's name and :func:`short` description, so no number appears without what made it.
+
+    Returns
+    -------
+    IPython.display.Markdown (what ``myst_nb.glue`` needs for the ``glue:md`` directive).
+
+    Raises
+    ------
+    ValueError
+        ``sentences`` is empty: a chapter with no model to describe is a bug upstream.
+    """
+    from IPython.display import Markdown  # the [book] extra: only a notebook kernel needs it
+
+    if not sentences:
+        raise ValueError("no model to describe")
+    return Markdown("\n".join(f"- **{name}** ({short(name)}): {text}" for name, text in sentences.items()))
+
+
+def points_note(models: Sequence[str], consequence: str) -> str:
+    """The warning beside point-prompt numbers of models never trained with points.
+
+    Parameters
+    ----------
+    models : the chapter's registry names.
+    consequence : what that means for this chapter's numbers (one clause, e.g. "its S2-S4 and S1
+        measure a prompt type it never learnt").
+
+    Returns
+    -------
+    str: ``""`` when every model was trained with points, else one sentence naming each
+    box-only model (from the registry's ``supports_points``).
+    """
+    box_only = [n for n in models if not registry.lookup(n).supports_points]
+    if not box_only:
+        return ""
+    names = ", ".join(f"{n}" for n in box_only)
+    verb = "was" if len(box_only) == 1 else "were"
+    return f"{names} {verb} trained with box prompts only: {consequence}"
+
+
+def show(config) -> None:
+    """Display :func:`models_note` for a run-list config in a notebook (the chapter's first output)."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(models_note(config.models, config.unavailable_models)))
+
+
 def unavailable_reason(name: str) -> str:
     """Why a model the config wanted cannot run here, and how to add it (one sentence)."""
     if registry.lookup(name).arch == "mobilesam":
@@ -77,4 +141,4 @@ def unavailable_reason(name: str) -> str:
             "table below is about the other models only.")
 
 
-__all__ = ["describe", "models_note", "unavailable_reason"]
+__all__ = ["describe", "models_note", "per_model", "points_note", "short", "show", "unavailable_reason"]

@@ -303,6 +303,7 @@ class BookReport:
     config: str
     timings: list[tuple[str, float, str]] = field(default_factory=list)  # (notebook, seconds, status)
     build_seconds: float | None = None
+    reference_seconds: float | None = None  # one stock LiteMedSAM encode today (timing.reference_encode_seconds)
     html_index: Path | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -319,6 +320,9 @@ class BookReport:
                  f"in {total:.1f} s"]
         if self.build_seconds is not None:
             parts.append(f"built the book in {self.build_seconds:.1f} s")
+        if self.reference_seconds is not None:
+            parts.append(f"the day's reference, one stock LiteMedSAM encode on this machine, took "
+                         f"{self.reference_seconds:.3f} s (compare book times across days with it)")
         if self.html_index is not None:
             parts.append(f"open {self.html_index}")
         if self.errors:
@@ -416,6 +420,11 @@ def build_book(config: str = "demo", only: list[str] | None = None, execute: boo
         raise ValueError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
     report = BookReport(config)
     if execute:
+        from cosmoslib.analysis import timing  # torch: only when notebooks are executed
+
+        report.reference_seconds = timing.reference_encode_seconds()
+        print(f"[cosmos book] reference: one stock LiteMedSAM encode takes {report.reference_seconds:.3f} s "
+              "on this machine today", file=sys.stderr, flush=True)
         run_notebooks(config, only=only, report=report)
     if build and report.ok:
         start = time.perf_counter()

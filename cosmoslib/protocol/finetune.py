@@ -316,6 +316,19 @@ def dice_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the model
 
 
+def unsupported_reason(model) -> str | None:
+    """Why ``model``'s decoder cannot be finetuned here, or None when it can.
+
+    Fine-tuning trains SAM's ``mask_decoder`` (SAM, MobileSAM, LiteMedSAM, MedSAM and their
+    finetuned derivatives); SAM 2 keeps another decoder layout (``sam_mask_decoder``, with
+    high-resolution skip features and object pointers) that this protocol does not train.
+    """
+    if not hasattr(model.sam, "mask_decoder"):
+        return (f"{model.name} ({model.arch}) has SAM 2's decoder layout; this protocol finetunes SAM's "
+                f"mask decoder only")
+    return None
+
+
 def trainable_sam(model) -> tuple[Any, torch.nn.Module]:
     """A ``Sam`` for training: the base's image encoder (shared, never run), a frozen copy of
     its prompt encoder and a trainable copy of its mask decoder.
@@ -325,9 +338,9 @@ def trainable_sam(model) -> tuple[Any, torch.nn.Module]:
     """
 
     base = model.sam
-    if not hasattr(base, "mask_decoder"):  # SAM 2 keeps its decoder as sam_mask_decoder
-        raise InputError(None, f"fine-tuning trains SAM's mask decoder; {model.name} ({model.arch}) has "
-                               f"another decoder layout and is not supported")
+    reason = unsupported_reason(model)
+    if reason:
+        raise InputError(None, f"fine-tuning is not supported: {reason}")
     sam = Sam.__new__(Sam)
     torch.nn.Module.__init__(sam)
     sam.image_encoder = base.image_encoder

@@ -418,6 +418,11 @@ class GrabCutSegmenter:
         return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
 
 
+#: The random walker solves exactly (sparse LU, skimage ``mode="bf"``) up to this many pixels
+#: (1024 x 1024, skimage's advice), iteratively above (memory grows fast with the LU's fill-in).
+DIRECT_SOLVE_MAX_PIXELS = 1024 * 1024
+
+
 class RandomWalkerSegmenter:
     """scikit-image's random walker (``skimage.segmentation.random_walker``) on the clicks.
 
@@ -435,9 +440,15 @@ class RandomWalkerSegmenter:
     radius : int, seed disk radius in pixels (>= 0).
     beta : float, edge weight penalty (skimage's default 130; skimage divides it by 10x the
         image standard deviation).
-    mode : str, skimage's solver (``"cg_j"``: conjugate gradient, Jacobi preconditioner).
-    tol : float, the solver's tolerance; skimage's default 1e-3 leaves probabilities outside
-        [0, 1] (with a warning) on high-contrast images, 1e-5 does not and costs little.
+    mode : str, skimage's solver. ``"auto"`` (default): ``"bf"`` -- a direct sparse LU solve
+        of the Laplacian system, the exact solution -- for images of at most
+        :data:`DIRECT_SOLVE_MAX_PIXELS` pixels (skimage's advice: fast below ~1024 x 1024),
+        else ``"cg_j"`` (conjugate gradient with a Jacobi preconditioner, to ``tol``). On
+        cosmos-demo images (~200 x 230 px) the direct solve takes 0.2 s where ``cg_j`` at
+        tol 1e-5 took 1-4 s, and the two differ by < 5e-4 in probability (at most one pixel's
+        label flipped per call, measured on three images).
+    tol : float, the iterative solvers' tolerance; skimage's default 1e-3 leaves probabilities
+        outside [0, 1] (with a warning) on high-contrast images, 1e-5 does not.
 
     Notes
     -----
@@ -448,7 +459,7 @@ class RandomWalkerSegmenter:
 
     name = "random walker"
 
-    def __init__(self, radius: int = SEED_RADIUS, beta: float = 130.0, mode: str = "cg_j",
+    def __init__(self, radius: int = SEED_RADIUS, beta: float = 130.0, mode: str = "auto",
                  tol: float = 1e-5):
         if int(radius) < 0:
             raise ValueError(f"radius must be >= 0; got {radius}")
@@ -476,6 +487,9 @@ class RandomWalkerSegmenter:
         _paint_clicks(seeds, clicks, self.radius, {1: 1, 0: 2})
         if data.std() == 0 or not (seeds == 1).any() or (seeds == 0).sum() == 0:
             return seeds == 1
-        labels = random_walker(data, seeds, beta=self.beta, mode=self.mode, tol=self.tol,
+        mode = self.mode
+        if mode == "auto":
+            mode = "bf" if h * w <= DIRECT_SOLVE_MAX_PIXELS else "cg_j"
+        labels = random_walker(data, seeds, beta=self.beta, mode=mode, tol=self.tol,
                                channel_axis=-1 if data.ndim == 3 else None)
         return labels == 1

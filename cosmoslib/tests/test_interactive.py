@@ -261,6 +261,23 @@ def test_random_walker_rgb_and_grey_agree():
     assert grey[gt].mean() > 0.9 and (grey & ~gt).sum() < 0.01 * gt.sum()
 
 
+def test_random_walker_direct_solve_is_the_iterative_answer(monkeypatch):
+    """``mode="auto"`` solves small images exactly (sparse LU) and agrees with the conjugate
+    gradient at a tight tolerance; above the size limit it goes iterative."""
+    img, gt = scene("twins")
+    clicks = [it.first_click(gt), (90, 40, 0)]
+    exact = it.RandomWalkerSegmenter().segment(img, clicks, None)
+    iterative = it.RandomWalkerSegmenter(mode="cg_j", tol=1e-8).segment(img, clicks, None)
+    assert (exact != iterative).sum() <= 2 and exact[gt].mean() > 0.9
+    used = []
+    real = it.random_walker
+    monkeypatch.setattr(it, "random_walker", lambda *a, **k: used.append(k["mode"]) or real(*a, **k))
+    it.RandomWalkerSegmenter().segment(img, clicks, None)
+    monkeypatch.setattr(it, "DIRECT_SOLVE_MAX_PIXELS", img.shape[0] * img.shape[1] - 1)
+    it.RandomWalkerSegmenter().segment(img, clicks, None)
+    assert used == ["bf", "cg_j"]
+
+
 def test_bad_clicks():
     img, gt = scene("twins")
     with pytest.raises(ValueError, match="inside"):

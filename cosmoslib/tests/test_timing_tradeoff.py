@@ -27,3 +27,22 @@ def test_tradeoff_scales_the_per_image_numbers():
     assert t["disk_tb"] == pytest.approx(1.785)
     assert t["encode_hours"] == pytest.approx(1_050_000 * 0.5 / 3600)
     assert t["gb_per_encode_hour"] == pytest.approx(1785 / (1_050_000 * 0.5 / 3600))
+
+
+def test_reference_encode_is_the_stock_encoder_and_positive(monkeypatch):
+    """The day's reference times the stock LiteMedSAM encoder (never the fast path or a runtime)."""
+    from cosmoslib import models
+
+    seen = {}
+    real = models.load_model
+
+    def spy(name, **kw):
+        seen.update(kw, name=name)
+        return real(name, **kw)
+
+    monkeypatch.setattr(timing, "load_model", spy)
+    seconds = timing.reference_encode_seconds(repeats=1)
+    assert 0 < seconds < 120
+    assert seen == {"name": "litemedsam", "device": "cpu", "fast_encoder": False, "backend": "torch"}
+    with pytest.raises(ValueError, match="repeats"):
+        timing.reference_encode_seconds(repeats=0)

@@ -165,7 +165,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _book(args: argparse.Namespace) -> int:
     report = runlist.build_book(
-        args.config, only=args.only, execute=not args.no_execute, build=not args.no_build
+        args.config, only=args.only, execute=not args.no_execute, build=not args.no_build, jobs=args.jobs
     )
     print(report.summary())
     return 0 if report.ok else 1
@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", default=None, help="run only this notebook (repeatable)")
     p.add_argument("--no-execute", action="store_true", help="build from the notebooks already in book/runs")
     p.add_argument("--no-build", action="store_true", help="execute notebooks only")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="lanes of chapters executed at once, each with its share of the cores (default: one "
+                        "per core up to 4; 1 = one after the other); see cosmoslib/book/lanes.py")
     p.set_defaults(func=_book)
 
     p = sub.add_parser("finetune", help="finetune a model's mask decoder from cached embeddings (paper 4.12)")

@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import yaml
 
 from cosmoslib import paths
+from cosmoslib.book import lanes
 from cosmoslib.data.dataset import OBJECT_SAMPLING
 
 CONFIGS = ("smoke", "demo", "full")
@@ -304,6 +305,8 @@ class BookReport:
     timings: list[tuple[str, float, str]] = field(default_factory=list)  # (notebook, seconds, status)
     build_seconds: float | None = None
     reference_seconds: float | None = None  # one stock LiteMedSAM encode today (timing.reference_encode_seconds)
+    wall_seconds: float | None = None  # executing the notebooks, all lanes together
+    jobs: int = 1  # lanes (cosmoslib.book.lanes)
     html_index: Path | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -318,6 +321,9 @@ class BookReport:
         total = sum(t for _, t, _ in self.timings)
         parts = [f"executed {sum(s == 'ok' for *_, s in self.timings)}/{len(self.timings)} notebooks "
                  f"in {total:.1f} s"]
+        if self.wall_seconds is not None:
+            parts[0] += (f" of chapter time, {self.wall_seconds:.1f} s of wall time"
+                         + (f" in {self.jobs} lanes" if self.jobs > 1 else ""))
         if self.build_seconds is not None:
             parts.append(f"built the book in {self.build_seconds:.1f} s")
         if self.reference_seconds is not None:
@@ -358,15 +364,16 @@ def execute(run: Run, progress: bool = True) -> float:
 
 
 def run_notebooks(config: str, only: list[str] | None = None,
-                  report: BookReport | None = None) -> BookReport:
-    """Execute the run list of ``config`` (optionally only some notebooks), printing timings."""
+                  report: BookReport | None = None, progress: bool = True) -> BookReport:
+    """Execute the run list of ``config`` (optionally only some notebooks) in this process, one
+    after the other, printing timings; ``progress`` shows papermill's cell progress bars."""
     report = report or BookReport(config)
     for run in runs(config):
         if only and run.notebook not in only:
             continue
         print(f"[cosmos book] executing {run.notebook} --config {config} ...", file=sys.stderr, flush=True)
         try:
-            seconds = execute(run)
+            seconds = execute(run, progress=progress)
             status = "ok"
         except Exception as exc:  # papermill raises PapermillExecutionError with the cell traceback
             seconds, status = float("nan"), "FAILED"
@@ -414,18 +421,38 @@ def build_html(config: str) -> Path:
 
 
 def build_book(config: str = "demo", only: list[str] | None = None, execute: bool = True,
-               build: bool = True) -> BookReport:
-    """``cosmos book``: execute the run list with papermill, then build the Jupyter Book."""
+               build: bool = True, jobs: int | None = None) -> BookReport:
+    """``cosmos book``: execute the run list with papermill, then build the Jupyter Book.
+
+    Parameters
+    ----------
+    config : a run-list config name.
+    only : notebooks to run (default all).
+    execute, build : run the notebooks; render the book.
+    jobs : lanes of chapters run at once (:mod:`cosmoslib.book.lanes`); None = one per core up
+        to 4 (:func:`cosmoslib.book.lanes.default_jobs`); 1 = one after the other in this process.
+    """
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
-    report = BookReport(config)
+    jobs = lanes.default_jobs() if jobs is None else int(jobs)
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    report = BookReport(config, jobs=jobs)
     if execute:
         from cosmoslib.analysis import timing  # torch: only when notebooks are executed
 
         report.reference_seconds = timing.reference_encode_seconds()
         print(f"[cosmos book] reference: one stock LiteMedSAM encode takes {report.reference_seconds:.3f} s "
               "on this machine today", file=sys.stderr, flush=True)
-        run_notebooks(config, only=only, report=report)
+        start = time.perf_counter()
+        if jobs == 1:
+            run_notebooks(config, only=only, report=report)
+        else:
+            selected = [nb for nb in CHAPTERS if not only or nb in only]
+            timings, errors, _ = lanes.run(config, selected, jobs, paths.home())
+            report.timings += timings
+            report.errors += errors
+        report.wall_seconds = time.perf_counter() - start
     if build and report.ok:
         start = time.perf_counter()
         try:

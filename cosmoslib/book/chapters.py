@@ -479,11 +479,7 @@ class Chapter:
         return self._finetuned_models[name]
 
     def _label_pairs(self, table: pd.DataFrame) -> pd.DataFrame:
-        info = self.finetuned()
-        table = table.copy()
-        table["base"] = [info.get(m, (m, "none"))[0] for m in table["model"]]
-        table["curriculum"] = [info.get(m, (m, "none"))[1] for m in table["model"]]
-        return table
+        return finetune_runs.label_pairs(table, self.finetuned())
 
     @cached_property
     def _finetuned_results(self) -> pd.DataFrame:

@@ -28,7 +28,7 @@ from cosmoslib.protocol.splits import DEFAULT_FRACTIONS, Split, split_manifest
 from cosmoslib.strategies import PROMPT_STRATEGIES
 
 __all__ = [
-    "CHAPTER_DEFAULTS", "CHAPTER_IOU_WEIGHT", "chapter_settings", "ChapterRuns", "run_chapter",
+    "CHAPTER_FIELDS", "CHAPTER_IOU_WEIGHT", "chapter_settings", "ChapterRuns", "run_chapter", "label_pairs",
     "history_table", "before_after", "per_class", "strategy_table", "chapter_split",
     "chapter_settings_for", "chapter_run", "evaluate_test_part",
 ]
@@ -36,18 +36,11 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- the chapter (08_finetune)
 
-#: The chapter's settings per run-list config, used where the Config lacks the ``finetune_*``
-#: fields: epochs, objects per image per step, validation objects per epoch (0 = all), curricula,
-#: and the test images S1 (Everything, the costliest strategy: one decode per grid point) is
-#: evaluated on (0 = all; else that many, spread evenly over the sorted test images).
-CHAPTER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "smoke": dict(finetune_epochs=1, finetune_max_objects_per_image=1, finetune_max_val_objects=2,
-                  finetune_curricula=("box", "mixed"), finetune_s1_max_images=2),
-    "demo": dict(finetune_epochs=20, finetune_max_objects_per_image=4, finetune_max_val_objects=12,
-                 finetune_curricula=("box", "mixed"), finetune_s1_max_images=6),
-    "full": dict(finetune_epochs=20, finetune_max_objects_per_image=0, finetune_max_val_objects=0,
-                 finetune_curricula=("box", "mixed"), finetune_s1_max_images=0),
-}
+#: The finetuning chapter's fields of a run-list Config (see :class:`cosmoslib.book.runlist.Config`):
+#: epochs, objects per image per step, validation objects per epoch (0 = all), curricula, and the
+#: test images S1 (Everything, the costliest strategy: one decode per grid point) is evaluated on.
+CHAPTER_FIELDS = ("finetune_epochs", "finetune_max_objects_per_image", "finetune_max_val_objects",
+                  "finetune_curricula", "finetune_s1_max_images")
 
 
 #: IoU-head loss weight per curriculum in the chapter: ``box`` follows the authors' script
@@ -56,14 +49,8 @@ CHAPTER_IOU_WEIGHT = {"box": 0.0, "mixed": 1.0}
 
 
 def chapter_settings(config) -> dict[str, Any]:
-    """The finetuning chapter's settings of a run-list Config.
-
-    Reads the Config's ``finetune_epochs``, ``finetune_max_objects_per_image``,
-    ``finetune_max_val_objects``, ``finetune_curricula`` and ``finetune_s1_max_images`` where it
-    has them, else :data:`CHAPTER_DEFAULTS` of its name (``full``'s for other names).
-    """
-    defaults = CHAPTER_DEFAULTS.get(config.name, CHAPTER_DEFAULTS["full"])
-    return {k: getattr(config, k, v) for k, v in defaults.items()}
+    """The finetuning chapter's settings of a run-list Config: its :data:`CHAPTER_FIELDS`."""
+    return {k: getattr(config, k) for k in CHAPTER_FIELDS}
 
 
 @dataclass
@@ -121,7 +108,6 @@ def run_chapter(ch, progress: bool = False) -> ChapterRuns:
     cs = chapter_settings(ch.config)
     manifest = ch.manifest
     split = chapter_split(ch)
-    folder = ch.results_dir / "finetune"
     runs, pairs = {}, {}
     for base_name in finetunable(ch)[0]:
         for curriculum in cs["finetune_curricula"]:
@@ -133,21 +119,23 @@ def run_chapter(ch, progress: bool = False) -> ChapterRuns:
     if len(test):
         loaded = {name: load_finetuned(runs[pair].out_dir) for name, pair in pairs.items()}
         bases = [ch.model(b) for b in ch.config.models]
-        res, _ = evaluate_mod.evaluate(test, ch.root, bases + list(loaded.values()), folder / "test" / "s2_s6.parquet",
-                                       strategies=PROMPT_STRATEGIES, seed=ch.config.seed, progress=progress)
-        frames.append(res)
         s1_models = bases + [m for name, m in loaded.items() if pairs[name][1] == "mixed"]
-        s1_test = _spread_images(test, int(cs["finetune_s1_max_images"]))
-        res, _ = evaluate_mod.evaluate(s1_test, ch.root, s1_models, folder / "test" / "s1.parquet",
-                                       strategies=["S1"], seed=ch.config.seed,
-                                       points_per_side=ch.config.s1_points_per_side, progress=progress)
-        frames.append(res)
+        frames.append(evaluate_test_part(ch, test, bases + list(loaded.values()),
+                                         _spread_images(test, int(cs["finetune_s1_max_images"])),
+                                         s1_models=s1_models, progress=progress))
     results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if len(results):
-        info = {name: pair for name, pair in pairs.items()}
-        results["base"] = [info.get(m, (m, "none"))[0] for m in results["model"]]
-        results["curriculum"] = [info.get(m, (m, "none"))[1] for m in results["model"]]
+        results = label_pairs(results, pairs)
     return ChapterRuns(split, runs, test, results, pairs, cs)
+
+
+def label_pairs(table: pd.DataFrame, pairs: dict) -> pd.DataFrame:
+    """``table`` with ``base`` and ``curriculum`` columns from ``pairs`` (``{finetuned model:
+    (base, curriculum)}``): a base model is its own base, with curriculum ``"none"``."""
+    table = table.copy()
+    table["base"] = [pairs.get(m, (m, "none"))[0] for m in table["model"]]
+    table["curriculum"] = [pairs.get(m, (m, "none"))[1] for m in table["model"]]
+    return table
 
 
 def _spread_images(manifest: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -274,11 +262,11 @@ def chapter_run(ch, base_name: str, curriculum: str, split: Split | None = None,
 
 
 def evaluate_test_part(ch, test: pd.DataFrame, models: Sequence, s1_images: pd.DataFrame | None = None,
-                    progress: bool = False) -> pd.DataFrame:
+                       progress: bool = False, s1_models: Sequence | None = None) -> pd.DataFrame:
     """Results (:func:`cosmoslib.protocol.evaluate.evaluate`) of ``models`` on the test rows ``test``.
 
-    S2-S6 on every row of ``test``, S1 (the config's grid) on the rows of ``s1_images`` (default:
-    all of ``test``), in the files ``08_finetune`` uses (``<results>/finetune/test/s2_s6.parquet``
+    S2-S6 on every row of ``test``, S1 (the config's grid) with ``s1_models`` (default ``models``)
+    on the rows of ``s1_images`` (default: all of ``test``), in the files ``08_finetune`` uses (``<results>/finetune/test/s2_s6.parquet``
     and ``s1.parquet``): their parts are keyed by content, model and settings, so what one chapter
     computed the other reuses. Returns both tables concatenated (either may be empty).
     """
@@ -289,8 +277,9 @@ def evaluate_test_part(ch, test: pd.DataFrame, models: Sequence, s1_images: pd.D
                                        strategies=PROMPT_STRATEGIES, seed=ch.config.seed, progress=progress)
         frames.append(res)
     s1_images = test if s1_images is None else s1_images
-    if len(s1_images):
-        res, _ = evaluate_mod.evaluate(s1_images, ch.root, list(models), folder / "s1.parquet", strategies=["S1"],
+    s1_models = list(models) if s1_models is None else list(s1_models)
+    if len(s1_images) and s1_models:
+        res, _ = evaluate_mod.evaluate(s1_images, ch.root, s1_models, folder / "s1.parquet", strategies=["S1"],
                                        seed=ch.config.seed, points_per_side=ch.config.s1_points_per_side,
                                        progress=progress)
         frames.append(res)

@@ -24,12 +24,30 @@ word:
   is no advantage worth the name);
 * ``"unclear"``: anything else (too few independent units, a wide interval, a test that does
   not reach significance). With five or fewer clusters the two-sided Wilcoxon test cannot reach
-  p < 0.05 at all, so such runs never decide a comparison.
+  p < 0.05 at all, so such runs never decide a comparison: neither a difference nor (their
+  bootstrap interval being too narrow to trust) an equivalence.
 
 A finding about "SAM" is read for every model of the run: it **holds** when it holds for every
 model, it **does not hold** when it fails for at least one model, and otherwise the run cannot
 decide (:func:`combine`). The individual rules are in each function's docstring and in
-:data:`RULES`.
+:data:`RULES`. Intervals are shown in the book's one vocabulary
+(:func:`cosmoslib.analysis.uncertainty.format_interval`, :func:`format_ci`; one independent unit
+gives ``"n=1, no interval"``) with the book's one resample count
+(:data:`cosmoslib.analysis.uncertainty.N_RESAMPLES_TABLES`).
+
+Where the tables come from
+--------------------------
+Finding 8 is judged on the finetuned models' results on the held-out test part only
+(:func:`all_findings`'s ``finetuned_results``). The chapter's tables are read with
+:func:`chapter_table`, which fails loudly (:class:`MissingTable`) when the chapter layer has no
+such table, instead of turning a finding silently into "cannot decide".
+
+The book's own question
+-----------------------
+:func:`general_vs_medical` compares the run's general-purpose and medical models (natures from
+the model registry) with the same paired rule, per strategy and per object-modality. It is the
+book's question, not one of the paper's eight, and is labelled so (:data:`OWN_QUESTION_LABEL`);
+it answers :data:`NOT_APPLICABLE` with a sentence when the run lacks one of the two natures.
 """
 
 from __future__ import annotations
@@ -43,8 +61,8 @@ import pandas as pd
 from scipy import stats as sps
 
 from cosmoslib import models as models_mod
-from cosmoslib.analysis import uncertainty
-from cosmoslib.analysis.uncertainty import with_source
+from cosmoslib.analysis import summaries, uncertainty
+from cosmoslib.analysis.uncertainty import CI, N_RESAMPLES_TABLES, with_source
 
 #: The three verdicts.
 HOLDS = "holds"
@@ -91,8 +109,10 @@ LARGE_MODEL = "sam_vit_h"
 NAMED_FACTORS = {"fourier_order": -1, "intensity_diff": +1}
 #: Finding 4: columns of a human annotation study (one row per object), if a user has one.
 STUDY_COLUMNS = ("hce_manual", "hce_assisted", "seconds_manual", "seconds_assisted")
-#: Default number of bootstrap resamples of this module (moderate, for a CPU book).
-N_RESAMPLES = 2000
+#: Bootstrap resamples of every interval here: the book's one count for means and paired
+#: differences, :data:`cosmoslib.analysis.uncertainty.N_RESAMPLES_TABLES` (this name is the same
+#: number, kept for the chapters that read it from this module).
+N_RESAMPLES = N_RESAMPLES_TABLES
 
 #: Each finding's decision rule, in words (the notebook prints them).
 RULES = {
@@ -123,9 +143,10 @@ RULES = {
         f"difference positive), and 'does not' when its Fisher-z 95 % CI lies inside +-{WEAK_R:g} or it is "
         f"significant with the other sign. Holds when both named factors correlate in more than half the "
         f"strategies for every model; does not hold when a factor does not in more than half."),
-    8: ("Per finetuned model and its base, paired difference of S5 DICE (finetuned - base) on the objects "
-        "given (the held-out split). Holds when 'greater' for every pair; does not hold when 'less' or "
-        "'equivalent' for one. The paper's +4.39 / +6.68 points are quoted, not required."),
+    8: ("Per finetuned model and its base, paired difference of S5 DICE (finetuned - base) on the held-out "
+        "test part of the finetuning split only (objects whose source volumes were never used for training "
+        "or validation), Holm over the pairs. Holds when 'greater' for every pair; does not hold when 'less' "
+        "or 'equivalent' for one. The paper's +4.39 / +6.68 points are quoted, not required."),
 }
 
 _KEY = ["task", "image_id", "label_value"]
@@ -175,7 +196,7 @@ def _verdict(number: int, verdict: str, reason: str, evidence: pd.DataFrame | No
 
 
 def compare(low: float, high: float, p_holm: float = float("nan"), alpha: float = ALPHA,
-            margin: float = MARGIN) -> str:
+            margin: float = MARGIN, n_units: int | None = None) -> str:
     """Read one paired difference A - B from its interval and its Holm-adjusted p-value.
 
     Parameters
@@ -188,15 +209,23 @@ def compare(low: float, high: float, p_holm: float = float("nan"), alpha: float 
         Family-wise level.
     margin : float
         Equivalence margin (same unit); 0 disables ``"equivalent"``.
+    n_units : int, optional
+        Independent units behind the difference. With so few that no two-sided Wilcoxon test
+        can reach ``alpha`` (:func:`cosmoslib.analysis.uncertainty.smallest_wilcoxon_p`: five
+        or fewer at 0.05) nothing is decided, an equivalence no more than a difference: a
+        bootstrap interval over so few units is too narrow to bound a difference. None: not
+        checked (the caller's responsibility).
 
     Returns
     -------
     str
         ``"greater"`` (low > 0 and p_holm < alpha), ``"less"`` (high < 0 and p_holm < alpha),
         ``"equivalent"`` (-margin < low and high < margin), else ``"unclear"`` (also for NaN
-        bounds).
+        bounds and too few units).
     """
     if not (math.isfinite(low) and math.isfinite(high)):
+        return "unclear"
+    if n_units is not None and (int(n_units) < 1 or uncertainty.smallest_wilcoxon_p(int(n_units)) >= alpha):
         return "unclear"
     significant = bool(p_holm < alpha) if not (p_holm is None or math.isnan(p_holm)) else False
     if low > 0 and significant:
@@ -238,10 +267,8 @@ def _pp(x: float) -> str:
     return f"{x:+.1f}" if math.isfinite(x) else "n/a"
 
 
-def _ci(low: float, high: float) -> str:
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return "no interval"
-    return f"95 % CI {low:.1f} to {high:.1f}"
+def _ci(low: float, high: float, n_units: int) -> str:
+    return uncertainty.interval_phrase(low, high, n_units)
 
 
 def _p(p: float) -> str:
@@ -255,12 +282,46 @@ def describe_difference(row: Mapping, label: str | None = None, unit: str = "poi
     12 units)"``."""
     label = label or f"{row['a']} - {row['b']}"
     value = f"{_pp(float(row['mean_diff']))} {unit}".strip()
-    return (f"{label} = {value} ({_ci(float(row['diff_low']), float(row['diff_high']))}, "
-            f"{_p(float(row['p_holm']))}; {int(row['n_clusters'])} units)")
+    n = int(row["n_clusters"])
+    return (f"{label} = {value} ({_ci(float(row['diff_low']), float(row['diff_high']), n)}, "
+            f"{_p(float(row['p_holm']))}; {n} {'unit' if n == 1 else 'units'})")
 
 
 def _compare_row(row: Mapping, alpha: float, margin: float) -> str:
-    return compare(float(row["diff_low"]), float(row["diff_high"]), float(row["p_holm"]), alpha, margin)
+    return compare(float(row["diff_low"]), float(row["diff_high"]), float(row["p_holm"]), alpha, margin,
+                   n_units=int(row["n_clusters"]))
+
+
+def why_unclear(row: Mapping, alpha: float = ALPHA, margin: float = MARGIN) -> str:
+    """Why a paired comparison reads ``"unclear"``, in words (never an empty reason).
+
+    Parameters
+    ----------
+    row : one row of :func:`cosmoslib.analysis.uncertainty.paired_comparisons`.
+    alpha, margin : as for :func:`compare`.
+
+    Returns
+    -------
+    str
+        In this order: no object measured under both; a single independent unit (no interval,
+        no test); too few units for the Wilcoxon test to reach ``alpha`` at all
+        (:func:`cosmoslib.analysis.uncertainty.smallest_wilcoxon_p`), which no amount of
+        difference can overcome; else the interval is too wide or the Holm-adjusted test not
+        significant, with the numbers.
+    """
+    n = int(row["n_clusters"])
+    if int(row["n_objects"]) == 0:
+        return "no object was measured under both"
+    if n < 2:
+        return f"{n} independent unit: no interval and no test"
+    floor = uncertainty.smallest_wilcoxon_p(n)
+    if floor >= alpha:  # the rule of compare(): too few units decide nothing
+        return (f"with {n} independent units no two-sided Wilcoxon test can reach p < {alpha:g} (the smallest "
+                f"possible p is {floor:.3g}), so the run decides neither a difference, however large, nor an "
+                f"equivalence")
+    return (f"the interval ({_ci(float(row['diff_low']), float(row['diff_high']), n)}) and the test "
+            f"({_p(float(row['p_holm']))}) neither show a difference (interval clear of 0 and Holm p < {alpha:g}) "
+            f"nor bound it within +-{margin:g}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +330,7 @@ def _compare_row(row: Mapping, alpha: float, margin: float) -> str:
 
 
 def strategy_table(results: pd.DataFrame, manifest: pd.DataFrame | None, rule: str = "oracle_dice",
-                   values: Sequence[str] = ("dice", "hd"), ci: float = 95.0,
+                   values: Sequence[str] = ("dice", "hd"), ci: float = CI,
                    n_resamples: int = N_RESAMPLES, seed: int = 0) -> pd.DataFrame:
     """Mean DICE (%) and HD (pixels) per model and strategy with cluster bootstrap intervals.
 
@@ -297,7 +358,7 @@ def strategy_table(results: pd.DataFrame, manifest: pd.DataFrame | None, rule: s
 
 def strategy_comparisons(results: pd.DataFrame, manifest: pd.DataFrame | None, rule: str = "oracle_dice",
                          pairs: Sequence[tuple[str, str]] | None = None, value: str = "dice",
-                         ci: float = 95.0, n_resamples: int = N_RESAMPLES, seed: int = 0,
+                         ci: float = CI, n_resamples: int = N_RESAMPLES, seed: int = 0,
                          alpha: float = ALPHA) -> pd.DataFrame:
     """Paired comparisons between strategies per model, Holm-corrected over the whole table.
 
@@ -322,16 +383,31 @@ def strategy_comparisons(results: pd.DataFrame, manifest: pd.DataFrame | None, r
     return out
 
 
-def format_ci(table: pd.DataFrame, value: str, digits: int = 1) -> pd.Series:
-    """Cells like ``"55.6 [50.1, 60.2]"`` (mean and interval) for display; no interval: mean alone."""
-    def cell(m, lo, hi):
-        if not math.isfinite(m):
-            return ""
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            return f"{m:.{digits}f}"
-        return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-    return pd.Series([cell(float(m), float(lo), float(hi)) for m, lo, hi in
-                      zip(table[value], table[f"{value}_low"], table[f"{value}_high"])], index=table.index)
+def format_ci(table: pd.DataFrame, value: str, digits: int = 1, units: str = "n_clusters") -> pd.Series:
+    """Display cells of a wide interval table (``<value>, <value>_low, <value>_high``).
+
+    Each cell is :func:`cosmoslib.analysis.uncertainty.format_interval` (the book's one
+    formatter): ``"55.6 [50.1, 60.2]"``, ``"3.0 (n=1, no interval)"`` for a single independent
+    unit, ``"3.0 (no interval)"`` for missing bounds, ``""`` for no mean.
+
+    Parameters
+    ----------
+    table : DataFrame with the three value columns and ``units``.
+    value : the value's column name.
+    digits : decimals.
+    units : column with the independent units behind each row (:func:`strategy_table`'s and
+        :func:`cosmoslib.analysis.uncertainty.mean_with_ci`'s ``n_clusters``).
+
+    Raises
+    ------
+    KeyError
+        ``units`` is not a column: without it the n = 1 rule cannot be applied.
+    """
+    if units not in table:
+        raise KeyError(f"format_ci needs the column {units!r} (independent units per row) to apply the n = 1 rule")
+    return pd.Series([uncertainty.format_interval(m, lo, hi, k, digits) for m, lo, hi, k in
+                      zip(table[value], table[f"{value}_low"], table[f"{value}_high"], table[units])],
+                     index=table.index, dtype=object)
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,8 +449,9 @@ def finding1(results: pd.DataFrame, manifest: pd.DataFrame | None, strategy: str
         best = t.loc[t["dice"].idxmax()]
         worst = t.loc[t["dice"].idxmin()]
         span = (f"{len(t)} object-modalities, from {worst['object']}-{worst['modality']} "
-                f"{worst['dice']:.1f} % ({_ci(worst['dice_low'], worst['dice_high'])}) to "
-                f"{best['object']}-{best['modality']} {best['dice']:.1f} % ({_ci(best['dice_low'], best['dice_high'])})")
+                f"{worst['dice']:.1f} % ({_ci(worst['dice_low'], worst['dice_high'], worst['n_clusters'])}) to "
+                f"{best['object']}-{best['modality']} {best['dice']:.1f} % "
+                f"({_ci(best['dice_low'], best['dice_high'], best['n_clusters'])})")
         if len(good) and len(bad):
             per[model] = HOLDS
             reasons.append(f"{model}: {len(good)} object-modalities lie at or above {remarkable:g} % and "
@@ -505,10 +582,12 @@ def finding4(annotation: pd.DataFrame | None, manifest: pd.DataFrame | None = No
         said = []
         if "hce" in tab:
             r = tab.iloc[0]
-            said.append(f"SAM's own masks need an HCE of {r['hce']:.2f} per object ({_ci(r['hce_low'], r['hce_high'])})")
+            said.append(f"SAM's own masks need an HCE of {r['hce']:.2f} per object "
+                        f"({_ci(r['hce_low'], r['hce_high'], r['n_clusters'])})")
         if "seconds" in tab:
             r = tab.iloc[0]
-            said.append(f"take {r['seconds']:.2f} s per object ({_ci(r['seconds_low'], r['seconds_high'])})")
+            said.append(f"take {r['seconds']:.2f} s per object "
+                        f"({_ci(r['seconds_low'], r['seconds_high'], r['n_clusters'])})")
         return _verdict(4, CANNOT_DECIDE,
                         "The finding compares doctors annotating with and without SAM; this run has no human "
                         "study, only " + " and ".join(said) + f" over {int(tab.iloc[0]['n'])} objects.", tab)
@@ -591,18 +670,21 @@ def finding5(randomness: pd.DataFrame | None, manifest: pd.DataFrame | None = No
     return _verdict(5, combine(per), " ".join(reasons), ev)
 
 
-def finding6(interaction: pd.DataFrame | None, manifest: pd.DataFrame | None = None, sam: str = "sam",
-             margin: float = MARGIN, alpha: float = ALPHA, n_resamples: int = N_RESAMPLES,
-             seed: int = 0) -> Verdict:
+def finding6(interaction: pd.DataFrame | None, manifest: pd.DataFrame | None = None,
+             sam: str | Sequence[str] = "sam", margin: float = MARGIN, alpha: float = ALPHA,
+             n_resamples: int = N_RESAMPLES, seed: int = 0) -> Verdict:
     """Finding 6: SAM beats interactive methods with one click and is outpaced with more.
 
-    Rule: the interactive methods are every ``method`` not starting with ``"sam"``; ``sam`` is
-    the SAM variant compared (default plain multi-round SAM). Per object, SAM's DICE minus each
-    method's at the first and at the last click, Holm over all those differences (per model
-    when the table has a ``model`` column). Holds when SAM is ``"greater"`` than every method
-    at the first click and ``"less"`` than at least one at the last. Does not hold when SAM is
-    ``"less"`` than or ``"equivalent"`` to some method at the first click, or ``"greater"``
-    than or ``"equivalent"`` to every method at the last click. Otherwise cannot decide.
+    Rule: ``sam`` names the SAM-family method(s) compared (default plain multi-round SAM; the
+    chapter layer names each model's curves after the model, so a run of two models passes
+    both names); the interactive methods are every ``method`` that starts with none of them
+    (a SAM with its previous logits is a SAM variant, not an "other" method). Per object, each
+    SAM's DICE minus each interactive method's at the first and at the last click, Holm over
+    all those differences (per model when the table has a ``model`` column). A SAM shows the
+    finding when it is ``"greater"`` than every method at the first click and ``"less"`` than
+    at least one at the last; it contradicts it when it is ``"less"`` than or ``"equivalent"``
+    to some method at the first click, or ``"greater"`` than or ``"equivalent"`` to every
+    method at the last click. The finding holds when it holds for every SAM (:func:`combine`).
 
     Returns
     -------
@@ -611,37 +693,44 @@ def finding6(interaction: pd.DataFrame | None, manifest: pd.DataFrame | None = N
     """
     if interaction is None or len(interaction) == 0:
         return _verdict(6, CANNOT_DECIDE, "This run did not compute the interaction table (Fig. 16).")
+    sams = [sam] if isinstance(sam, str) else list(sam)
     df = with_source(interaction, manifest)
     methods = sorted(df["method"].unique().tolist())
-    others = [m for m in methods if not str(m).startswith(sam)]  # SAM and its variants are not "others"
+    # SAM and its variants are not "others"
+    others = [m for m in methods if not any(str(m).startswith(name) for name in sams)]
     first, last = int(df["click"].min()), int(df["click"].max())
-    if sam not in methods or not others or first == last:
-        return _verdict(6, CANNOT_DECIDE, f"The interaction table needs method {sam!r}, at least one "
-                                          f"interactive method and more than one click; it has {', '.join(methods)} "
-                                          f"at clicks {first}-{last}.")
+    present = [name for name in sams if name in methods]
+    if not present or not others or first == last:
+        return _verdict(6, CANNOT_DECIDE, f"The interaction table needs method {' or '.join(map(repr, sams))}, at "
+                                          f"least one interactive method and more than one click; it has "
+                                          f"{', '.join(methods)} at clicks {first}-{last}.")
     df = df[df["click"].isin([first, last])]
     by = ["model", "click"] if "model" in df else ["click"]
-    ev = uncertainty.paired_comparisons(df, "dice", "method", pairs=[(sam, o) for o in others], by=by,
-                                        n_resamples=n_resamples, seed=seed, alpha=alpha)
+    ev = uncertainty.paired_comparisons(df, "dice", "method", pairs=[(s, o) for s in present for o in others],
+                                        by=by, n_resamples=n_resamples, seed=seed, alpha=alpha)
+    ev = ev[ev["n_objects"] > 0].reset_index(drop=True)  # a model's table holds only its own SAM
+    if ev.empty:
+        return _verdict(6, CANNOT_DECIDE, "No object was measured by a SAM and an interactive method alike.")
     ev["reading"] = [_compare_row(r, alpha, margin) for r in ev.to_dict("records")]
-    groups = ev.groupby("model", sort=True) if "model" in ev else [("SAM", ev)]
+    keys = ["model", "a"] if "model" in ev else ["a"]
     per, reasons = {}, []
-    for model, e in groups:
+    for key, e in ev.groupby(keys, sort=True):
+        name = " / ".join(map(str, key)) if isinstance(key, tuple) else str(key)
         a = e[e["click"] == first]["reading"]
         b = e[e["click"] == last]["reading"]
         if a.isin(["less", "equivalent"]).any() or b.isin(["greater", "equivalent"]).all():
-            per[model] = DOES_NOT_HOLD
+            per[name] = DOES_NOT_HOLD
         elif (a == "greater").all() and (b == "less").any():
-            per[model] = HOLDS
+            per[name] = HOLDS
         else:
-            per[model] = CANNOT_DECIDE
+            per[name] = CANNOT_DECIDE
         parts = [describe_difference(r, f"{r['a']} - {r['b']} at click {int(r['click'])}") + f" '{r['reading']}'"
                  for r in e.to_dict("records")]
-        reasons.append(f"{model}: " + "; ".join(parts) + ".")
+        reasons.append(f"{name}: " + "; ".join(parts) + ".")
     return _verdict(6, combine(per), " ".join(reasons), ev)
 
 
-def fisher_ci(r: float, n: int, k: int, ci: float = 95.0) -> tuple[float, float]:
+def fisher_ci(r: float, n: int, k: int, ci: float = CI) -> tuple[float, float]:
     """Fisher-z interval of a (partial) correlation.
 
     Parameters
@@ -734,7 +823,7 @@ def finding7(table6: pd.DataFrame | None, strategies: Sequence[str] = ("S2", "S3
 def finding8(results: pd.DataFrame, manifest: pd.DataFrame | None, finetuned: Mapping[str, str] | None,
              strategy: str = "S5", objects: pd.DataFrame | None = None, rule: str = "oracle_dice",
              margin: float = MARGIN, alpha: float = ALPHA, n_resamples: int = N_RESAMPLES,
-             seed: int = 0) -> Verdict:
+             seed: int = 0, scope: str = "the objects given") -> Verdict:
     """Finding 8: finetuning the mask decoder raises mean DICE.
 
     Rule: for each ``finetuned -> base`` pair whose two models are in the run, the paired
@@ -746,19 +835,23 @@ def finding8(results: pd.DataFrame, manifest: pd.DataFrame | None, finetuned: Ma
 
     Parameters
     ----------
+    results : results table holding the finetuned models and their bases (e.g. a chapter's
+        finetuned results on the test part, see :func:`finetuned_of`).
     finetuned : mapping ``{finetuned model: base model}``; None or empty: cannot decide.
-    objects : DataFrame with ``task, image_id, label_value``; None: every object of the run.
+    objects : DataFrame with ``task, image_id, label_value``; None: every object of ``results``.
+    scope : what the objects are, in words, for the reason (e.g. ``"the test part"``).
 
     Returns
     -------
     Verdict
-        Evidence: one paired comparison per pair (``a`` finetuned, ``b`` base).
+        Evidence: one paired comparison per pair (``a`` finetuned, ``b`` base). When no pair
+        is decided, the reason says why (e.g. too few independent units for the test).
     """
-    present = set(results["model"].unique())
+    present = set(results["model"].unique()) if "model" in results else set()
     pairs = [(ft, base) for ft, base in (finetuned or {}).items() if ft in present and base in present]
     if not pairs:
         return _verdict(8, CANNOT_DECIDE, "This run evaluated no finetuned model beside its base model "
-                                          f"(models: {', '.join(sorted(present))}).")
+                                          f"(models: {', '.join(sorted(present)) or 'none'}).")
     df = with_source(_prompted(results, rule), manifest)
     df = df[df["strategy"] == strategy]
     if objects is not None:
@@ -772,8 +865,306 @@ def finding8(results: pd.DataFrame, manifest: pd.DataFrame | None, finetuned: Ma
         verdict = DOES_NOT_HOLD
     else:
         verdict = CANNOT_DECIDE
-    parts = [describe_difference(r) + f" '{r['reading']}'" for r in ev.to_dict("records")]
-    return _verdict(8, verdict, f"{strategy} DICE: " + "; ".join(parts) + ".", ev)
+    parts = []
+    for r in ev.to_dict("records"):
+        part = describe_difference(r) + f" '{r['reading']}'"
+        if r["reading"] == "unclear":
+            part += f" ({why_unclear(r, alpha, margin)})"
+        parts.append(part)
+    return _verdict(8, verdict, f"{strategy} DICE on {scope}: " + "; ".join(parts) + ".", ev)
+
+
+def finetuned_of(finetuned_results: pd.DataFrame) -> dict[str, str]:
+    """``{finetuned model: base model}`` read from a finetuned-results table.
+
+    Parameters
+    ----------
+    finetuned_results : results with ``model``, ``base`` and ``curriculum`` columns, as the
+        chapter layer's ``finetuned_results()`` returns them (``curriculum`` is ``"none"`` on
+        the base models' rows).
+
+    Returns
+    -------
+    dict
+        One entry per model whose ``curriculum`` is not ``"none"``; empty for an empty table.
+
+    Raises
+    ------
+    KeyError
+        A non-empty table without ``base`` or ``curriculum``: which model is finetuned from
+        which cannot be guessed.
+    """
+    if finetuned_results is None or len(finetuned_results) == 0:
+        return {}
+    missing = [c for c in ("model", "base", "curriculum") if c not in finetuned_results]
+    if missing:
+        raise KeyError(f"a finetuned-results table needs the columns {missing}")
+    rows = finetuned_results[finetuned_results["curriculum"].astype(str) != "none"]
+    pairs = rows[["model", "base"]].drop_duplicates()
+    return {str(m): str(b) for m, b in pairs.itertuples(index=False)}
+
+
+# --------------------------------------------------------------------------------------------
+# the book's own question: a general SAM beside a medical model
+# --------------------------------------------------------------------------------------------
+
+#: The book's own question, asked wherever a run has a general-purpose and a medical model: the
+#: paper asks how a general SAM does on medical images; a medical model beside it says what
+#: medical training changes. Not one of the paper's eight findings.
+GENERAL_VS_MEDICAL = ("Does a model trained on medical images segment these objects better than a "
+                      "general-purpose SAM, under the prompts both models were trained with?")
+#: How the question is labelled wherever it is shown.
+OWN_QUESTION_LABEL = "The book's own question (not one of the paper's eight findings)"
+#: Its answers: the three readings of the paired difference medical - general, and the two
+#: that say the run cannot give one.
+MEDICAL_BETTER = "the medical model is better"
+GENERAL_BETTER = "the general model is better"
+NO_DIFFERENCE = "no difference worth a DICE point"
+NOT_APPLICABLE = "not applicable"
+ANSWERS = (MEDICAL_BETTER, GENERAL_BETTER, NO_DIFFERENCE, CANNOT_DECIDE, NOT_APPLICABLE)
+#: The answer each reading of ``medical - general`` (:func:`compare`) gives.
+DIRECTION = {"greater": MEDICAL_BETTER, "less": GENERAL_BETTER, "equivalent": NO_DIFFERENCE,
+             "unclear": CANNOT_DECIDE}
+#: The prompt kinds (the registry's ``trained_prompts`` words) each strategy gives a model
+#: (paper section 3.3): S1's grid and S2-S4 are points, S5 a box, S6 a box and a point.
+STRATEGY_PROMPTS = {"S1": ("points",), "S2": ("points",), "S3": ("points",), "S4": ("points",),
+                    "S5": ("boxes",), "S6": ("boxes", "points")}
+
+GENERAL_VS_MEDICAL_RULE = (
+    f"Each model's nature (general or medical) is read from the model registry; finetuned models and models "
+    f"of unstated nature are left out. For every (medical, general) pair: per object the paired difference "
+    f"medical - general of DICE (oracle rule, unshifted prompts), with its cluster bootstrap 95 % CI over "
+    f"source volumes and a Wilcoxon test on the per-unit differences, read like every finding (greater: CI "
+    f"above 0 and Holm p < {ALPHA:g}; less: below 0 likewise; equivalent: CI within +-{MARGIN:g} point). "
+    f"The answer reads the per-object mean over the strategies whose prompts both models were trained with "
+    f"(registry trained_prompts; S1-S4 give points, S5 a box, S6 a box and a point), so that neither model "
+    f"is judged on a prompt it never learnt; Holm over the pairs. 'The medical model is better' when greater "
+    f"for every pair, 'the general model is better' when less for every pair, 'no difference' when "
+    f"equivalent for every pair; otherwise the run cannot decide, and the reason says why (e.g. too few "
+    f"independent units for any test to reach {ALPHA:g}). Every strategy (Holm over pairs x strategies) and "
+    f"every object-modality x strategy (Holm over those cells) is shown with its own reading. Not applicable "
+    f"when the run has no general or no medical model.")
+
+#: Columns of the general-vs-medical evidence (:attr:`Answer.evidence`).
+COMPARISON_COLUMNS = ["part", "strategy", "medical", "general", "in_answer", "n_objects", "n_clusters",
+                      "medical_dice", "general_dice", "mean_diff", "diff_low", "diff_high", "statistic", "p",
+                      "p_holm", "significant", "reading", "answer"]
+#: Columns of the per-object-modality table (:attr:`Answer.by_object`).
+OBJECT_COMPARISON_COLUMNS = ["strategy", "object_modality", *COMPARISON_COLUMNS[2:]]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The run's answer to one of the book's own questions (not a paper finding).
+
+    Attributes
+    ----------
+    question : str
+        The question (:data:`GENERAL_VS_MEDICAL`).
+    answer : str
+        One of :data:`ANSWERS`.
+    reason : str
+        Why, with the numbers (DICE points, 95 % intervals, Holm p, independent units), or why
+        the run cannot answer.
+    rule : str
+        The decision rule in words.
+    evidence : DataFrame
+        :data:`COMPARISON_COLUMNS`: the rows the answer was read from (``part == "answer"``)
+        and one row per pair and strategy (``part == "strategy"``; ``in_answer`` marks the
+        strategies the answer reads). Empty (with these columns) when not applicable.
+    by_object : DataFrame
+        :data:`OBJECT_COMPARISON_COLUMNS`: one row per pair, strategy and object-modality.
+    label : str
+        :data:`OWN_QUESTION_LABEL`.
+    """
+
+    question: str
+    answer: str
+    reason: str
+    rule: str
+    evidence: pd.DataFrame = field(default_factory=pd.DataFrame, compare=False, repr=False)
+    by_object: pd.DataFrame = field(default_factory=pd.DataFrame, compare=False, repr=False)
+    label: str = OWN_QUESTION_LABEL
+
+    def __post_init__(self):
+        if self.answer not in ANSWERS:
+            raise ValueError(f"answer must be one of {ANSWERS}, got {self.answer!r}")
+
+
+def model_natures(names: Sequence[str]) -> dict[str, str]:
+    """Each model's nature from the registry: ``"general"``, ``"medical"``, ``"unknown"``, or
+    ``"finetuned"`` for an entry finetuned from a base model (registered with ``base``), and
+    ``"unregistered"`` for a name the registry does not know."""
+    registry = models_mod.registered_models()
+    out = {}
+    for name in names:
+        entry = registry.get(name)
+        if entry is None:
+            out[name] = "unregistered"
+        elif getattr(entry, "base", None):
+            out[name] = "finetuned"
+        else:
+            out[name] = str(entry.nature)
+    return out
+
+
+def _answer_strategies(medical: str, general: str, present: Sequence[str]) -> list[str]:
+    """The strategies of ``present`` whose every prompt kind both models were trained with."""
+    registry = models_mod.registered_models()
+    both = set(registry[medical].trained_prompts) & set(registry[general].trained_prompts)
+    return [s for s in present if s in STRATEGY_PROMPTS and set(STRATEGY_PROMPTS[s]) <= both]
+
+
+def _as_comparison(ev: pd.DataFrame, alpha: float, margin: float) -> pd.DataFrame:
+    ev = ev.rename(columns={"a": "medical", "b": "general", "mean_a": "medical_dice", "mean_b": "general_dice"})
+    ev["reading"] = [_compare_row(r, alpha, margin) for r in ev.to_dict("records")]
+    ev["answer"] = ev["reading"].map(DIRECTION)
+    return ev
+
+
+def general_vs_medical(results: pd.DataFrame, manifest: pd.DataFrame | None, *,
+                       strategies: Sequence[str] | None = None, unavailable: Sequence[str] = (),
+                       rule: str = "oracle_dice", margin: float = MARGIN, alpha: float = ALPHA,
+                       n_resamples: int = N_RESAMPLES, seed: int = 0) -> Answer:
+    """The book's own question: is the run's medical model better than its general SAM?
+
+    Not one of the paper's eight findings (:data:`OWN_QUESTION_LABEL`). Uses the same paired
+    rule and intervals as they do (:func:`cosmoslib.analysis.uncertainty.paired_comparisons`,
+    :func:`compare`); the rule in words is :data:`GENERAL_VS_MEDICAL_RULE`.
+
+    Parameters
+    ----------
+    results : the run's S1-S6 results table (unshifted rows of selection rule ``rule`` are used).
+    manifest : for the ``source`` of every object (the bootstrap's unit); None when
+        ``results`` has it.
+    strategies : the strategies the answer reads (a named variant, e.g. every strategy); default
+        None: for each pair, those whose prompt kinds both models were trained with
+        (:data:`STRATEGY_PROMPTS` against the registry's ``trained_prompts``), so that neither
+        model is judged on a prompt it never learnt. Every strategy is in the evidence anyway.
+    unavailable : models the run wanted but could not run (named in a "not applicable" reason).
+    rule, margin, alpha, n_resamples, seed : as for the findings.
+
+    Returns
+    -------
+    Answer
+        ``answer`` is :data:`NOT_APPLICABLE` (with a sentence naming the missing nature) when
+        the run has no general or no medical model.
+    """
+    df = with_source(_prompted(results, rule), manifest)
+    names = [str(m) for m in df["model"].drop_duplicates()]
+    nature = model_natures(names)
+    medical = sorted(n for n in names if nature[n] == "medical")
+    general = sorted(n for n in names if nature[n] == "general")
+    empty = pd.DataFrame(columns=COMPARISON_COLUMNS)
+    if not medical or not general:
+        lacking = " and no ".join(w for w, group in (("general", general), ("medical", medical)) if not group)
+        said = ", ".join(f"{n} ({nature[n]})" for n in names) or "none"
+        reason = f"Not applicable: this run has no {lacking} model (its models: {said})."
+        if unavailable:
+            wanted = model_natures(list(unavailable))
+            reason += (" The config also asked for " + ", ".join(f"{n} ({wanted[n]})" for n in unavailable)
+                       + ", which could not run here.")
+        reason += " The comparison needs a general-purpose SAM and a medical model in one run."
+        by_object = pd.DataFrame(columns=OBJECT_COMPARISON_COLUMNS)
+        return Answer(GENERAL_VS_MEDICAL, NOT_APPLICABLE, reason, GENERAL_VS_MEDICAL_RULE, empty, by_object)
+    left_out = [n for n in names if n not in medical + general]
+    pairs = [(m, g) for m in medical for g in general]
+    df = df[df["model"].isin(medical + general)]
+    kw = dict(n_resamples=n_resamples, seed=seed, alpha=alpha)
+
+    # the answer: per pair, the per-object mean over the strategies both models were trained for
+    overall, chosen, reasons = [], {}, []
+    for m, g in pairs:
+        ran = sorted(set(df.loc[df["model"] == m, "strategy"]) & set(df.loc[df["model"] == g, "strategy"]))
+        use = _answer_strategies(m, g, ran) if strategies is None else [s for s in strategies if s in ran]
+        chosen[(m, g)] = use
+        if not use:
+            reasons.append(f"{m} and {g} share no strategy " + ("whose prompts both were trained with" if strategies
+                                                               is None else f"among {', '.join(strategies)}")
+                           + f" (they ran {', '.join(ran) or 'none'}).")
+            continue
+        part = df[df["model"].isin([m, g]) & df["strategy"].isin(use)]
+        wide = part.pivot_table(index=[*_KEY, "model"], columns="strategy", values="dice", aggfunc="mean").dropna()
+        mean = wide.mean(axis=1).rename("dice").reset_index()
+        mean = with_source(mean.assign(strategy="+".join(use)), part[[*_KEY, "source"]].drop_duplicates(_KEY))
+        overall.append(uncertainty.paired_comparisons(mean, "dice", "model", pairs=[(m, g)], by="strategy", **kw))
+    if overall:
+        answer_rows = pd.concat(overall, ignore_index=True)
+        answer_rows["p_holm"] = uncertainty.holm(answer_rows["p"].to_numpy(dtype=float))  # one family: the pairs
+        answer_rows["significant"] = (answer_rows["p_holm"] < alpha).astype(bool)
+        answer_rows = _as_comparison(answer_rows, alpha, margin).assign(part="answer", in_answer=True)
+    else:
+        answer_rows = empty.copy()
+
+    # every strategy, and every object-modality within it
+    per_strategy = uncertainty.paired_comparisons(df, "dice", "model", pairs=pairs, by="strategy", **kw)
+    per_strategy = per_strategy[per_strategy["n_objects"] > 0]
+    per_strategy = _as_comparison(per_strategy, alpha, margin).assign(part="strategy")
+    per_strategy["in_answer"] = [s in chosen[(m, g)] for s, m, g in
+                                 zip(per_strategy["strategy"], per_strategy["medical"], per_strategy["general"])]
+    by_object = uncertainty.paired_comparisons(df.assign(object_modality=summaries.object_modality(df)), "dice",
+                                               "model", pairs=pairs, by=["strategy", "object_modality"], **kw)
+    by_object = by_object[by_object["n_objects"] > 0]
+    by_object = _as_comparison(by_object, alpha, margin).assign(in_answer=lambda t: [
+        s in chosen[(m, g)] for s, m, g in zip(t["strategy"], t["medical"], t["general"])])
+    frames = [f for f in (answer_rows, per_strategy) if len(f)]
+    evidence = pd.concat(frames, ignore_index=True)[COMPARISON_COLUMNS] if frames else empty
+
+    answers = []
+    for r in answer_rows.to_dict("records"):
+        answers.append(r["answer"])
+        over = r["strategy"].replace("+", ", ")
+        text = (f"{r['medical']} (medical) - {r['general']} (general), mean DICE over {over}"
+                + (" (the prompts both were trained with)" if strategies is None else "") + ": "
+                + describe_difference(r, "difference") + f", read as '{r['reading']}'")
+        if r["reading"] == "unclear":
+            text += f": {why_unclear(r, alpha, margin)}"
+        reasons.append(text + ".")
+    if len(answers) == len(pairs) and len(set(answers)) == 1:
+        verdict = answers[0]
+    else:
+        verdict = CANNOT_DECIDE
+        if len(set(answers)) > 1:
+            reasons.append("The pairs disagree.")
+    if len(per_strategy):
+        short = {"greater": "medical better", "less": "general better", "equivalent": "no difference",
+                 "unclear": "undecided"}
+        several = len(pairs) > 1
+        items = [(f"{r['medical']} vs {r['general']} " if several else "") + f"{r['strategy']} {short[r['reading']]} "
+                 f"({_pp(float(r['mean_diff']))} points, {int(r['n_clusters'])} units)"
+                 for r in per_strategy.to_dict("records")]
+        reasons.append("Per strategy (medical - general): " + "; ".join(items) + ".")
+    if left_out:
+        reasons.append("Left out: " + ", ".join(f"{n} ({nature[n]})" for n in left_out) + ".")
+    return Answer(GENERAL_VS_MEDICAL, verdict, " ".join(reasons), GENERAL_VS_MEDICAL_RULE, evidence,
+                  by_object[OBJECT_COMPARISON_COLUMNS].reset_index(drop=True))
+
+
+def comparison_cells(table: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
+    """A general-vs-medical table for display: the difference as one interval cell.
+
+    Parameters
+    ----------
+    table : :attr:`Answer.evidence` or :attr:`Answer.by_object`.
+    digits : decimals.
+
+    Returns
+    -------
+    DataFrame of the identifying columns (``part``, ``strategy``, ``object_modality``,
+    ``medical``, ``general`` where present), ``medical DICE``, ``general DICE``, ``medical -
+    general`` (:func:`cosmoslib.analysis.uncertainty.format_interval`: mean [95 % CI], or the
+    n = 1 text), ``units``, ``Holm p`` and ``answer``.
+    """
+    ids = [c for c in ("part", "strategy", "object_modality", "medical", "general") if c in table]
+    out = table[ids].copy()
+    out["medical DICE"] = [f"{v:.{digits}f}" if math.isfinite(v) else "" for v in table["medical_dice"].astype(float)]
+    out["general DICE"] = [f"{v:.{digits}f}" if math.isfinite(v) else "" for v in table["general_dice"].astype(float)]
+    out["medical - general"] = [uncertainty.format_interval(d, lo, hi, k, digits) for d, lo, hi, k in
+                                zip(table["mean_diff"], table["diff_low"], table["diff_high"], table["n_clusters"])]
+    out["units"] = table["n_clusters"].astype("int64")
+    out["Holm p"] = [_p(float(p)).replace("Holm p = ", "").replace("Holm p ", "") for p in table["p_holm"]]
+    out["answer"] = table["answer"]
+    return out.reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -781,23 +1172,22 @@ def finding8(results: pd.DataFrame, manifest: pd.DataFrame | None, finetuned: Ma
 # --------------------------------------------------------------------------------------------
 
 
-def _sam_method(interaction: pd.DataFrame | None, results: pd.DataFrame) -> str:
-    """The interaction table's name for the SAM-family model: ``"sam"``, or the run's first model
-    (the chapter layer names the model's curves after it, e.g. ``"litemedsam"``)."""
+def _sam_methods(interaction: pd.DataFrame | None, results: pd.DataFrame) -> list[str]:
+    """The interaction table's names for the SAM-family models: ``["sam"]``, or the run's models
+    that have curves (the chapter layer names each model's curves after it, e.g.
+    ``"litemedsam"``, ``"mobilesam"``)."""
     if interaction is None or "sam" in set(interaction["method"]):
-        return "sam"
-    for name in results["model"].drop_duplicates():
-        if name in set(interaction["method"]):
-            return str(name)
-    return "sam"
+        return ["sam"]
+    methods = set(interaction["method"])
+    names = [str(m) for m in results["model"].drop_duplicates() if m in methods]
+    return names or ["sam"]
 
 
 def all_findings(results: pd.DataFrame, manifest: pd.DataFrame | None, *, table6: pd.DataFrame | None = None,
                  randomness: pd.DataFrame | None = None, interaction: pd.DataFrame | None = None,
-                 annotation: pd.DataFrame | None = None, finetuned: Mapping[str, str] | None = None,
-                 finetune_objects: pd.DataFrame | None = None, n_resamples: int = N_RESAMPLES,
-                 seed: int = 0) -> list[Verdict]:
-    """The eight verdicts, in the paper's order (tables not computed: None).
+                 annotation: pd.DataFrame | None = None, finetuned_results: pd.DataFrame | None = None,
+                 n_resamples: int = N_RESAMPLES, seed: int = 0) -> list[Verdict]:
+    """The eight verdicts, in the paper's order (tables not computed: None, and the verdict says so).
 
     Parameters
     ----------
@@ -808,19 +1198,24 @@ def all_findings(results: pd.DataFrame, manifest: pd.DataFrame | None, *, table6
     interaction : ``task, image_id, label_value, method, click, dice`` (Fig. 16).
     annotation : ``task, image_id, label_value, hce, seconds`` (and, from a human study,
         :data:`STUDY_COLUMNS`).
-    finetuned, finetune_objects : see :func:`finding8`.
+    finetuned_results : the base models' and their finetuned models' results on the **test
+        part** of the finetuning split only, with ``base`` and ``curriculum`` columns (the
+        chapter layer's ``finetuned_results()``); finding 8 is judged on it
+        (:func:`finding8`, pairs from :func:`finetuned_of`). None or empty: no finetuned model
+        ran, and finding 8 cannot be decided.
     n_resamples, seed : of every bootstrap.
     """
     kw = dict(n_resamples=n_resamples, seed=seed)
+    tuned = finetuned_results if finetuned_results is not None and len(finetuned_results) else None
     return [
         finding1(results, manifest, **kw),
         finding2(results, manifest, **kw),
         finding3(results, manifest, **kw),
         finding4(annotation, manifest, **kw),
         finding5(randomness, manifest, **kw),
-        finding6(interaction, manifest, sam=_sam_method(interaction, results), **kw),
+        finding6(interaction, manifest, sam=_sam_methods(interaction, results), **kw),
         finding7(table6),
-        finding8(results, manifest, finetuned, objects=finetune_objects, **kw),
+        finding8(results if tuned is None else tuned, manifest, finetuned_of(tuned), scope="the test part", **kw),
     ]
 
 
@@ -830,40 +1225,66 @@ def verdict_table(verdicts: Sequence[Verdict]) -> pd.DataFrame:
                          for v in verdicts], columns=["finding", "claim", "verdict", "reason"])
 
 
-def optional_table(chapter, method: str):
-    """``chapter.<method>()`` when the chapter layer has that method, else None.
+#: The tables the findings chapter reads from the chapter layer, and the finding each decides.
+CHAPTER_TABLES = {"annotation": 4, "randomness": 5, "interaction": 6, "finetuned_results": 8}
 
-    The findings chapter reads the tables other chapters compute (``randomness``,
-    ``interaction``, ``annotation``, ``factors``) when the installed chapter layer provides them;
-    a run without one gets "cannot decide" for the findings that need it.
+
+class MissingTable(LookupError):
+    """The chapter layer provides no table of a name the findings read: an error, never a
+    silent None (which would quietly turn a finding into "cannot decide")."""
+
+
+def chapter_table(chapter, name: str) -> pd.DataFrame:
+    """The table ``name`` of the chapter layer, for a finding.
+
+    Parameters
+    ----------
+    chapter : the chapter object a notebook opened (duck-typed: this layer does not import the
+        book layer). A chapter with a ``table(name)`` method (one registry of named tables) is
+        asked through it; otherwise through its method ``name()``.
+    name : one of :data:`CHAPTER_TABLES`.
+
+    Returns
+    -------
+    DataFrame
+        The table (it may be empty: e.g. no finetuned model in the config, which the finding
+        then states).
+
+    Raises
+    ------
+    ValueError
+        ``name`` is not a table the findings read (a typo fails here, not as a missing verdict).
+    MissingTable
+        The chapter layer has no such table: the chapter must compute it, or the notebook must
+        say that the finding is not judged.
+    TypeError
+        The chapter returned something other than a DataFrame (None included).
     """
-    fn = getattr(chapter, method, None)
-    return fn() if callable(fn) else None
-
-
-def finetuned_pairs(model_names: Sequence[str]) -> dict[str, str]:
-    """``{finetuned model: base model}`` for the run's models whose registry entry names its base.
-
-    A registry entry (:func:`cosmoslib.models.registered_models`) with a non-empty ``base``
-    attribute is a finetuned model of that base; both must be among ``model_names``. Entries
-    without the attribute (today every built-in one) give an empty mapping.
-    """
-
-    registry = models_mod.registered_models()
-    names = set(model_names)
-    out = {}
-    for name in model_names:
-        base = getattr(registry.get(name), "base", None)
-        if base and base in names:
-            out[name] = base
+    if name not in CHAPTER_TABLES:
+        raise ValueError(f"the findings read no table {name!r}; they read {', '.join(sorted(CHAPTER_TABLES))}")
+    named = getattr(chapter, "table", None)
+    if callable(named):
+        out = named(name)
+    else:
+        method = getattr(chapter, name, None)
+        if not callable(method):
+            raise MissingTable(f"the chapter layer ({type(chapter).__name__}) computes no {name!r} table, which "
+                               f"finding {CHAPTER_TABLES[name]} needs")
+        out = method()
+    if not isinstance(out, pd.DataFrame):
+        raise TypeError(f"the chapter's {name!r} table is a {type(out).__name__}, not a DataFrame")
     return out
 
 
 __all__ = [
-    "ALPHA", "CANNOT_DECIDE", "DOES_NOT_HOLD", "FAILING_DICE", "HOLDS", "LARGE_MODEL", "MARGIN",
-    "NAMED_FACTORS", "N_RESAMPLES", "PAPER_FINDINGS", "REMARKABLE_DICE", "RULES", "SERIOUS_DROP",
-    "SMALL_MODEL", "STUDY_COLUMNS", "VERDICTS", "Verdict", "WEAK_R", "all_findings", "combine", "compare",
-    "describe_difference", "finding1", "finding2", "finding3", "finding4", "finding5", "finding6",
-    "finding7", "finding8", "finetuned_pairs", "fisher_ci", "format_ci", "optional_table",
-    "strategy_comparisons", "strategy_table", "verdict_table", "with_source",
+    "ALPHA", "ANSWERS", "Answer", "CANNOT_DECIDE", "CHAPTER_TABLES", "COMPARISON_COLUMNS", "DIRECTION",
+    "DOES_NOT_HOLD", "FAILING_DICE", "GENERAL_BETTER", "GENERAL_VS_MEDICAL", "GENERAL_VS_MEDICAL_RULE", "HOLDS",
+    "LARGE_MODEL", "MARGIN", "MEDICAL_BETTER", "MissingTable", "NAMED_FACTORS", "NOT_APPLICABLE", "NO_DIFFERENCE",
+    "N_RESAMPLES", "OBJECT_COMPARISON_COLUMNS", "OWN_QUESTION_LABEL", "PAPER_FINDINGS", "REMARKABLE_DICE",
+    "RULES", "SERIOUS_DROP",
+    "SMALL_MODEL", "STRATEGY_PROMPTS", "STUDY_COLUMNS", "VERDICTS", "Verdict", "WEAK_R", "all_findings",
+    "chapter_table", "combine", "compare", "comparison_cells", "describe_difference", "finding1", "finding2",
+    "finding3", "finding4", "finding5", "finding6", "finding7", "finding8", "finetuned_of", "fisher_ci",
+    "format_ci", "general_vs_medical", "model_natures", "strategy_comparisons", "strategy_table",
+    "verdict_table", "why_unclear", "with_source",
 ]

@@ -1,4 +1,4 @@
-"""Statistics of section 4.8: Spearman partial correlation (Table 6) and bootstrap intervals.
+"""Statistics of section 4.8: Spearman partial correlation (Table 6).
 
 Table 6 of the paper correlates each of five object factors (size, intensity difference,
 Fourier order, modality, aspect ratio; see :mod:`cosmoslib.analysis.factors`) with SAM's DICE, for
@@ -14,21 +14,21 @@ for a constant column and refuses a covariate equal to x; 0.5 returns a number f
 Tested with pingouin 0.5.4, 0.5.5, 0.6.0 and 0.7.0 (``pingouin>=0.5.4,<0.8``).
 
 * :func:`partial_spearman` -- one coefficient, via :func:`pingouin.partial_corr`;
-* :func:`table6` -- the long-format Table 6 from a results and a factors table;
-* :func:`bootstrap_ci` -- bias-corrected and accelerated (BCa) bootstrap confidence intervals via
-  :func:`scipy.stats.bootstrap`, for the later chapters.
+* :func:`table6` -- the long-format Table 6 from a results and a factors table.
+
+Intervals (cluster bootstrap over source volumes, for every table cell and Table 6 itself)
+live in :mod:`cosmoslib.analysis.uncertainty`.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import pingouin
-from scipy import stats as sps
 
 #: The five factor columns of Table 6, in the paper's column order.
 TABLE6_FACTORS = ("size_px", "intensity_diff", "fourier_order", "modality_code", "aspect_ratio")
@@ -287,80 +287,3 @@ def table6(
     columns = [*by, "factor", "r", "p", "n", "n_dropped", "significant", "dropped_covariates",
                "reading", "note"]
     return pd.DataFrame(rows, columns=columns)
-
-
-@dataclass(frozen=True)
-class BootstrapCI:
-    """A statistic with its bootstrap confidence interval.
-
-    Attributes
-    ----------
-    estimate : float
-        The statistic on the data.
-    low, high : float
-        Interval bounds (NaN for fewer than two values).
-    ci : float
-        Confidence level in percent.
-    n : int
-        Finite values used.
-    n_dropped : int
-        NaN/inf values left out.
-    """
-
-    estimate: float
-    low: float
-    high: float
-    ci: float
-    n: int
-    n_dropped: int
-
-
-def bootstrap_ci(
-    values: Sequence[float] | np.ndarray,
-    stat: Callable = np.mean,
-    n_boot: int = 9999,
-    ci: float = 95.0,
-    rng: np.random.Generator | int = 0,
-    method: str = "BCa",
-) -> BootstrapCI:
-    """Bootstrap confidence interval of a one-sample statistic (:func:`scipy.stats.bootstrap`).
-
-    Parameters
-    ----------
-    values : 1-D array-like
-        Sample; NaN and inf are dropped and counted.
-    stat : callable
-        Statistic, e.g. ``np.mean`` or ``np.median``; vectorised use if it takes ``axis``.
-    n_boot : int
-        Number of resamples.
-    ci : float
-        Confidence level in percent (0 < ci < 100).
-    rng : numpy.random.Generator or int
-        Source of resampling randomness (an int is a seed); same seed, same interval.
-    method : str
-        ``'BCa'`` (default), ``'percentile'`` or ``'basic'``.
-
-    Returns
-    -------
-    BootstrapCI
-        With fewer than two values the bounds are NaN; when all values are equal the
-        interval collapses to that value (the bootstrap distribution is degenerate).
-    """
-    if not 0 < ci < 100:
-        raise ValueError(f"ci must be in (0, 100), got {ci}")
-    x = np.asarray(values, dtype=float).ravel()
-    finite = x[np.isfinite(x)]
-    n, n_dropped = len(finite), len(x) - len(finite)
-    if n == 0:
-        return BootstrapCI(float("nan"), float("nan"), float("nan"), ci, 0, n_dropped)
-    estimate = float(stat(finite))
-    if n < 2:
-        return BootstrapCI(estimate, float("nan"), float("nan"), ci, n, n_dropped)
-    if np.all(finite == finite[0]):
-        return BootstrapCI(estimate, estimate, estimate, ci, n, n_dropped)
-
-    rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
-    res = sps.bootstrap((finite,), stat, n_resamples=n_boot, confidence_level=ci / 100.0,
-                        method=method, rng=rng)
-    return BootstrapCI(estimate, float(res.confidence_interval.low),
-                       float(res.confidence_interval.high), ci, n, n_dropped)

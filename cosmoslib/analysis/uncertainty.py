@@ -15,7 +15,13 @@ cluster), and every object or slice of a resampled cluster comes along with it.
 * :func:`paired_comparisons` -- strategies (or models) compared on the same objects: the mean
   paired difference with its cluster bootstrap interval, and a Wilcoxon signed-rank test on the
   per-cluster mean differences, Holm-corrected across all comparisons of the call;
-* :func:`holm` -- Holm's step-down adjusted p-values.
+* :func:`holm` -- Holm's step-down adjusted p-values;
+* the book's one interval vocabulary: the resample count of each purpose
+  (:data:`N_RESAMPLES_TABLES` for means and differences, :data:`N_RESAMPLES_PARTIAL` for
+  partial correlations), one rule for an estimate without interval (:func:`missing_interval`:
+  a single independent unit shows ``"n=1, no interval"``), one cell formatter
+  (:func:`format_interval`, wide tables with :func:`interval_cells`), its prose form
+  (:func:`interval_phrase`) and the caption sentence (:func:`interval_note`).
 
 The bootstrap itself is :func:`scipy.stats.bootstrap`, fed with per-cluster quantities so that
 its resampling unit is the cluster; its BCa acceleration then comes from the leave-one-*cluster*-
@@ -45,10 +51,28 @@ from cosmoslib.analysis import stats
 
 #: Default confidence level, percent.
 CI = 95.0
-#: Default number of bootstrap resamples.
-N_RESAMPLES = 9999
 #: Default bootstrap interval; see :func:`cluster_bootstrap_ci`.
 METHOD = "BCa"
+
+# The interval vocabulary of the whole book, defined here once and nowhere else:
+# how many resamples each kind of interval uses, and what a cell without an interval says.
+
+#: Bootstrap resamples of every mean and every paired difference: table cells, bars, the
+#: comparisons and verdicts of the findings chapter (BCa on per-unit sums, cheap per cell;
+#: Efron and Tibshirani ask for 1000 or more resamples for interval bounds). The default of
+#: :func:`cluster_bootstrap_ci`, :func:`mean_with_ci`, :func:`paired_comparisons` and
+#: :func:`with_intervals`.
+N_RESAMPLES_TABLES = 2000
+#: Bootstrap resamples of the Table 6 partial-correlation intervals: each resample re-ranks the
+#: pooled rows and inverts a covariance matrix, so this is kept small enough for the demo book
+#: (the default of :func:`partial_spearman_ci`).
+N_RESAMPLES_PARTIAL = 400
+#: What a cell with a single independent unit shows instead of an interval (the n = 1 rule of
+#: :func:`missing_interval`).
+ONE_UNIT = "n=1, no interval"
+#: What a cell shows when its bounds are missing for another reason (e.g. every bootstrap
+#: draw undefined).
+NO_INTERVAL = "no interval"
 
 
 class ClusterCI(NamedTuple):
@@ -125,7 +149,7 @@ def cluster_bootstrap_ci(
     value: str,
     cluster=None,
     statistic: Callable | str = np.mean,
-    n_resamples: int = N_RESAMPLES,
+    n_resamples: int = N_RESAMPLES_TABLES,
     ci: float = CI,
     seed: int | np.random.Generator = 0,
     method: str = METHOD,
@@ -148,7 +172,7 @@ def cluster_bootstrap_ci(
         vectorised on per-cluster sums and counts. Any other callable ``f(1D array) ->
         float`` (e.g. ``np.median``) is evaluated once per resample on the pooled rows.
     n_resamples : int
-        Bootstrap resamples (default 9999).
+        Bootstrap resamples (default :data:`N_RESAMPLES_TABLES`).
     ci : float
         Confidence level in percent, 0 < ci < 100.
     seed : int or numpy.random.Generator
@@ -236,7 +260,7 @@ def mean_with_ci(
     value: str | Sequence[str] = "dice",
     cluster=None,
     ci: float = CI,
-    n_resamples: int = N_RESAMPLES,
+    n_resamples: int = N_RESAMPLES_TABLES,
     seed: int = 0,
     method: str = METHOD,
 ) -> pd.DataFrame:
@@ -306,6 +330,25 @@ def holm(pvalues) -> np.ndarray:
     return np.asarray(pingouin.multicomp(p.ravel(), method="holm")[1], dtype=float).reshape(p.shape)
 
 
+def smallest_wilcoxon_p(n: int) -> float:
+    """The smallest two-sided p-value the exact Wilcoxon signed-rank test can give on ``n`` pairs.
+
+    With ``n`` non-zero differences and no ties there are ``2**n`` equally likely sign patterns
+    under the null; the most extreme (all of one sign) has probability ``2**-n`` in each tail,
+    so ``p >= 2**(1 - n)``: 0.0625 for 5 pairs, 0.031 for 6. :func:`paired_comparisons` tests the
+    per-cluster differences (continuous means, so zeros and ties are rare), so a run with five
+    or fewer independent units cannot reach p < 0.05. (``scipy.stats.wilcoxon`` uses this exact
+    distribution for small ``n`` without zeros or ties, and a normal approximation otherwise.)
+
+    Parameters
+    ----------
+    n : number of paired differences (independent units), >= 1.
+    """
+    if int(n) < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    return float(2.0 ** (1 - int(n)))
+
+
 def paired_comparisons(
     df: pd.DataFrame,
     value: str = "dice",
@@ -315,7 +358,7 @@ def paired_comparisons(
     by: Sequence[str] | str = (),
     cluster=None,
     ci: float = CI,
-    n_resamples: int = N_RESAMPLES,
+    n_resamples: int = N_RESAMPLES_TABLES,
     seed: int = 0,
     method: str = METHOD,
     alpha: float = 0.05,
@@ -412,14 +455,6 @@ def paired_comparisons(
 # intervals on every table cell and figure bar (issue 13, item 2)
 # --------------------------------------------------------------------------------------------
 
-#: Resamples of the book's table and bar intervals (BCa on per-unit sums: cheap per cell).
-N_RESAMPLES_TABLES = 2000
-#: Resamples of the Table 6 partial-correlation intervals: each resample re-ranks the pooled
-#: rows and inverts a covariance matrix, so this is kept small enough for the demo book.
-N_RESAMPLES_PARTIAL = 400
-#: What a cell with a single independent unit shows instead of an interval.
-ONE_UNIT = "n=1, no interval"
-
 
 def with_intervals(
     frame: pd.DataFrame,
@@ -464,8 +499,35 @@ def with_intervals(
     return out[[*by, "mean", "low", "high", "n", "n_units"]]
 
 
+def missing_interval(low: float, high: float, n_units: int) -> str | None:
+    """Why an estimate has no interval: the one rule every formatter of the book follows.
+
+    Parameters
+    ----------
+    low, high : the interval's bounds (NaN when none was computed).
+    n_units : independent units behind the estimate.
+
+    Returns
+    -------
+    str or None
+        :data:`ONE_UNIT` (``"n=1, no interval"``) when fewer than two independent units lie
+        behind the estimate: with one source volume there is no between-unit variation to
+        resample, so no interval is made up, whatever the bounds say; :data:`NO_INTERVAL`
+        when there are two or more units but a bound is missing or not finite (e.g. every
+        bootstrap draw undefined); None when the interval exists.
+    """
+    if int(n_units) < 2:
+        return ONE_UNIT
+    if low is None or high is None or not (math.isfinite(float(low)) and math.isfinite(float(high))):
+        return NO_INTERVAL
+    return None
+
+
 def format_interval(mean: float, low: float, high: float, n_units: int, digits: int = 1) -> str:
     """One display cell: ``"55.6 [50.1, 60.2]"``; one unit: ``"55.6 (n=1, no interval)"``.
+
+    The book's one interval formatter: every table cell with an interval is made here
+    (:func:`interval_cells`, :func:`cosmoslib.analysis.findings.format_ci`).
 
     Parameters
     ----------
@@ -476,18 +538,30 @@ def format_interval(mean: float, low: float, high: float, n_units: int, digits: 
     Returns
     -------
     str
-        ``""`` when the mean is not finite (an empty cell); ``"<mean> (n=1, no interval)"``
-        for a single unit, never a made-up interval; ``"<mean> (no interval)"`` when the bounds
-        are missing for another reason (e.g. every bootstrap draw undefined).
+        ``""`` when the mean is not finite (an empty cell); otherwise the mean followed by
+        ``[low, high]``, or by the reason of :func:`missing_interval` in parentheses
+        (``"(n=1, no interval)"`` for a single unit, never a made-up interval;
+        ``"(no interval)"`` when the bounds are missing for another reason).
     """
     if mean is None or not math.isfinite(float(mean)):
         return ""
     text = f"{float(mean):.{digits}f}"
-    if int(n_units) < 2:
-        return f"{text} ({ONE_UNIT})"
-    if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-        return f"{text} (no interval)"
+    why = missing_interval(low, high, n_units)
+    if why is not None:
+        return f"{text} ({why})"
     return f"{text} [{float(low):.{digits}f}, {float(high):.{digits}f}]"
+
+
+def interval_phrase(low: float, high: float, n_units: int, ci: float = CI, digits: int = 1) -> str:
+    """The interval of :func:`format_interval` in running prose: ``"95 % CI 50.1 to 60.2"``.
+
+    Same rule as the table cells (:func:`missing_interval`): ``"n=1, no interval"`` for a
+    single unit, ``"no interval"`` for missing bounds.
+    """
+    why = missing_interval(low, high, n_units)
+    if why is not None:
+        return why
+    return f"{ci:g} % CI {float(low):.{digits}f} to {float(high):.{digits}f}"
 
 
 def interval_cells(long: pd.DataFrame, index, columns, digits: int = 1, mean: str = "mean") -> pd.DataFrame:

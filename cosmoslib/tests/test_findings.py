@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cosmoslib import models, paths
+from cosmoslib import paths
 from cosmoslib.analysis import findings as fd
 from cosmoslib.analysis import stats, uncertainty
 from cosmoslib.analysis import volume_summaries as vs
 from cosmoslib.protocol import metrics
 
-N_BOOT = 999  # resamples in the tests (the chapter uses findings.N_RESAMPLES)
+N_BOOT = 999  # resamples in the tests (the chapter uses uncertainty.N_RESAMPLES_TABLES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,6 +84,16 @@ def manifest_of(table):
 ])
 def test_compare_reads_an_interval_and_a_holm_p(low, high, p, expected):
     assert fd.compare(low, high, p) == expected
+
+
+def test_compare_with_five_or_fewer_units_decides_nothing():
+    """No two-sided Wilcoxon test on 5 units reaches 0.05: neither a difference nor an
+    equivalence is read from so few units (their bootstrap interval is too narrow)."""
+    assert fd.compare(-0.4, 0.6, 0.5, n_units=5) == "unclear"
+    assert fd.compare(-0.4, 0.6, 0.5, n_units=6) == "equivalent"
+    assert fd.compare(0.5, 3.0, 0.01, n_units=5) == "unclear"
+    assert fd.compare(0.5, 3.0, 0.01, n_units=6) == "greater"
+    assert fd.compare(-0.4, 0.6, 0.5) == "equivalent"  # units not given: not checked
 
 
 def test_compare_margin_zero_never_says_equivalent():
@@ -173,10 +183,39 @@ def test_strategy_comparisons_are_holm_corrected_and_read():
     assert (comp["p_holm"] >= comp["p"]).all()
 
 
-def test_format_ci_cells():
-    t = pd.DataFrame({"dice": [55.61, 3.0, float("nan")], "dice_low": [50.12, float("nan"), 1.0],
-                      "dice_high": [60.24, float("nan"), 2.0]})
-    assert fd.format_ci(t, "dice").tolist() == ["55.6 [50.1, 60.2]", "3.0", ""]
+def test_format_ci_cells_follow_the_one_interval_rule():
+    """The same cells as uncertainty.format_interval: one unit says so, missing bounds say so."""
+    t = pd.DataFrame({"dice": [55.61, 3.0, 4.0, float("nan")], "dice_low": [50.12, float("nan"), float("nan"), 1.0],
+                      "dice_high": [60.24, float("nan"), float("nan"), 2.0], "n_clusters": [12, 1, 5, 0]})
+    assert fd.format_ci(t, "dice").tolist() == ["55.6 [50.1, 60.2]", "3.0 (n=1, no interval)",
+                                                "4.0 (no interval)", ""]
+    rows = t[["dice", "dice_low", "dice_high", "n_clusters"]].itertuples(index=False)
+    assert fd.format_ci(t, "dice").tolist() == [uncertainty.format_interval(*r) for r in rows]
+    # a one-unit row with bounds (they cannot be trusted) still shows no interval
+    t1 = pd.DataFrame({"v": [70.0], "v_low": [60.0], "v_high": [80.0], "n_clusters": [1]})
+    assert fd.format_ci(t1, "v").tolist() == ["70.0 (n=1, no interval)"]
+    with pytest.raises(KeyError, match="n_clusters"):
+        fd.format_ci(t.drop(columns="n_clusters"), "dice")
+
+
+def test_strategy_table_cells_say_n1_for_a_single_volume():
+    res = results({("m", "S5"): 70.0}, n_clusters=1)
+    t = fd.strategy_table(res, None, n_resamples=N_BOOT)
+    assert int(t["n_clusters"].iloc[0]) == 1
+    assert fd.format_ci(t, "dice").iloc[0].endswith("(n=1, no interval)")
+
+
+def test_module_resample_count_is_the_books_one_count():
+    assert fd.N_RESAMPLES == uncertainty.N_RESAMPLES_TABLES
+
+
+def test_why_unclear_names_the_reason():
+    row = dict(n_objects=12, n_clusters=4, diff_low=1.0, diff_high=9.0, p_holm=0.125)
+    assert "smallest possible p is 0.125" in fd.why_unclear(row)
+    row.update(n_clusters=12, diff_low=-1.5, diff_high=4.0, p_holm=0.3)
+    assert "neither show a difference" in fd.why_unclear(row)
+    assert "no interval" in fd.why_unclear(dict(row, n_clusters=1))
+    assert "no object" in fd.why_unclear(dict(row, n_objects=0, n_clusters=0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,31 +544,82 @@ def test_all_findings_in_order_with_missing_tables_undecided():
     assert table["finding"].tolist() == list(range(1, 9)) and set(table["verdict"]) <= set(fd.VERDICTS)
 
 
-def test_optional_table_calls_only_existing_methods():
-    class WithIt:
-        def randomness(self):
-            return "table"
+def test_all_findings_judges_finding8_on_the_finetuned_test_part():
+    """The chapter's finetuned results (base rows with curriculum "none", the finetuned model's
+    rows with its base and curriculum) decide finding 8; the run's own results never do."""
+    run = _strategies()
+    tuned = _finetuned(5.0).assign(base="base", curriculum=lambda t: np.where(t["model"] == "base_ft", "mixed", "none"))
+    verdicts = fd.all_findings(run, None, finetuned_results=tuned, n_resamples=N_BOOT)
+    v8 = verdicts[7]
+    assert v8.verdict == fd.HOLDS and "on the test part" in v8.reason
+    assert v8.evidence[["a", "b"]].values.tolist() == [["base_ft", "base"]]
+    assert v8.evidence["mean_diff"].iloc[0] == pytest.approx(5.0, abs=0.3)
+    for empty in (None, tuned.iloc[:0]):
+        v = fd.all_findings(run, None, finetuned_results=empty, n_resamples=N_BOOT)[7]
+        assert v.verdict == fd.CANNOT_DECIDE and "no finetuned model" in v.reason
 
-    assert fd.optional_table(WithIt(), "randomness") == "table"
-    assert fd.optional_table(object(), "randomness") is None
+
+def test_finding8_on_few_test_units_says_why_it_cannot_decide():
+    tuned = _finetuned(5.0)
+    few = tuned[tuned["source"].str[-9:-7].astype(int) < 4]
+    v = fd.finding8(few, None, {"base_ft": "base"}, n_resamples=N_BOOT, scope="the test part")
+    assert v.verdict == fd.CANNOT_DECIDE
+    assert "4 independent units" in v.reason and "smallest possible p is 0.125" in v.reason
 
 
-def test_finetuned_pairs_reads_the_registry():
+def test_finetuned_of_reads_base_and_curriculum():
+    t = pd.DataFrame({"model": ["lite", "lite_mixed", "lite_box", "lite_mixed"],
+                      "base": ["lite", "lite", "lite", "lite"], "curriculum": ["none", "mixed", "box", "mixed"]})
+    assert fd.finetuned_of(t) == {"lite_mixed": "lite", "lite_box": "lite"}
+    assert fd.finetuned_of(t.iloc[:0]) == {} and fd.finetuned_of(None) == {}
+    with pytest.raises(KeyError, match="curriculum"):
+        fd.finetuned_of(t.drop(columns="curriculum"))
 
-    assert fd.finetuned_pairs(["litemedsam", "sam_vit_b"]) == {}
 
-    class Entry:
-        base = "litemedsam"
+class _Chapter:
+    def randomness(self):
+        return pd.DataFrame({"x": [1]})
 
-    registry = models.registered_models()
-    registry["lite_mixed"] = Entry()
-    orig = models.registered_models
-    try:
-        models.registered_models = lambda: registry
-        assert fd.finetuned_pairs(["litemedsam", "lite_mixed"]) == {"lite_mixed": "litemedsam"}
-        assert fd.finetuned_pairs(["lite_mixed"]) == {}
-    finally:
-        models.registered_models = orig
+    def annotation(self):
+        return None
+
+
+def test_chapter_table_reads_a_method_and_fails_loudly_on_a_missing_one():
+    assert fd.chapter_table(_Chapter(), "randomness")["x"].tolist() == [1]
+    with pytest.raises(fd.MissingTable, match="interaction.*finding 6"):
+        fd.chapter_table(_Chapter(), "interaction")
+    with pytest.raises(ValueError, match="no table 'randomnes'"):
+        fd.chapter_table(_Chapter(), "randomnes")
+    with pytest.raises(TypeError, match="NoneType"):
+        fd.chapter_table(_Chapter(), "annotation")
+
+
+def test_chapter_table_prefers_a_registry_of_named_tables():
+    class Named(_Chapter):
+        def table(self, name):
+            if name != "interaction":
+                raise KeyError(name)
+            return pd.DataFrame({"y": [2]})
+
+    assert fd.chapter_table(Named(), "interaction")["y"].tolist() == [2]
+    with pytest.raises(KeyError):
+        fd.chapter_table(Named(), "randomness")  # the registry's own error is not swallowed
+
+
+def test_finding6_with_two_models_compares_each_with_the_classical_methods_only():
+    """The chapter layer names each model's curves after the model: the second model and its
+    previous-logits variant are SAMs, not interactive methods."""
+    t = _clicks([60, 65, 66], [30, 60, 85])
+    t = t.replace({"method": {"sam": "litemedsam", "sam+logits": "litemedsam + previous logits"}})
+    other = t[t["method"].str.startswith("litemedsam")].replace(
+        {"method": {"litemedsam": "mobilesam", "litemedsam + previous logits": "mobilesam + previous logits"}})
+    t = pd.concat([t, other], ignore_index=True)
+    run = results({("litemedsam", "S5"): 80.0, ("mobilesam", "S5"): 70.0})
+    v = fd.all_findings(run, None, interaction=t, n_resamples=N_BOOT)[5]
+    assert set(v.evidence["a"]) == {"litemedsam", "mobilesam"}
+    assert set(v.evidence["b"]) == {"grabcut", "random_walker"}
+    assert v.verdict == fd.HOLDS
+    assert "litemedsam:" in v.reason and "mobilesam:" in v.reason
 
 
 # --------------------------------------------------------------------------------------------

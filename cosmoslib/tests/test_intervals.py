@@ -93,6 +93,23 @@ def test_one_unit_cells_say_so_instead_of_an_interval():
     assert unc.format_interval(3.0, float("nan"), float("nan"), 4) == "3.0 (no interval)"
 
 
+def test_one_n1_rule_for_cells_and_prose():
+    """missing_interval is the rule; the cell and the prose forms follow it (one unit: no
+    interval even when bounds were passed; missing bounds: "no interval")."""
+    assert unc.missing_interval(1.0, 2.0, 5) is None
+    assert unc.missing_interval(1.0, 2.0, 1) == unc.ONE_UNIT == "n=1, no interval"
+    assert unc.missing_interval(float("nan"), 2.0, 5) == unc.NO_INTERVAL
+    assert unc.missing_interval(None, None, 3) == unc.NO_INTERVAL
+    assert unc.format_interval(55.61, 50.12, 60.24, 12) == "55.6 [50.1, 60.2]"
+    assert unc.format_interval(55.61, 50.12, 60.24, 1) == "55.6 (n=1, no interval)"
+    assert unc.format_interval(55.61, 50.12, 60.24, 12, digits=2) == "55.61 [50.12, 60.24]"
+    assert unc.interval_phrase(50.12, 60.24, 12) == "95 % CI 50.1 to 60.2"
+    assert unc.interval_phrase(50.12, 60.24, 12, ci=90) == "90 % CI 50.1 to 60.2"
+    assert unc.interval_phrase(50.12, 60.24, 1) == "n=1, no interval"
+    assert unc.interval_phrase(float("nan"), float("nan"), 3) == "no interval"
+    assert "n=1: a single unit, no interval" in unc.interval_note()
+
+
 # --------------------------------------------------------------------------- partial correlation
 
 

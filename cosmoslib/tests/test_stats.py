@@ -1,4 +1,4 @@
-"""Spearman partial correlation, Table 6 and bootstrap intervals against independent math."""
+"""Spearman partial correlation and Table 6 against independent math."""
 
 from __future__ import annotations
 
@@ -172,32 +172,6 @@ def test_table6_signed_contrast_row_and_missing_columns():
         S.table6(results.drop(columns="dice"), factors)
     with pytest.raises(KeyError, match="fourier_order"):
         S.table6(results, factors.drop(columns="fourier_order"))
-
-
-def test_bootstrap_ci_covers_the_mean_and_is_seeded():
-    rng = np.random.default_rng(7)
-    values = rng.normal(10.0, 2.0, size=400)
-    values[[3, 4]] = np.nan
-    a = S.bootstrap_ci(values, n_boot=2000, rng=1)
-    b = S.bootstrap_ci(values, n_boot=2000, rng=np.random.default_rng(1))
-    assert (a.low, a.high) == (b.low, b.high)
-    assert (a.n, a.n_dropped) == (398, 2)
-    assert a.estimate == pytest.approx(np.nanmean(values))
-    assert a.low < a.estimate < a.high
-    half = 1.96 * np.nanstd(values, ddof=1) / np.sqrt(398)  # normal-theory half width
-    assert (a.high - a.low) / 2 == pytest.approx(half, rel=0.15)
-    med = S.bootstrap_ci(values, stat=np.median, n_boot=1000, ci=90, rng=2)
-    assert med.low < np.nanmedian(values) < med.high and med.ci == 90
-
-
-def test_bootstrap_ci_degenerate_inputs():
-    const = S.bootstrap_ci([5.0, 5.0, 5.0])
-    assert (const.estimate, const.low, const.high) == (5.0, 5.0, 5.0)
-    one = S.bootstrap_ci([3.0, np.nan])
-    assert one.estimate == 3.0 and math.isnan(one.low) and one.n_dropped == 1
-    assert math.isnan(S.bootstrap_ci([]).estimate)
-    with pytest.raises(ValueError):
-        S.bootstrap_ci([1.0, 2.0], ci=100)
 
 
 # ------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ a hand-computed example.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -238,3 +240,20 @@ def test_paired_comparisons_groups_pairs_and_holm_family():
     assert len(only) == 2 and (only.a == "B").all()
     with pytest.raises(ValueError, match="repeated"):
         unc.paired_comparisons(df, "dice", "strategy")  # two models' rows for one object
+
+
+@pytest.mark.parametrize("n", [2, 4, 5, 6, 8])
+def test_smallest_wilcoxon_p_is_what_scipy_gives_for_all_one_sign(n):
+    """All n differences positive and distinct: the exact two-sided test's smallest p, 2^(1-n)."""
+    p = sps.wilcoxon(np.arange(1.0, n + 1), zero_method="wilcox", alternative="two-sided").pvalue
+    assert unc.smallest_wilcoxon_p(n) == pytest.approx(p, rel=1e-12)
+    assert (unc.smallest_wilcoxon_p(n) < 0.05) == (n >= 6)
+    with pytest.raises(ValueError):
+        unc.smallest_wilcoxon_p(0)
+
+
+def test_every_resampling_function_defaults_to_the_one_count_of_its_purpose():
+    for fn in (unc.cluster_bootstrap_ci, unc.mean_with_ci, unc.paired_comparisons, unc.with_intervals):
+        assert inspect.signature(fn).parameters["n_resamples"].default == unc.N_RESAMPLES_TABLES, fn.__name__
+    assert inspect.signature(unc.partial_spearman_ci).parameters["n_resamples"].default == unc.N_RESAMPLES_PARTIAL
+    assert unc.interval_note().count(str(unc.N_RESAMPLES_TABLES)) == 1

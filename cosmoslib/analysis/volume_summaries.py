@@ -92,7 +92,7 @@ def volume_scores(manifest: pd.DataFrame, redecode: Callable, model: str, root,
     return volumes.volume_table(manifest, pred, gt, root=root, tolerance=tolerance, gaps=gaps)
 
 
-def side_by_side(volume_table: pd.DataFrame, ci: float = 95.0, n_resamples: int = 2000,
+def side_by_side(volume_table: pd.DataFrame, ci: float = 95.0, n_resamples: int = uncertainty.N_RESAMPLES_TABLES,
                  seed: int = 0) -> pd.DataFrame:
     """Each metric in 3D beside the mean of its 2D slice values, over the same volumes.
 

@@ -36,6 +36,7 @@ from cosmoslib import models as models_mod
 from cosmoslib.book import finetune_runs, plots
 from cosmoslib.book.runlist import Config
 from cosmoslib.book.runlist import config as config_named
+from cosmoslib.analysis import factors as factors_mod
 from cosmoslib.data import dataset, indexer, readers
 from cosmoslib.models import cache as cache_mod
 from cosmoslib.models import everything as everything_mod
@@ -344,7 +345,48 @@ class Chapter:
 
     def annotation(self) -> pd.DataFrame:
         """Table 7: HCE of each object's S5 mask (the model's box prediction, oracle rule) with
-        the seconds it cost (encoder share + decode), per object of the config."""
+        the seconds it cost (encoder share + decode), per object of the config (stored by the
+        digest of its objects, models and version: computed once per book)."""
+        path = self._stored("annotation", self.manifest, strategy="S5", rule="oracle_dice")
+        if not path.exists():
+            files.atomic_write_parquet(self._annotation(), path)
+        return pd.read_parquet(path)  # the same dtypes on the first call as on every later one
+
+    def factors(self) -> pd.DataFrame:
+        """The object factors of Table 6 (:func:`cosmoslib.analysis.factors.compute_factors`) of
+        the config's objects, stored by the digest of their content (computed once per book).
+        ``attrs["skipped"]`` (objects that could not be measured, with why) is stored beside it."""
+        path = self._stored("factors", self.manifest)
+        side = path.with_name(path.stem + ".skipped.parquet")
+        if not (path.exists() and side.exists()):
+            table = factors_mod.compute_factors(self.manifest, self.root, progress=False)
+            skipped = pd.DataFrame([tuple(map(str, x)) for x in table.attrs.get("skipped", [])],
+                                   columns=["what", "why"])
+            files.atomic_write_parquet(skipped, side)
+            files.atomic_write_parquet(table, path)
+        # read back even when just written: the first call and every later one see the same dtypes
+        table = pd.read_parquet(path)
+        table.attrs["skipped"] = list(pd.read_parquet(side).itertuples(index=False, name=None))
+        return table
+
+    #: The chapter layer's named tables: ``ch.table(name)`` (notebooks and the findings read them
+    #: by name; an unknown name is an error).
+    TABLES = ("results", "everything_grid", "randomness", "interaction", "annotation", "factors",
+              "finetuned_results", "finetuned_interaction", "s1_thresholds")
+
+    def table(self, name: str) -> pd.DataFrame:
+        """The named table ``name`` of this config (one of :attr:`TABLES`), computed once and stored.
+
+        Raises
+        ------
+        KeyError
+            ``name`` is not a table of the chapter layer (a typo never turns into a silent None).
+        """
+        if name not in self.TABLES:
+            raise KeyError(f"no table {name!r}; the chapter layer's tables are {', '.join(self.TABLES)}")
+        return getattr(self, name)()
+
+    def _annotation(self) -> pd.DataFrame:
         results = self.results()
         s5 = results[(results["strategy"] == "S5") & (results["selection_rule"] == "oracle_dice")
                      & (results["shift_level"] == 0)]

@@ -84,3 +84,22 @@ def test_open_checks_the_injected_settings(small_root):
     with pytest.raises(ValueError, match="smoke"):
         chapters.Chapter.open("01_strategies", "unit", True, settings)
     assert chapters.Chapter.open("00_dataset", "demo").config == runlist.config("demo")
+
+
+def test_named_tables_are_stored_once_and_an_unknown_name_is_an_error(small_root, tmp_path, monkeypatch):
+    """``ch.table(name)``: the factors and annotation tables are computed once and stored by the
+    digest of their objects (a second chapter reads them back equal); a misspelt name raises."""
+    monkeypatch.setenv("COSMOS_DATA", str(tmp_path / "generated"))
+    cfg = _config(small_root)
+    first = chapters.Chapter("04_factors", cfg)
+    calls = []
+    real = chapters.factors_mod.compute_factors
+    monkeypatch.setattr(chapters.factors_mod, "compute_factors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fac = first.table("factors")
+    again = chapters.Chapter("10_findings", cfg).table("factors")
+    assert calls == [1] and len(fac) == len(first.manifest)
+    pd.testing.assert_frame_equal(fac, again)
+    assert again.attrs["skipped"] == fac.attrs["skipped"] == []
+    with pytest.raises(KeyError, match="no table 'factor'; the chapter layer's tables are"):
+        first.table("factor")
+    assert set(chapters.Chapter.TABLES) >= {"results", "randomness", "interaction", "annotation", "factors"}

@@ -16,8 +16,8 @@ from cosmoslib.analysis import factors
 from cosmoslib.book import runlist
 from cosmoslib.data import dataset, demo, indexer, preprocess
 from cosmoslib.files import InputError
-from cosmoslib.models import cache, mobilesam
-from cosmoslib.protocol import distributed, evaluate, finetune, propagation, splits
+from cosmoslib.models import mobilesam
+from cosmoslib.protocol import embed, evaluate, finetune, propagation, splits
 
 
 def _fetch_weights(args: argparse.Namespace) -> int:
@@ -77,21 +77,9 @@ def _embed(args: argparse.Namespace) -> int:
                               autocast=args.autocast, fast_encoder=args.fast_encoder,
                               compile_encoder=args.compile, threads=args.threads,
                               backend=args.backend)
-    if args.scheduler:
-        report = distributed.embed_root(args.root, model, args.scheduler, cache_dir=args.cache, dtype=args.dtype,
-                                        batch_size=args.batch_size, prefetch=args.prefetch,
-                                        group_size=args.shard_size, threads=args.threads or 1,
-                                        device=args.device)
-        print(report.summary())
-        return 1 if report.n_failed else 0
-    report = cache.embed_root(
-        args.root,
-        model,
-        cache_dir=args.cache,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        prefetch=args.prefetch,
-    )
+    report = embed.embed_root(args.root, model, scheduler=args.scheduler, cache_dir=args.cache, dtype=args.dtype,
+                              batch_size=args.batch_size, prefetch=args.prefetch, group_size=args.shard_size,
+                              threads=args.threads or 1, device=args.device)
     print(report.summary())
     return 1 if report.n_failed else 0
 
@@ -108,6 +96,14 @@ def _levels(text: str) -> tuple[int, ...]:
 
 def _evaluate(args: argparse.Namespace) -> int:
     """``cosmos evaluate``: index the root, load the models, evaluate, write ``--out``."""
+    try:
+        settings = evaluate.EvalSettings(
+            strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
+            seed=args.seed, points_per_side=args.points_per_side, shift_levels=args.shift_levels,
+            repeats=args.repeats, cache=args.use_cache, cache_dir=args.cache, save_masks=args.save_masks,
+            shard_size=args.shard_size, scheduler=args.scheduler, threads=args.threads or 1)
+    except ValueError as exc:  # an unknown strategy, --shard-size 0, ...: a usage error, not a traceback
+        raise InputError(None, str(exc)) from None
     checkpoints = list(args.checkpoint or [])
     if checkpoints and len(checkpoints) != len(args.model):
         raise files.InputError(None, f"give one --checkpoint per --model ({len(args.model)} models, "
@@ -119,13 +115,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.max_objects:
         manifest = dataset.subsample(manifest, max_objects_per_image=args.max_objects, seed=args.seed,
                                      object_sampling=args.object_sampling)
-    _, report = evaluate.evaluate(
-        manifest, args.root, loaded, args.out,
-        strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
-        cache_dir=args.cache, save_masks=args.save_masks, seed=args.seed,
-        points_per_side=args.points_per_side, shift_levels=args.shift_levels, repeats=args.repeats,
-        scheduler=args.scheduler, threads=args.threads or 1, shard_size=args.shard_size,
-        cache=args.use_cache)
+    _, report = evaluate.evaluate(manifest, args.root, loaded, args.out, settings)
     print(report.summary())
     if args.propagate:
         table, skipped = propagation.run_propagation(manifest, args.root, loaded, args.out,

@@ -94,7 +94,7 @@ from cosmoslib.files import InputError, atomic_write_bytes
 from cosmoslib.models import legacy_cache, pack
 from cosmoslib.models.pack import CODEC as _CODEC
 
-__all__ = ["STORE_VERSION", "LEGACY_VERSION", "EmbedReport", "EmbeddingCache", "image_key", "root_images", "embed_root",
+__all__ = ["STORE_VERSION", "LEGACY_VERSION", "EmbedReport", "EmbeddingCache", "image_key", "root_images",
            "as_model", "export_npy", "import_npy"]
 
 #: Version of the on-disk entry format (2: packed); entries of another version are recomputed.
@@ -680,38 +680,6 @@ def root_images(root) -> list[tuple[str, str, Path]]:
     if not items:
         raise InputError(root, "no images found (expected <task>/images/<name>.png)")
     return items
-
-
-def embed_root(root, model_name, checkpoint=None, cache_dir=None, device=None,
-               dtype: str = "float16", batch_size: int = 1, progress: bool = True,
-               prefetch: int = 2) -> EmbedReport:
-    """Embed every image of a COSMOS-layout folder (``cosmos embed``); resumable.
-
-    Parameters
-    ----------
-    root : path
-        COSMOS root (``<task>/images/*.png``).
-    model_name : str or SamFamilyModel
-        Registry name (see :func:`cosmoslib.models.load_model`) or a loaded model.
-    checkpoint : path, optional
-        Weights file for SAM models.
-    cache_dir : path, optional
-        Default :func:`cosmoslib.paths.embedding_cache_dir`.
-    device : str, optional
-        ``cpu`` or ``cuda`` (default: CUDA when available).
-    dtype : {"float16", "float32"}
-    batch_size : int
-        Images per encoder call.
-    progress : bool
-
-    Returns
-    -------
-    EmbedReport
-    """
-    items = root_images(root)
-    model = as_model(model_name, checkpoint, device)
-    cache = EmbeddingCache(cache_dir, model, dtype=dtype, batch_size=batch_size, prefetch=prefetch)
-    return cache.ensure([p for _, _, p in items], progress=progress)
 
 
 def export_npy(root, model, out_dir, cache_dir=None, dtype: str = "float16",

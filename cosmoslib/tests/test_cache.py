@@ -26,6 +26,7 @@ from cosmoslib.files import InputError
 from cosmoslib.models import cache, legacy_cache, registry
 from cosmoslib.models import pack as pack_format
 from cosmoslib.models.cache import EmbeddingCache, image_key
+from cosmoslib.protocol import embed
 from cosmoslib.protocol.prompts import Prompt
 
 
@@ -69,7 +70,7 @@ def filled(tmp_path_factory, litemedsam):
     """A root of 3 images and a cache holding all of them (computed once for the module)."""
     base = tmp_path_factory.mktemp("filled")
     root = make_root(base / "root", 3)
-    report = cache.embed_root(root, litemedsam, cache_dir=base / "cache", progress=False)
+    report = embed.embed_root(root, litemedsam, cache_dir=base / "cache", progress=False)
     assert (report.n_computed, report.n_reused, report.n_failed) == (3, 0, 0)
     return root, base / "cache"
 
@@ -124,7 +125,7 @@ def test_second_run_encodes_nothing(filled, tmp_path, counting):
     # A re-encoded copy of one image under another name hits the same entry.
     src = layout.list_images(root)[0][2]
     Image.fromarray(readers.read_image(src)).save(root / "toy" / "images" / "copy.png", compress_level=0)
-    report = cache.embed_root(root, model, cache_dir=cache_dir, progress=False)
+    report = embed.embed_root(root, model, cache_dir=cache_dir, progress=False)
     assert calls["images"] == 0
     assert (report.n_images, report.n_computed, report.n_reused, report.n_failed) == (4, 0, 4, 0)
     assert "0 computed, 4 reused" in report.summary()
@@ -140,7 +141,7 @@ def test_changed_checkpoint_recomputes(filled, tmp_path, litemedsam, monkeypatch
     models.register_model("lite_finetuned", "litemedsam", tmp_path / "finetuned.pth")
     tuned = models.load_model("lite_finetuned", device="cpu")
     assert tuned.checkpoint_sha256 != litemedsam.checkpoint_sha256
-    report = cache.embed_root(root, tuned, cache_dir=cache_dir, progress=False)
+    report = embed.embed_root(root, tuned, cache_dir=cache_dir, progress=False)
     assert (report.n_computed, report.n_reused) == (3, 0)
     old, new = EmbeddingCache(cache_dir, litemedsam), EmbeddingCache(cache_dir, tuned)
     assert old.store != new.store and len(old) == len(new) == 3
@@ -292,8 +293,8 @@ def test_half_written_temporaries_are_ignored_and_cleaned(filled, tmp_path, lite
 
 KILL_SCRIPT = """
 import sys
-from cosmoslib.models import cache
-cache.embed_root(sys.argv[1], "litemedsam", cache_dir=sys.argv[2], device="cpu", progress=False)
+from cosmoslib.protocol import embed
+embed.embed_root(sys.argv[1], "litemedsam", cache_dir=sys.argv[2], device="cpu", progress=False)
 """
 
 
@@ -322,7 +323,7 @@ def test_sigkill_loses_nothing_already_written(tmp_path, litemedsam):
     assert 2 <= written < 6
     c = EmbeddingCache(cache_dir, litemedsam)
     assert len(c) == written and c.verify() == {}
-    report = cache.embed_root(root, litemedsam, cache_dir=cache_dir, progress=False)
+    report = embed.embed_root(root, litemedsam, cache_dir=cache_dir, progress=False)
     assert report.n_reused >= written and report.n_computed == 6 - report.n_reused
     assert report.n_invalid == 0 and report.n_failed == 0
     c = EmbeddingCache(cache_dir, litemedsam)
@@ -335,13 +336,13 @@ def test_unreadable_image_is_recorded_and_the_rest_go_on(filled, tmp_path, litem
     bad = root / "toy" / "images" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     try:
-        report = cache.embed_root(root, litemedsam, cache_dir=cache_dir, progress=False)
+        report = embed.embed_root(root, litemedsam, cache_dir=cache_dir, progress=False)
     finally:
         bad.unlink()
     assert (report.n_images, report.n_reused, report.n_failed) == (4, 3, 1)
     assert report.failures[0][0] == str(bad.resolve()) and "broken.png" in report.summary()
     with pytest.raises(InputError, match="no images"):
-        cache.embed_root(tmp_path / "cache", litemedsam, cache_dir=cache_dir)
+        embed.embed_root(tmp_path / "cache", litemedsam, cache_dir=cache_dir)
 
 
 def test_cli_embed(filled, tmp_path, capsys):
@@ -534,7 +535,7 @@ def test_per_image_layout_is_read_in_place(filled, tmp_path, counting):
         assert np.array_equal(old.load(key), want[key])
         assert old.metadata(key)["cosmos_entry"] == cache.LEGACY_VERSION
         assert old.metadata(key)["original_size"] == meta[key]["original_size"]
-    report = cache.embed_root(root, model, cache_dir=cache_dir, progress=False)
+    report = embed.embed_root(root, model, cache_dir=cache_dir, progress=False)
     assert (report.n_computed, report.n_reused, calls["images"]) == (0, 3, 0)
     assert not list(old.packs.iterdir())  # nothing rewritten
 

@@ -1,14 +1,17 @@
 """The ``cosmos`` command: argument parsing only; every verb calls one cosmoslib function.
 
 Each verb shows progress on long work (tqdm, on stderr) and ends with a one-paragraph summary
-(counts, skipped, where outputs are) on stdout. Exit status: 0 on success, 1 when the verb
-finished but skipped some inputs (see the summary), 2 on a usage or input error.
+(counts, skipped, where outputs are) on stdout. A warning is one line on stderr,
+``cosmos <verb>: warning: <message>`` (not Python's file, line and source line; set only while
+:func:`main` runs). Exit status: 0 on success, 1 when the verb finished but skipped some inputs
+(see the summary), 2 on a usage or input error.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from cosmoslib import files, models
@@ -321,14 +324,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def warning_line(verb: str, message) -> str:
+    """A warning as the command prints it: ``cosmos <verb>: warning: <message>``, one line
+    (the message's line breaks and runs of spaces become single spaces)."""
+    return f"cosmos {verb}: warning: {' '.join(str(message).split())}"
+
+
+def _show_warnings_as_lines(verb: str):
+    """A :func:`warnings.showwarning` that prints :func:`warning_line` to stderr."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        try:
+            print(warning_line(verb, message), file=sys.stderr if file is None else file, flush=True)
+        except (OSError, ValueError):  # stderr closed: a warning is never worth a crash
+            pass
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb of the ``cosmos`` command; returns the exit status.
+
+    While the verb runs, warnings are printed as one line each on stderr
+    (:func:`warning_line`); the previous warning display is restored on return, so importing
+    this module, or calling :func:`main` from Python, leaves the process's warnings as they were.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except InputError as exc:
-        print(f"cosmos {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():  # restores showwarning (and the filters) when the verb ends
+        warnings.showwarning = _show_warnings_as_lines(args.verb)
+        try:
+            return args.func(args)
+        except InputError as exc:
+            print(f"cosmos {args.verb}: error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

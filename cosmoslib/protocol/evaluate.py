@@ -96,7 +96,7 @@ class EvalSettings:
         Subset of ``S1``..``S6`` (paper 3.3), in the order their rows are produced; any case,
         checked and upper-cased (an unknown name raises ``ValueError``). Default: all six.
     seed : int
-        Prompt sampling seed: one prompt table per manifest, shared by every model (default 0).
+        Prompt sampling seed (>= 0): one prompt table per manifest, shared by every model (default 0).
     points_per_side : int
         S1 grid size m: m x m point prompts over the image (paper 3.2, Table 5; default 32, >= 1).
     everything_kwargs : mapping or None
@@ -162,7 +162,7 @@ class EvalSettings:
         for name in ("cache_dir", "save_masks"):
             value = getattr(self, name)
             set_(name, Path(value) if value else None)
-        for name, low in (("points_per_side", 1), ("repeats", 1), ("shard_size", 1), ("threads", 1),
+        for name, low in (("seed", 0), ("points_per_side", 1), ("repeats", 1), ("shard_size", 1), ("threads", 1),
                           ("retries", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < low:
@@ -307,7 +307,9 @@ def prompt_table(manifest: pd.DataFrame, root: Path, seed: int, path: Path | Non
     reuse = pd.DataFrame()
     if old is not None and "label_sha" in old:
         old = old[(old["seed"] == seed)].astype({"label_value": "int64"})
-        old = old[[(int(a), int(b)) in combos for a, b in zip(old["shift_level"], old["repeat"])]]
+        # a boolean array, not a list: an empty list would select no *columns* (another seed's table)
+        old = old[np.array([(int(a), int(b)) in combos for a, b in zip(old["shift_level"], old["repeat"])],
+                           dtype=bool)]
         reuse = old.merge(want, on=[*_KEY, "label_sha"])
         complete = reuse.groupby(_KEY)["strategy"].transform("size") == n_needed
         reuse = reuse[complete]

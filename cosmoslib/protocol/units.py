@@ -406,7 +406,7 @@ def plan(manifest: pd.DataFrame, models: Sequence, parts: Path,
                              label_path=objects["label_path"].iat[0], digest=digests[(task, image_id)],
                              objects=objects, prompt_rows=prows))
     shard_size = max(1, int(shard_size))
-    shards = [jobs[i:i + shard_size] for i in range(0, len(jobs), shard_size)]
+    batches = [jobs[i:i + shard_size] for i in range(0, len(jobs), shard_size)]
     units: dict[int, WorkUnit] = {}
     planned: list[list[tuple[Path, list[int]]]] = []
     n_resumed = 0
@@ -414,7 +414,7 @@ def plan(manifest: pd.DataFrame, models: Sequence, parts: Path,
         folder = shards.model_folder(parts, model)
         index = None  # read only when some shard is missing
         mine = []
-        for si, shard in enumerate(shards):
+        for si, shard in enumerate(batches):
             path = folder / shards.shard_name([j.entry for j in shard])
             mine.append((path, [j.rank for j in shard]))
             if path.exists():

@@ -143,7 +143,7 @@ def test_layout_round_trip(tmp_path):
                                  "source": f"raw/{n}.nii.gz", "slice_index": n,
                                  "area_px": int((label == v).sum()), "height": 40 + n, "width": 30,
                                  **digests, "plane": "axial", "spacing_row": 0.5, "spacing_col": 0.75,
-                                 "spacing_slice": 2.0 + n})
+                                 "spacing_slice": 2.0 + n, "rescaled": False})
         layout.write_task(tmp_path, task, objects, dataset="DS " + task, modality="M", images=provenance)
     man = indexer.index(tmp_path)
     assert list(man.columns) == indexer.MANIFEST_COLUMNS

@@ -95,7 +95,8 @@ def test_keywords_and_a_settings_object_are_the_same_run(tiny, demo_root, liteme
                                     cache_dir=tmp_path / "cache", progress=False)
     assert rep2.n_parts_done == 0 and rep2.n_parts_resumed == len(tiny)
     pd.testing.assert_frame_equal(first, again)
-    # keywords override the object's fields
+    # keywords override the object's fields (another seed beside the stored prompt table of seed 0: this
+    # crashed before, the seed filter selected no columns)
     other, rep3 = evaluate.evaluate(tiny, demo_root, [litemedsam], out, settings, seed=1)
     assert rep3.n_parts_done == len(tiny) and set(other["strategy"]) == {"S5"}
 

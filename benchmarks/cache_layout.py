@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from numcodecs import Blosc
 
-from cosmoslib.models import cache
+from cosmoslib.models import cache, legacy_cache, pack
 
 #: A signature shaped like a real model's (the metadata size of an entry depends on it).
 SIGNATURE = {"arch": "synthetic", "checkpoint_sha256": "ab" * 32, "input_size": 1024,
@@ -100,15 +100,15 @@ def _build_per_image(cache_dir: Path, shape, n: int, fast: bool) -> float:
     c = cache.EmbeddingCache(cache_dir, Synthetic(shape))
     store = c.store
     key0, data0 = _entry(0, shape)
-    cache._write_legacy_entry(store, key0, data0, {**_attrs(0), "signature": SIGNATURE})
+    legacy_cache.write_entry(store, key0, data0, {**_attrs(0), "signature": SIGNATURE})
     template = json.loads((store / key0 / "zarr.json").read_text())
     codec = Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE)
     for i in range(1, n):
         key, data = _entry(i, shape)
-        attrs = {**_attrs(i), "signature": SIGNATURE, "cosmos_entry": cache.LEGACY_VERSION,
-                 "key": key, "dtype": str(data.dtype), "sha256": cache._sha256(data)}
+        attrs = {**_attrs(i), "signature": SIGNATURE, "cosmos_entry": legacy_cache.LEGACY_VERSION,
+                 "key": key, "dtype": str(data.dtype), "sha256": pack.array_sha256(data)}
         if not fast:
-            cache._write_legacy_entry(store, key, data, attrs)
+            legacy_cache.write_entry(store, key, data, attrs)
             continue
         entry = store / key
         (entry / "c" / "0" / "0").mkdir(parents=True)

@@ -116,7 +116,7 @@ def _prompts(manifest: pd.DataFrame, root: Path, seed: int) -> pd.DataFrame:
 
 
 def bookkeeping(rows: list[int], sample: int) -> None:
-    from cosmoslib.protocol import evaluate
+    from cosmoslib.protocol import evaluate, units as units_mod
 
     model = StandIn()
     print(f"Per-image bookkeeping (trivial model stand-in, not a network; {OBJECTS_PER_IMAGE} objects "
@@ -136,15 +136,15 @@ def bookkeeping(rows: list[int], sample: int) -> None:
             man = evaluate.with_digests(manifest, root)
             ptable = evaluate.prompt_table(man, root, 0, out.with_name("prompts.parquet"))
             parts = out.with_name(out.name + ".parts") / "bench"
-            units, jobs, _, _ = evaluate.plan(man, [model], parts, ptable, 1)
+            units, jobs, _, _ = units_mod.plan(man, [model], parts, ptable, 1)
             t_plan = time.perf_counter() - start
-            settings = evaluate.RunSettings(root=root, strategies=("S5",), points_per_side=4,
-                                            everything_kwargs=None, save_masks=None, cache_dir=work / "cache")
+            settings = units_mod.RunSettings(root=root, strategies=("S5",), points_per_side=4,
+                                             everything_kwargs=None, save_masks=None, cache_dir=work / "cache")
             caches: dict = {}
-            evaluate.run_unit(units[0], [model], settings, caches=caches)  # warm: the cache entry
+            units_mod.run_unit(units[0], [model], settings, caches=caches)  # warm: the cache entry
             start = time.perf_counter()
             for unit in units[1:sample + 1]:
-                evaluate.run_unit(unit, [model], settings, caches=caches)
+                units_mod.run_unit(unit, [model], settings, caches=caches)
             t_eval = (time.perf_counter() - start) / sample
             per = t_plan / len(jobs) + t_eval
             base = base or per
@@ -205,17 +205,17 @@ def dask_scaling(n_images: int, copies: int, objects: int, encode_copies: int = 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cache = tmp / "cache"
-        kw = dict(strategies=["S5"], cache_dir=cache, progress=False, shard_size=shard_size)
-        evaluate.evaluate(base, root, [model], tmp / "warm.parquet", **kw)  # fill the cache
+        settings = evaluate.EvalSettings(strategies=("S5",), cache_dir=cache, progress=False, shard_size=shard_size)
+        evaluate.evaluate(base, root, [model], tmp / "warm.parquet", settings)  # fill the cache
         # start-up, measured apart: the cluster, then the first (tiny) run that loads the model
         client1, t_start1 = _timed(lambda: cosmos_dask.client_for("local:1", threads=1))
         client1.wait_for_workers(1)
         tiny = base[base["image_id"] == base["image_id"].iloc[0]]
         _, t_load1 = _timed(lambda: evaluate.evaluate(tiny, root, [model], tmp / "load1.parquet",
-                                                      scheduler=client1, **kw))
+                                                      settings.replace(scheduler=client1)))
         client2, t_start2 = _timed(lambda: cosmos_dask.client_for("local:2", threads=1))
         client2.wait_for_workers(2)
-        evaluate.evaluate(tiny, root, [model], tmp / "load2.parquet", scheduler=client2, **kw)
+        evaluate.evaluate(tiny, root, [model], tmp / "load2.parquet", settings.replace(scheduler=client2))
         print(f"start-up (not in the rates below): local:1 cluster {t_start1:.1f} s + first run with model "
               f"load {t_load1:.1f} s; local:2 cluster {t_start2:.1f} s", flush=True)
         times = {}
@@ -226,8 +226,8 @@ def dask_scaling(n_images: int, copies: int, objects: int, encode_copies: int = 
             units = man.groupby(["task", "image_id"]).ngroups
             for name, sched in (("single process", None), ("local:1", client1), ("local:2", client2)):
                 out = tmp / f"{name}-{cached}.parquet".replace(":", "").replace(" ", "_")
-                run = lambda: evaluate.evaluate(man, root, [model], out, scheduler=sched,  # noqa: E731
-                                                cache=cached, **kw)
+                run = lambda: evaluate.evaluate(man, root, [model], out,  # noqa: E731
+                                                settings.replace(scheduler=sched, cache=cached))
                 if sched is client1:
                     with get_task_stream(client=client1) as stream:
                         _, row[name] = _timed(run)
@@ -321,7 +321,7 @@ def _projection(model, root, full: pd.DataFrame, times: dict, n_units: int, shar
 
 def _bookkeeping_per_image(sample: int = 100) -> float:
     """Seconds per image of the runner besides encode/decode (stand-in model, 10 k rows)."""
-    from cosmoslib.protocol import evaluate
+    from cosmoslib.protocol import evaluate, units as units_mod
 
     model = StandIn()
     with tempfile.TemporaryDirectory() as tmp:
@@ -332,14 +332,14 @@ def _bookkeeping_per_image(sample: int = 100) -> float:
         _prompts(manifest, root, seed=0).to_parquet(out.with_name("prompts.parquet"), index=False)
         man = evaluate.with_digests(manifest, root)
         ptable = evaluate.prompt_table(man, root, 0, out.with_name("prompts.parquet"))
-        units, _, _, _ = evaluate.plan(man, [model], out.with_name("parts"), ptable, 1)
-        settings = evaluate.RunSettings(root=root, strategies=("S5",), points_per_side=4, everything_kwargs=None,
-                                        save_masks=None, cache_dir=Path(tmp) / "cache")
+        units, _, _, _ = units_mod.plan(man, [model], out.with_name("parts"), ptable, 1)
+        settings = units_mod.RunSettings(root=root, strategies=("S5",), points_per_side=4, everything_kwargs=None,
+                                         save_masks=None, cache_dir=Path(tmp) / "cache")
         caches: dict = {}
-        evaluate.run_unit(units[0], [model], settings, caches=caches)
+        units_mod.run_unit(units[0], [model], settings, caches=caches)
         start = time.perf_counter()
         for unit in units[1:sample + 1]:
-            evaluate.run_unit(unit, [model], settings, caches=caches)
+            units_mod.run_unit(unit, [model], settings, caches=caches)
         return (time.perf_counter() - start) / sample
 
 

@@ -1,14 +1,17 @@
 """The ``cosmos`` command: argument parsing only; every verb calls one cosmoslib function.
 
 Each verb shows progress on long work (tqdm, on stderr) and ends with a one-paragraph summary
-(counts, skipped, where outputs are) on stdout. Exit status: 0 on success, 1 when the verb
-finished but skipped some inputs (see the summary), 2 on a usage or input error.
+(counts, skipped, where outputs are) on stdout. A warning is one line on stderr,
+``cosmos <verb>: warning: <message>`` (not Python's file, line and source line; set only while
+:func:`main` runs). Exit status: 0 on success, 1 when the verb finished but skipped some inputs
+(see the summary), 2 on a usage or input error.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from cosmoslib import files, models
@@ -16,8 +19,8 @@ from cosmoslib.analysis import factors
 from cosmoslib.book import runlist
 from cosmoslib.data import dataset, demo, indexer, preprocess
 from cosmoslib.files import InputError
-from cosmoslib.models import cache, mobilesam
-from cosmoslib.protocol import distributed, evaluate, finetune, propagation, splits
+from cosmoslib.models import mobilesam
+from cosmoslib.protocol import embed, evaluate, finetune, propagation, splits
 
 
 def _fetch_weights(args: argparse.Namespace) -> int:
@@ -77,21 +80,9 @@ def _embed(args: argparse.Namespace) -> int:
                               autocast=args.autocast, fast_encoder=args.fast_encoder,
                               compile_encoder=args.compile, threads=args.threads,
                               backend=args.backend)
-    if args.scheduler:
-        report = distributed.embed_root(args.root, model, args.scheduler, cache_dir=args.cache, dtype=args.dtype,
-                                        batch_size=args.batch_size, prefetch=args.prefetch,
-                                        group_size=args.shard_size, threads=args.threads or 1,
-                                        device=args.device)
-        print(report.summary())
-        return 1 if report.n_failed else 0
-    report = cache.embed_root(
-        args.root,
-        model,
-        cache_dir=args.cache,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        prefetch=args.prefetch,
-    )
+    report = embed.embed_root(args.root, model, scheduler=args.scheduler, cache_dir=args.cache, dtype=args.dtype,
+                              batch_size=args.batch_size, prefetch=args.prefetch, group_size=args.shard_size,
+                              threads=args.threads or 1, device=args.device)
     print(report.summary())
     return 1 if report.n_failed else 0
 
@@ -108,6 +99,14 @@ def _levels(text: str) -> tuple[int, ...]:
 
 def _evaluate(args: argparse.Namespace) -> int:
     """``cosmos evaluate``: index the root, load the models, evaluate, write ``--out``."""
+    try:
+        settings = evaluate.EvalSettings(
+            strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
+            seed=args.seed, points_per_side=args.points_per_side, shift_levels=args.shift_levels,
+            repeats=args.repeats, cache=args.use_cache, cache_dir=args.cache, save_masks=args.save_masks,
+            shard_size=args.shard_size, scheduler=args.scheduler, threads=args.threads or 1)
+    except ValueError as exc:  # an unknown strategy, --shard-size 0, ...: a usage error, not a traceback
+        raise InputError(None, str(exc)) from None
     checkpoints = list(args.checkpoint or [])
     if checkpoints and len(checkpoints) != len(args.model):
         raise files.InputError(None, f"give one --checkpoint per --model ({len(args.model)} models, "
@@ -119,13 +118,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.max_objects:
         manifest = dataset.subsample(manifest, max_objects_per_image=args.max_objects, seed=args.seed,
                                      object_sampling=args.object_sampling)
-    _, report = evaluate.evaluate(
-        manifest, args.root, loaded, args.out,
-        strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
-        cache_dir=args.cache, save_masks=args.save_masks, seed=args.seed,
-        points_per_side=args.points_per_side, shift_levels=args.shift_levels, repeats=args.repeats,
-        scheduler=args.scheduler, threads=args.threads or 1, shard_size=args.shard_size,
-        cache=args.use_cache)
+    _, report = evaluate.evaluate(manifest, args.root, loaded, args.out, settings)
     print(report.summary())
     if args.propagate:
         table, skipped = propagation.run_propagation(manifest, args.root, loaded, args.out,
@@ -334,14 +327,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def warning_line(verb: str, message) -> str:
+    """A warning as the command prints it: ``cosmos <verb>: warning: <message>``, one line
+    (the message's line breaks and runs of spaces become single spaces)."""
+    return f"cosmos {verb}: warning: {' '.join(str(message).split())}"
+
+
+def _show_warnings_as_lines(verb: str):
+    """A :func:`warnings.showwarning` that prints :func:`warning_line` to stderr."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        try:
+            print(warning_line(verb, message), file=sys.stderr if file is None else file, flush=True)
+        except (OSError, ValueError):  # stderr closed: a warning is never worth a crash
+            pass
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb of the ``cosmos`` command; returns the exit status.
+
+    While the verb runs, warnings are printed as one line each on stderr
+    (:func:`warning_line`); the previous warning display is restored on return, so importing
+    this module, or calling :func:`main` from Python, leaves the process's warnings as they were.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except InputError as exc:
-        print(f"cosmos {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():  # restores showwarning (and the filters) when the verb ends
+        warnings.showwarning = _show_warnings_as_lines(args.verb)
+        try:
+            return args.func(args)
+        except InputError as exc:
+            print(f"cosmos {args.verb}: error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,9 +2,10 @@
 
 One row per (image, object) with dataset, task, modality, object name, label value, paths,
 source volume and slice, area, size, content digests (``image_sha``, ``label_sha``) and voxel
-spacing. Every image is decoded with the readers of :mod:`cosmoslib.data.readers`, so a file
-``index`` accepts is one ``embed`` and ``evaluate`` can read; anything else is skipped and
-recorded as ``(file, reason)``.
+spacing, and whether the image was min-max normalised from more than 8 bits (``rescaled``).
+Every image is decoded with the readers of :mod:`cosmoslib.data.readers`, so a file ``index``
+accepts is one ``embed`` and ``evaluate`` can read, with the same pixels; anything else is
+skipped and recorded as ``(file, reason)``.
 
 The modality of a task comes from, first that gives one: an explicit ``{task: modality}``
 override (``index(..., modality=...)``), the json key ``"modality"``, the catalog
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from cosmoslib import vocabulary
 from cosmoslib.data import catalog
 from cosmoslib.data.layout import _files_by_stem, find_tasks, read_task_json
-from cosmoslib.data.readers import IMAGE_SUFFIXES, read_image, read_label
+from cosmoslib.data.readers import IMAGE_SUFFIXES, decode_image, read_label
 from cosmoslib.files import (
     InputError,
     atomic_write_csv,
@@ -41,8 +42,13 @@ from cosmoslib.files import (
 MANIFEST_COLUMNS = [
     "dataset", "task", "modality", "object", "label_value", "image_id", "image_path",
     "label_path", "source", "slice_index", "area_px", "height", "width",
-    "image_sha", "label_sha", "plane", "spacing_row", "spacing_col", "spacing_slice",
+    "image_sha", "label_sha", "plane", "spacing_row", "spacing_col", "spacing_slice", "rescaled",
 ]
+
+#: Bumped when :func:`index` gives another manifest for the same files (a stored manifest of an
+#: older version is stale). 2: wider-than-8-bit images are min-max normalised and indexed (column
+#: ``rescaled``) instead of skipped.
+MANIFEST_VERSION = 2
 
 
 
@@ -301,10 +307,11 @@ def _attach_modality_info(df, sources: dict) -> dict:
 
 
 def _scan(root, info_dir=None, progress=False, modality=None):
-    """Build manifest rows; returns (rows, skipped, n_tasks, n_images, modality_sources).
+    """Build manifest rows; returns (rows, skipped, n_tasks, n_images, modality_sources, rescaled).
 
     ``modality`` is the ``{task: name}`` override of :func:`index`; ``modality_sources`` is
-    ``{task: (modality, source, detail)}`` (see :func:`_resolve_task`).
+    ``{task: (modality, source, detail)}`` (see :func:`_resolve_task`); ``rescaled`` lists
+    ``(image file, stored dtype)`` of the images min-max normalised to 0..255.
     """
 
     root = Path(root)
@@ -319,6 +326,7 @@ def _scan(root, info_dir=None, progress=False, modality=None):
 
     sources: dict = {}
     rows, skipped = [], []
+    rescaled: list[tuple[Path, str]] = []
     n_images = 0
     todo = []
     for task, folder in tasks:
@@ -340,14 +348,16 @@ def _scan(root, info_dir=None, progress=False, modality=None):
             skipped.append((ipath, "image without label"))
             continue
         # One verdict on input: the image is decoded by the same reader every later verb uses,
-        # so a truncated file or a 16-bit image is skipped here, with its reason, rather than
-        # accepted now and refused by `embed`/`evaluate` later (a full decode costs about as much
-        # as the label decode below; measured in the architecture notes).
+        # so a truncated file or a constant 16-bit image is skipped here, with its reason, rather
+        # than accepted now and refused by `embed`/`evaluate` later, and a 16-bit image is
+        # min-max normalised here exactly as there (a full decode costs about as much as the
+        # label decode below; measured in the architecture notes).
         try:
-            height, width = read_image(ipath).shape[:2]
+            decoded = decode_image(ipath)
         except InputError as exc:
             skipped.append((exc.path, exc.problem))
             continue
+        height, width = decoded.pixels.shape[:2]
         try:
             label = read_label(lpath)
         except InputError as exc:
@@ -357,6 +367,8 @@ def _scan(root, info_dir=None, progress=False, modality=None):
             skipped.append((lpath, f"label {label.shape[1]}x{label.shape[0]} != image {width}x{height} (W x H)"))
             continue
         n_images += 1
+        if decoded.rescaled:
+            rescaled.append((ipath, decoded.stored_dtype))
         counts = np.bincount(label.ravel(), minlength=256)
         present = np.flatnonzero(counts[1:]) + 1
         if present.size == 0:
@@ -391,8 +403,9 @@ def _scan(root, info_dir=None, progress=False, modality=None):
                 "spacing_row": spacing[0],
                 "spacing_col": spacing[1],
                 "spacing_slice": spacing[2],
+                "rescaled": bool(decoded.rescaled),
             })
-    return rows, skipped, len(tasks), n_images, sources
+    return rows, skipped, len(tasks), n_images, sources, rescaled
 
 
 def _manifest_frame(rows):
@@ -403,6 +416,7 @@ def _manifest_frame(rows):
     df["slice_index"] = df["slice_index"].astype("Int64")
     df["source"] = df["source"].astype(object).where(df["source"].notna(), None)
     df["plane"] = df["plane"].astype(object).where(df["plane"].notna(), None)
+    df["rescaled"] = df["rescaled"].astype(bool)
     for col in ("spacing_row", "spacing_col", "spacing_slice"):
         df[col] = df[col].astype("float64")
     return df.sort_values(["task", "image_id", "label_value"], kind="stable").reset_index(drop=True)
@@ -428,8 +442,11 @@ def index(root, info_dir=None, progress: bool = False, modality=None):
         sorted by task, image_id, label_value. ``image_path``/``label_path`` are relative to
         ``root`` (POSIX separators); ``area_px`` is the object's pixel count; ``source`` and
         ``slice_index`` come from the json's per-image provenance (null when absent; -1 marks a
-        2D source image). Items that cannot be read are left out (with a warning); use
-        :func:`index_to_parquet` to get the skipped list.
+        2D source image). ``rescaled`` is True for an image stored wider than 8 bits (a 16-bit
+        PNG, an int16 TIFF) whose values were min-max normalised to 0..255
+        (:func:`cosmoslib.data.readers.decode_image`, the paper's preprocessing rule); every
+        later verb reads it the same way. Items that cannot be read are left out (with a
+        warning); use :func:`index_to_parquet` to get the skipped list.
 
         A task's modality comes from, first that gives one: the ``modality`` override; the
         task json's ``"modality"``; the catalog (:func:`modality_from_catalog`: the task, or
@@ -448,10 +465,11 @@ def index(root, info_dir=None, progress: bool = False, modality=None):
         ``root`` missing, or a ``modality`` override naming a task that is not under ``root``
         or a modality the vocabulary does not know.
     """
-    rows, skipped, _, _, sources = _scan(root, info_dir=info_dir, progress=progress, modality=modality)
+    rows, skipped, _, _, sources, _ = _scan(root, info_dir=info_dir, progress=progress, modality=modality)
     if skipped:
-        warnings.warn(f"index({root}): {len(skipped)} item(s) skipped, first: {skipped[0][0]}: {skipped[0][1]}",
-                      stacklevel=2)
+        warnings.warn(f"index({root}): {len(skipped)} item(s) skipped, first: {skipped[0][0]}: {skipped[0][1]}; "
+                      f"fix or remove them (`cosmos index {root} --out manifest.parquet` lists every one "
+                      f"in manifest.skipped.csv)", stacklevel=2)
     df = _manifest_frame(rows)
     _attach_modality_info(df, sources)
     return df
@@ -473,6 +491,9 @@ class IndexReport:
     unknown_modality: dict = field(default_factory=dict)
     #: ``{task: source}`` of each task's modality (see :func:`index`).
     modality_source: dict = field(default_factory=dict)
+    #: ``(image file, stored dtype)`` of the images wider than 8 bits that were min-max
+    #: normalised to 0..255 (manifest column ``rescaled``).
+    rescaled: list = field(default_factory=list)
 
     @property
     def n_unknown_modality(self) -> int:
@@ -489,6 +510,11 @@ class IndexReport:
                      f"the full list is in {self.skipped_csv}.")
         else:
             text += " Nothing was skipped."
+        if self.rescaled:
+            dtypes = ", ".join(sorted({d for _, d in self.rescaled}))
+            text += (f" {len(self.rescaled)} image(s) stored wider than 8 bits ({dtypes}; e.g. "
+                     f"{self.rescaled[0][0]}) were min-max normalised to 0..255 as in the paper's "
+                     "preprocessing (manifest column rescaled).")
         if self.unknown_modality:
             tasks = ", ".join(f"{t} ({n})" for t, n in self.unknown_modality.items())
             text += (f" Modality unknown for {self.n_unknown_modality} object(s) of task(s) {tasks}; "
@@ -508,8 +534,8 @@ def index_to_parquet(root, out, info_dir=None, progress: bool = True, modality=N
     """
 
     out = Path(out)
-    rows, skipped, n_tasks, n_images, sources = _scan(root, info_dir=info_dir, progress=progress,
-                                                      modality=modality)
+    rows, skipped, n_tasks, n_images, sources, rescaled = _scan(root, info_dir=info_dir, progress=progress,
+                                                                modality=modality)
     df = _manifest_frame(rows)
     unknown = _attach_modality_info(df, sources)
     atomic_write_parquet(df, out)
@@ -518,4 +544,5 @@ def index_to_parquet(root, out, info_dir=None, progress: bool = True, modality=N
     return IndexReport(root=Path(root), out=out, n_tasks=n_tasks, n_images=n_images, n_rows=len(df),
                        n_skipped=len(skipped), skipped=[(str(f), r) for f, r in skipped],
                        skipped_csv=skipped_csv, unknown_modality=unknown,
-                       modality_source=dict(df.attrs["modality_source"]))
+                       modality_source=dict(df.attrs["modality_source"]),
+                       rescaled=[(str(f), d) for f, d in rescaled])

@@ -72,6 +72,8 @@ from tqdm.auto import tqdm
 from cosmoslib import files
 from cosmoslib.data import layout, readers
 from cosmoslib.data.catalog import Descriptor, load_descriptor
+# the paper's min-max rule lives with the readers, which apply it to a wider-than-8-bit COSMOS image
+from cosmoslib.data.readers import minmax_normalize
 from cosmoslib.files import InputError
 
 #: Bumped when the output of :func:`prepare` changes for the same input (invalidates ledgers).
@@ -137,39 +139,6 @@ def slice_spacing(spacing, plane: str) -> list[float]:
     if plane == "sagittal":
         return [sup, post, left]
     raise ValueError(f"unknown plane {plane!r}; expected axial, coronal or sagittal")
-
-
-def minmax_normalize(img: np.ndarray, clip_percentiles=None, path=None) -> np.ndarray:
-    """Min-max normalise an image to ``uint8`` 0..255 (paper: ``I_n = 255 (I - Imin)/(Imax - Imin)``).
-
-    Parameters
-    ----------
-    img : 2D grey or ``(H, W, 3)`` RGB array of any numeric dtype (RGB: one min and max over all
-        channels, so colours keep their balance).
-    clip_percentiles : ``(low, high)`` in percent, optional
-        Clip intensities to these percentiles first (the authors' code uses ``(0.95, 99.5)``),
-        so a few extreme voxels do not squash the contrast.
-    path : file named in the error.
-
-    Returns
-    -------
-    uint8 array of the same shape; values rounded to the nearest integer, min -> 0, max -> 255.
-
-    Raises
-    ------
-    InputError
-        NaN/infinite values, or a constant image (the formula divides by zero).
-    """
-    a = np.asarray(img, dtype=np.float64)
-    if not np.isfinite(a).all():
-        raise InputError(path, f"{int((~np.isfinite(a)).sum())} NaN/infinite value(s); cannot normalise")
-    if clip_percentiles is not None:
-        lo, hi = np.percentile(a, clip_percentiles)
-        a = np.clip(a, lo, hi)
-    lo, hi = a.min(), a.max()
-    if hi == lo:
-        raise InputError(path, f"constant intensity ({lo:g}); min-max normalisation undefined")
-    return np.rint(255.0 * (a - lo) / (hi - lo)).astype(np.uint8)
 
 
 def retain_objects(label: np.ndarray, rule: str = "per_object", min_pixels: int = 50, raw=None) -> np.ndarray:

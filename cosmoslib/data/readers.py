@@ -3,9 +3,11 @@
 One job: turn a file into an array, loudly. :func:`read_volume` reads NIfTI/MGH through
 nibabel and NRRD and MHA/MHD through SimpleITK (with voxel spacing); :func:`read_raw_image`
 and :func:`read_raw_label` read PNG/BMP/JPG/TIF at any bit depth (for
-:mod:`cosmoslib.data.preprocess`); :func:`read_image` and :func:`read_label` read the 8-bit
-files of the COSMOS layout -- the readers ``index``, ``embed`` and ``evaluate`` all share, so
-what the indexer accepts every later verb can read. Any unreadable file raises
+:mod:`cosmoslib.data.preprocess`); :func:`read_image` and :func:`read_label` read the files
+of the COSMOS layout -- the readers ``index``, ``embed`` and ``evaluate`` all share, so what the
+indexer accepts every later verb can read. An image wider than 8 bits is min-max normalised to
+0..255 (:func:`minmax_normalize`, the paper's preprocessing rule, also used by
+:mod:`cosmoslib.data.preprocess`; :func:`decode_image` says whether it was). Any unreadable file raises
 :class:`cosmoslib.files.InputError` naming the file and the problem.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import io as _stdio
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -253,25 +256,114 @@ def as_label_values(arr: np.ndarray, path=None) -> np.ndarray:
     return arr
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a COSMOS-layout image: ``uint8`` ``(H, W)`` grey or ``(H, W, 3)`` RGB.
+def minmax_normalize(img: np.ndarray, clip_percentiles=None, path=None) -> np.ndarray:
+    """Min-max normalise an image to ``uint8`` 0..255 (paper: ``I_n = 255 (I - Imin)/(Imax - Imin)``).
 
-    Integer images whose values already lie in 0..255 (e.g. a 16-bit PNG holding 8-bit data) are
-    converted losslessly; anything else (real 16-bit or float data) is refused rather than
-    silently rescaled -- run such data through :func:`cosmoslib.data.preprocess.prepare`.
+    Parameters
+    ----------
+    img : 2D grey or ``(H, W, 3)`` RGB array of any numeric dtype (RGB: one min and max over all
+        channels, so colours keep their balance).
+    clip_percentiles : ``(low, high)`` in percent, optional
+        Clip intensities to these percentiles first (the authors' code uses ``(0.95, 99.5)``),
+        so a few extreme voxels do not squash the contrast.
+    path : file named in the error.
+
+    Returns
+    -------
+    uint8 array of the same shape; values rounded to the nearest integer, min -> 0, max -> 255.
 
     Raises
     ------
     InputError
-        Missing/unreadable file, or not representable as uint8 without rescaling.
+        NaN/infinite values, or a constant image (the formula divides by zero).
+    """
+    a = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise InputError(path, f"{int((~np.isfinite(a)).sum())} NaN/infinite value(s); cannot normalise")
+    if clip_percentiles is not None:
+        lo, hi = np.percentile(a, clip_percentiles)
+        a = np.clip(a, lo, hi)
+    lo, hi = a.min(), a.max()
+    if hi == lo:
+        raise InputError(path, f"constant intensity ({lo:g}); min-max normalisation undefined")
+    return np.rint(255.0 * (a - lo) / (hi - lo)).astype(np.uint8)
+
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A COSMOS-layout image as every verb sees it (:func:`decode_image`).
+
+    Attributes
+    ----------
+    pixels : ndarray
+        ``uint8`` ``(H, W)`` grey or ``(H, W, 3)`` RGB.
+    stored_dtype : str
+        The dtype the file holds (``"uint8"``, ``"uint16"``, ``"int16"``, ...).
+    rescaled : bool
+        True when the stored values did not fit 0..255 and were min-max normalised to 0..255
+        (:func:`minmax_normalize`, the paper's rule of section 2.2); False when the pixels are
+        the stored values.
+    """
+
+    pixels: np.ndarray
+    stored_dtype: str
+    rescaled: bool
+
+
+def decode_image(path: str | os.PathLike) -> DecodedImage:
+    """Read a COSMOS-layout image and say how it was brought to ``uint8``.
+
+    * ``uint8`` files are returned as stored;
+    * integer files of another width (16-bit PNG, int16/uint16/int32 TIFF, ...) whose values
+      already lie in 0..255 are converted losslessly;
+    * other integer files -- real 16-bit data such as a CT or microscopy slice -- are min-max
+      normalised to 0..255 with :func:`minmax_normalize`, the rule the paper's preprocessing
+      (and :func:`cosmoslib.data.preprocess.prepare`) applies to every slice, without percentile
+      clipping (a COSMOS folder carries no dataset descriptor). ``rescaled`` records it, and
+      :func:`cosmoslib.data.indexer.index` writes it to the manifest (column ``rescaled``).
+
+    The embedding cache and the result shards are keyed by content (the decoded pixels, the file
+    bytes), so a rescaled image is one input like any other: the same file gives the same pixels
+    in ``index``, ``embed`` and ``evaluate``.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file; a wider-than-8-bit image of constant intensity (min-max
+        normalisation divides by zero: nothing to segment); float data (run it through
+        ``cosmos prepare``, whose descriptor says how to normalise it). The error names the file.
     """
     arr = read_raw_image(path)
     if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype.kind in "iu" and arr.size and arr.min() >= 0 and arr.max() <= 255:
-        return arr.astype(np.uint8)
+        return DecodedImage(arr, "uint8", False)
+    if arr.dtype.kind in "iu":
+        if arr.size and arr.min() >= 0 and arr.max() <= 255:
+            return DecodedImage(arr.astype(np.uint8), str(arr.dtype), False)
+        try:
+            pixels = minmax_normalize(arr, path=path)
+        except InputError as exc:
+            raise InputError(path, f"{arr.dtype} image of {exc.problem}; nothing to segment") from None
+        return DecodedImage(pixels, str(arr.dtype), True)
     lo, hi = (arr.min(), arr.max()) if arr.size else (0, 0)
-    raise InputError(path, f"{arr.dtype} image with values {lo}..{hi}; expected an 8-bit image")
+    raise InputError(path, f"{arr.dtype} image with values {lo}..{hi}; expected an integer image "
+                           f"(8-bit, or wider and min-max normalised): convert float data with "
+                           f"`cosmos prepare` and a descriptor")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a COSMOS-layout image: ``uint8`` ``(H, W)`` grey or ``(H, W, 3)`` RGB.
+
+    The pixels of :func:`decode_image`: 8-bit files as stored, wider integer files (16-bit PNG,
+    int16 TIFF, ...) losslessly when their values lie in 0..255, else min-max normalised to
+    0..255 as the paper's preprocessing does.
+
+    Raises
+    ------
+    InputError
+        Missing/unreadable file, a wider-than-8-bit image of constant intensity, or float data.
+    """
+    return decode_image(path).pixels
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:

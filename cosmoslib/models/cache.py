@@ -5,8 +5,9 @@ paper evaluates six strategies -- several with many prompts -- on the same image
 embedding of every image is computed once per model and stored; every strategy then decodes
 from the stored embedding.
 
-Layout. One store per model signature and stored precision; entries are appended to *packs*,
-so the number of files grows with packs (~1,000 entries each), not with images::
+Layout. One store per model signature and stored precision; entries are appended to *packs*
+(their byte format: :mod:`cosmoslib.models.pack`), so the number of files grows with packs
+(~1,000 entries each), not with images::
 
     <cache_dir>/<arch>-<signature_hash>-<fp16|fp32>.zarr/
         zarr.json                      root group, attributes: the full model signature
@@ -21,7 +22,8 @@ so any number of processes -- Dask workers on several hosts of a shared file sys
 -- write at once without locks. Readers merge all indexes into one in-memory dict at open
 (one sequential read of every index), pick up other writers' new records on a miss (only
 unsealed indexes are looked at again), and read an entry with one seek. The per-image layout
-(one zarr array per image: a folder and five files and folders each) is still read in place,
+(one zarr array per image: a folder and five files and folders each;
+:mod:`cosmoslib.models.legacy_cache`) is still read in place,
 entry by entry, after the packs; :meth:`EmbeddingCache.migrate` moves such entries into a pack.
 ``benchmarks/cache_layout.py`` compares both at 100,000 entries. Every process that writes
 leaves at least one (small) pack, so many short writing processes mean many small packs. The
@@ -52,6 +54,10 @@ An entry holds one array of ``model.embedding_shape``: ``(256, 64, 64)`` for SAM
 its image embedding plus both high-resolution feature levels packed as ``(1024, 64, 64)``
 (:func:`cosmoslib.models.sam2.pack_features`; 8 MiB in fp16 before compression).
 
+Whole folders: ``cosmos embed`` is :func:`cosmoslib.protocol.embed.embed_root` (in this process or
+on Dask, through :meth:`EmbeddingCache.ensure`); :func:`export_npy` and :func:`import_npy` move
+embeddings to and from the authors' per-image ``.npy`` files.
+
 Precision. fp16 by default (1.7-1.8 MB per SAM embedding on disk instead of 3.5 MB in fp32);
 box-prompt masks decoded from fp16 and fp32 embeddings agree to a mean DICE above 99.9 %
 (measured in ``cosmoslib/tests/test_cache.py`` and ``benchmarks/embed_cache.py``).
@@ -66,13 +72,9 @@ import io as _stdio
 import json
 import math
 import os
-import shutil
-import socket
-import struct
 import sys
 import threading
 import time
-import uuid
 import weakref
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -83,42 +85,27 @@ from typing import Any
 
 import numpy as np
 import zarr
-from numcodecs import Blosc
 from tqdm.auto import tqdm
-from zarr.codecs import BloscCodec, BloscShuffle
 
 from cosmoslib import models, paths
 from cosmoslib.data.layout import list_images
 from cosmoslib.data.readers import read_image
 from cosmoslib.files import InputError, atomic_write_bytes
+from cosmoslib.models import legacy_cache, pack
+from cosmoslib.models.pack import CODEC as _CODEC
 
-__all__ = ["STORE_VERSION", "LEGACY_VERSION", "EmbedReport", "EmbeddingCache", "image_key", "embed_root",
-           "export_npy", "import_npy"]
+__all__ = ["STORE_VERSION", "LEGACY_VERSION", "EmbedReport", "EmbeddingCache", "image_key", "root_images",
+           "as_model", "export_npy", "import_npy"]
 
 #: Version of the on-disk entry format (2: packed); entries of another version are recomputed.
 STORE_VERSION = 2
-#: Format of the entries of the per-image layout (one zarr array per image), still read.
-LEGACY_VERSION = 1
+#: Format of the entries of the per-image layout (one zarr array per image), still read
+#: (:mod:`cosmoslib.models.legacy_cache`).
+LEGACY_VERSION = legacy_cache.LEGACY_VERSION
 
 _DTYPES = {"float16": "fp16", "float32": "fp32"}
-_TMP_PREFIX = ".tmp-"
-_TRASH_PREFIX = ".trash-"
-#: A temporary folder this old is removed even if the process that made it still runs.
-_STALE_TMP_SECONDS = 24 * 3600
-#: Tag of this host in temporary names (8 hex digits, no dashes).
-_HOST_TAG = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
-#: Sub-folder of a store holding the packs.
-_PACK_DIR = "packs"
-#: One index record: key (16 bytes), offset, metadata length, array length (bytes), time
-#: written (Unix seconds), BLAKE2b-128 of the metadata. 64 bytes, little-endian.
-_IDX = struct.Struct("<16sQQQd16s")
-#: Key of the record that seals an index (its writer appends nothing more).
-_SEAL = b"\xff" * 16
-#: Compression of a packed array (as the per-image layout: Blosc zstd 5, byte shuffle).
-_CODEC = Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE)
 #: Attributes :meth:`EmbeddingCache._store_entry` sets itself.
 _ENTRY_FIELDS = frozenset({"cosmos_entry", "key", "signature", "dtype", "shape", "sha256", "codec"})
-_HEX = frozenset("0123456789abcdef")
 
 
 def image_key(image: np.ndarray) -> str:
@@ -133,23 +120,12 @@ def image_key(image: np.ndarray) -> str:
     return digest.hexdigest()[:32]
 
 
-def _sha256(arr: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+_sha256 = pack.array_sha256
 
 
 def _reason(exc: Exception) -> str:
     """The problem of an error without the file name (failures already name the file)."""
     return exc.problem if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 @dataclass
@@ -251,12 +227,12 @@ class EmbeddingCache:
         self.prefetch = max(0, int(prefetch))
         self._signature = dict(model.signature)
         self.store = self.cache_dir / f"{model.arch}-{model.signature_hash}-{_DTYPES[str(dtype)]}.zarr"
-        self.packs = self.store / _PACK_DIR
+        self.packs = self.store / pack.PACK_DIR
         self._lock = threading.RLock()
         self._index: dict[str, list[tuple]] = {}  # key -> locations, oldest first
         self._seen: dict[str, int] = {}  # index file name -> bytes read (-1: sealed)
         self._bad: set[tuple] = set()  # locations found invalid by this process
-        self._writer: _PackWriter | None = None
+        self._writer: pack.PackWriter | None = None
         self._finalizer: weakref.finalize | None = None
         self._open_root()
         self.clean_temporaries()
@@ -288,27 +264,7 @@ class EmbeddingCache:
         mean nothing here) are removed only when a day old. A pack with complete entries is
         never removed; a torn last record of a killed writer is simply never indexed.
         """
-        removed = 0
-        for child in self.store.iterdir():
-            name = child.name
-            if not (name.startswith(_TMP_PREFIX) or name.startswith(_TRASH_PREFIX)):
-                continue
-            parts = name.split("-")
-            if _stale(child, parts[-3] if len(parts) >= 5 else _HOST_TAG, parts[-2], mine_alive=False):
-                shutil.rmtree(child, ignore_errors=True)
-                removed += 1
-        for child in self.packs.glob("*.pack"):
-            idx = child.with_suffix(".idx")
-            try:
-                complete = idx.stat().st_size >= _IDX.size
-            except FileNotFoundError:
-                complete = False
-            host, pid = (child.stem.split("-") + ["", ""])[:2]
-            if not complete and _stale(child, host, pid, mine_alive=True):
-                idx.unlink(missing_ok=True)
-                child.unlink(missing_ok=True)
-                removed += 1
-        return removed
+        return legacy_cache.remove_leftovers(self.store) + pack.remove_orphan_packs(self.packs)
 
     def _refresh(self) -> None:
         """Read the index records appended since the last call (by any writer)."""
@@ -323,22 +279,13 @@ class EmbeddingCache:
                 done = self._seen.get(name, 0)
                 if done < 0:
                     continue
-                path = self.packs / name
                 try:
-                    with open(path, "rb") as fh:
-                        fh.seek(done)
-                        raw = fh.read()
+                    records, end, sealed = pack.read_index(self.packs / name, done)
                 except FileNotFoundError:
                     continue
-                raw = raw[:len(raw) - len(raw) % _IDX.size]  # a record being written: next time
-                pack = name[:-4] + ".pack"
-                sealed = False
-                for key, offset, meta_len, data_len, created, digest in _IDX.iter_unpack(raw):
-                    if key == _SEAL and meta_len == 0:
-                        sealed = True  # its writer is done: never read again
-                        break
-                    self._add(key.hex(), (created, pack, offset, meta_len, data_len, digest))
-                self._seen[name] = -1 if sealed else done + len(raw)
+                for key, loc in records:
+                    self._add(key, loc)
+                self._seen[name] = -1 if sealed else end  # sealed: its writer is done, never read again
 
     def _add(self, key: str, loc: tuple) -> None:
         locs = self._index.setdefault(key, [])
@@ -346,7 +293,7 @@ class EmbeddingCache:
             bisect.insort(locs, loc)
 
     def _legacy_keys(self) -> list[str]:
-        return [p.name for p in self.store.iterdir() if _is_key(p.name) and p.is_dir()]
+        return legacy_cache.entry_keys(self.store)
 
     def keys(self) -> list[str]:
         """Image keys of all entries present (valid or not), sorted, each once."""
@@ -358,7 +305,7 @@ class EmbeddingCache:
         ``key in cache`` reads and verifies the entry)."""
         if key not in self._index:
             self._refresh()
-        return key in self._index or (_is_key(key) and (self.store / key).is_dir())
+        return key in self._index or (pack.is_key(key) and (self.store / key).is_dir())
 
     def __contains__(self, key: str) -> bool:
         return self._read(key)[0] is not None
@@ -390,24 +337,21 @@ class EmbeddingCache:
                 break
             self._refresh()  # all known copies invalid: another writer may have stored a new one
             refreshed = True
-        if _is_key(key) and (self.store / key).is_dir():
+        if pack.is_key(key) and (self.store / key).is_dir():
             data, attrs, reason = self._read_legacy(key)
             if data is not None:
                 return data, attrs, ""
             first = first or reason
         return None, None, first or "missing"
 
-    def _read_packed(self, key: str, loc: tuple) -> tuple[np.ndarray | None, dict | None, str]:
-        _, pack, offset, meta_len, data_len, digest = loc
+    def _read_packed(self, key: str, loc: pack.Location) -> tuple[np.ndarray | None, dict | None, str]:
+        """A packed entry, checked: metadata checksum (:func:`cosmoslib.models.pack.read_entry`),
+        format version, key, signature, shape and dtype, SHA-256 of the decoded array."""
         try:
-            with open(self.packs / pack, "rb") as fh:
-                fh.seek(offset)
-                buf = fh.read(meta_len + data_len)
-            if len(buf) != meta_len + data_len:
-                return None, None, "truncated pack"
-            meta = buf[:meta_len]
-            if hashlib.blake2b(meta, digest_size=16).digest() != digest:
-                return None, None, "metadata checksum mismatch"
+            try:
+                meta, payload = pack.read_entry(self.packs, loc)
+            except ValueError as exc:  # truncated pack, metadata checksum mismatch
+                return None, None, str(exc)
             attrs = json.loads(meta)
             if attrs.get("cosmos_entry") != STORE_VERSION:
                 return None, None, f"entry format {attrs.get('cosmos_entry')!r} != {STORE_VERSION}"
@@ -419,8 +363,7 @@ class EmbeddingCache:
             if shape != tuple(self.model.embedding_shape) or attrs.get("dtype") != str(self.dtype):
                 return None, None, f"stored {attrs.get('dtype')} {shape}, expected {self.dtype} " \
                                    f"{self.model.embedding_shape}"
-            data = np.empty(shape, self.dtype)
-            _CODEC.decode(buf[meta_len:], out=data)
+            data = pack.decode_array(payload, shape, self.dtype)
         except Exception as exc:  # any failure to read an entry means: corrupt, recompute
             return None, None, f"unreadable ({type(exc).__name__}: {exc})"
         if _sha256(data) != attrs.get("sha256"):
@@ -428,28 +371,8 @@ class EmbeddingCache:
         return data, attrs, ""
 
     def _read_legacy(self, key: str) -> tuple[np.ndarray | None, dict | None, str]:
-        """An entry of the per-image layout (one zarr array per image, before packs)."""
-
-        path = self.store / key
-        try:
-            arr = zarr.open_array(store=str(path), mode="r")
-            attrs = dict(arr.attrs)
-            if attrs.get("cosmos_entry") != LEGACY_VERSION:
-                return None, None, f"entry format {attrs.get('cosmos_entry')!r} != {LEGACY_VERSION}"
-            if attrs.get("signature") != self._signature:
-                return None, None, "model signature differs"
-            if tuple(arr.shape) != tuple(self.model.embedding_shape) or arr.dtype != self.dtype:
-                return None, None, f"stored {arr.dtype} {arr.shape}, expected {self.dtype} " \
-                                   f"{self.model.embedding_shape}"
-            bad = _truncated_blosc_chunk(path, arr)
-            if bad:
-                return None, None, bad
-            data = np.asarray(arr[...])
-        except Exception as exc:  # any failure to read an entry means: corrupt, recompute
-            return None, None, f"unreadable ({type(exc).__name__}: {exc})"
-        if _sha256(data) != attrs.get("sha256"):
-            return None, None, "checksum mismatch"
-        return data, attrs, ""
+        """An entry of the per-image layout (:func:`cosmoslib.models.legacy_cache.read_entry`)."""
+        return legacy_cache.read_entry(self.store, key, self._signature, self.model.embedding_shape, self.dtype)
 
     def load(self, key: str) -> np.ndarray:
         """The stored embedding of ``key`` as float32 ``(256, 64, 64)``.
@@ -527,7 +450,7 @@ class EmbeddingCache:
             payload = _CODEC.encode(data)
             writer = self._writer
             if writer is None or writer.pid != os.getpid():  # none yet, or inherited by fork
-                writer = self._writer = _PackWriter.create(self.packs)
+                writer = self._writer = pack.PackWriter.create(self.packs)
                 if self._finalizer is not None:
                     self._finalizer.detach()
                 self._finalizer = weakref.finalize(self, writer.seal)  # seals at exit, too
@@ -537,7 +460,7 @@ class EmbeddingCache:
                 writer.abandon()  # its files may now be misaligned: never append to it again
                 self._writer = None
                 raise
-            self._add(key, (loc[0], writer.pack.name, *loc[1:]))
+            self._add(key, loc)
             self._seen[writer.idx.name] = writer.idx_bytes
             if writer.count >= self.pack_entries or writer.size >= self.pack_bytes:
                 writer.seal()
@@ -585,9 +508,7 @@ class EmbeddingCache:
                 keep = {k: v for k, v in attrs.items() if k not in _ENTRY_FIELDS}
                 self._store_entry(key, data, keep)
                 moved += 1
-            trash = self.store / f"{_TRASH_PREFIX}{key}-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(self.store / key, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            legacy_cache.remove_entry(self.store, key)
         self.close()
         return moved, dropped
 
@@ -735,15 +656,23 @@ def _prefetch(image_paths: Sequence[Path], depth: int):
 # --------------------------------------------------------------------------- whole folders
 
 
-def _as_model(model, checkpoint=None, device=None):
-
+def as_model(model, checkpoint=None, device=None):
+    """``model`` itself when it is a loaded :class:`cosmoslib.models.SamFamilyModel`, else the
+    registry model of that name (:func:`cosmoslib.models.load_model` with ``checkpoint``, ``device``)."""
     if isinstance(model, models.SamFamilyModel):
         return model
     return models.load_model(str(model), checkpoint=checkpoint, device=device)
 
 
-def _list_images(root) -> list[tuple[str, str, Path]]:
+def root_images(root) -> list[tuple[str, str, Path]]:
+    """``(task, image id, path)`` of every image of a COSMOS-layout folder
+    (:func:`cosmoslib.data.layout.list_images`).
 
+    Raises
+    ------
+    InputError
+        ``root`` is not a folder, or holds no ``<task>/images/<name>.png``.
+    """
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "COSMOS root folder not found")
@@ -751,38 +680,6 @@ def _list_images(root) -> list[tuple[str, str, Path]]:
     if not items:
         raise InputError(root, "no images found (expected <task>/images/<name>.png)")
     return items
-
-
-def embed_root(root, model_name, checkpoint=None, cache_dir=None, device=None,
-               dtype: str = "float16", batch_size: int = 1, progress: bool = True,
-               prefetch: int = 2) -> EmbedReport:
-    """Embed every image of a COSMOS-layout folder (``cosmos embed``); resumable.
-
-    Parameters
-    ----------
-    root : path
-        COSMOS root (``<task>/images/*.png``).
-    model_name : str or SamFamilyModel
-        Registry name (see :func:`cosmoslib.models.load_model`) or a loaded model.
-    checkpoint : path, optional
-        Weights file for SAM models.
-    cache_dir : path, optional
-        Default :func:`cosmoslib.paths.embedding_cache_dir`.
-    device : str, optional
-        ``cpu`` or ``cuda`` (default: CUDA when available).
-    dtype : {"float16", "float32"}
-    batch_size : int
-        Images per encoder call.
-    progress : bool
-
-    Returns
-    -------
-    EmbedReport
-    """
-    items = _list_images(root)
-    model = _as_model(model_name, checkpoint, device)
-    cache = EmbeddingCache(cache_dir, model, dtype=dtype, batch_size=batch_size, prefetch=prefetch)
-    return cache.ensure([p for _, _, p in items], progress=progress)
 
 
 def export_npy(root, model, out_dir, cache_dir=None, dtype: str = "float16",
@@ -799,8 +696,8 @@ def export_npy(root, model, out_dir, cache_dir=None, dtype: str = "float16",
         Of the embedding pass, with ``n_exported`` files written.
     """
 
-    items = _list_images(root)
-    model = _as_model(model, checkpoint, device)
+    items = root_images(root)
+    model = as_model(model, checkpoint, device)
     cache = EmbeddingCache(cache_dir, model, dtype=dtype)
     start = time.perf_counter()
     report = cache.ensure([p for _, _, p in items], progress=progress)
@@ -840,8 +737,8 @@ def import_npy(npy_dir, root, model, cache_dir=None, dtype: str = "float16",
 
 
     start = time.perf_counter()
-    items = _list_images(root)
-    model = _as_model(model, checkpoint, device)
+    items = root_images(root)
+    model = as_model(model, checkpoint, device)
     cache = EmbeddingCache(cache_dir, model, dtype=dtype)
     report = EmbedReport(model_name=model.name, dtype=str(cache.dtype), n_images=len(items),
                          cache_dir=cache.cache_dir, store=cache.store)
@@ -874,130 +771,3 @@ def import_npy(npy_dir, root, model, cache_dir=None, dtype: str = "float16",
         report.n_imported += 1
     report.elapsed = time.perf_counter() - start
     return report
-
-
-# --------------------------------------------------------------------------- packs
-
-
-def _is_key(name: str) -> bool:
-    """Whether ``name`` looks like an :func:`image_key` (32 lower-case hex digits)."""
-    return len(name) == 32 and all(c in _HEX for c in name)
-
-
-def _stale(path: Path, host: str, pid: str, mine_alive: bool) -> bool:
-    """Whether a leftover of an interrupted writer may be removed: a day old, or made on
-    this host by a process that no longer runs (this process counts as running when
-    ``mine_alive``)."""
-    try:
-        age = time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if age >= _STALE_TMP_SECONDS:
-        return True
-    if host != _HOST_TAG:
-        return False
-    try:
-        pid_ = int(pid)
-    except ValueError:
-        pid_ = -1
-    if pid_ == os.getpid():
-        return not mine_alive
-    return not (pid_ > 0 and _pid_alive(pid_))
-
-
-def _write_all(fh, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[fh.write(view):]
-
-
-class _PackWriter:
-    """The one open pack of a process: ``<host>-<pid>-<time>-<uuid>.pack`` and its ``.idx``.
-
-    Only its creating process ever appends to a pack, so writers never need a lock (also on
-    NFS / Lustre, where file locks are unreliable). An entry is the JSON metadata followed
-    by the Blosc-compressed array, appended to the pack; then one fixed-size record
-    (:data:`_IDX`: key, offset, lengths, time, BLAKE2b of the metadata) is appended to the
-    index. A reader indexes complete records only, so a killed writer leaves complete entries
-    and, at most, a torn tail nobody points at.
-    """
-
-    def __init__(self, pack: Path, idx: Path):
-        self.pack, self.idx = pack, idx
-        self.pid = os.getpid()
-        self.size = self.count = self.idx_bytes = 0
-        self._pack = open(pack, "xb", buffering=0)
-        self._idx = open(idx, "xb", buffering=0)
-
-    @classmethod
-    def create(cls, folder: Path) -> _PackWriter:
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        stem = f"{_HOST_TAG}-{os.getpid()}-{stamp}-{uuid.uuid4().hex[:8]}"
-        return cls(folder / f"{stem}.pack", folder / f"{stem}.idx")
-
-    def append(self, key: bytes, meta: bytes, payload: bytes, created: float) -> tuple:
-        """Append one entry; returns ``(created, offset, meta_len, data_len, digest)``."""
-        offset = self.size
-        _write_all(self._pack, meta + payload)
-        self.size += len(meta) + len(payload)
-        digest = hashlib.blake2b(meta, digest_size=16).digest()
-        _write_all(self._idx, _IDX.pack(key, offset, len(meta), len(payload), created, digest))
-        self.idx_bytes += _IDX.size
-        self.count += 1
-        return created, offset, len(meta), len(payload), digest
-
-    def seal(self) -> None:
-        """Append the seal record (readers then never look at this index again) and close."""
-        if self._idx.closed or self.pid != os.getpid():
-            return
-        try:
-            _write_all(self._idx, _IDX.pack(_SEAL, 0, 0, 0, time.time(), bytes(16)))
-        except OSError:
-            pass  # unsealed costs readers one stat per miss, nothing else
-        self.abandon()
-
-    def abandon(self) -> None:
-        """Close without sealing (after a failed write: the index may be misaligned)."""
-        self._pack.close()
-        self._idx.close()
-
-
-def _write_legacy_entry(store: Path, key: str, data: np.ndarray, attrs: dict) -> None:
-    """Write one entry in the per-image layout of cosmoslib <= issue 12 (``<store>/<key>/``,
-    one zarr array, format :data:`LEGACY_VERSION`), atomically. Only tests and
-    ``benchmarks/cache_layout.py`` use it, to build caches of that layout."""
-    attrs = {**attrs, "cosmos_entry": LEGACY_VERSION, "key": key, "dtype": str(data.dtype),
-             "sha256": _sha256(data)}
-    tmp = store / f"{_TMP_PREFIX}{key}-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        arr = zarr.create_array(
-            store=str(tmp), shape=data.shape, chunks=data.shape, dtype=data.dtype,
-            compressors=BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle),
-            fill_value=0, attributes=attrs)
-        arr[...] = data
-        os.rename(tmp, store / key)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _truncated_blosc_chunk(path: Path, arr) -> str:
-    """A reason when a chunk file of a per-image (zarr) entry is shorter or longer than its blosc
-    header says, else "".
-
-    Blosc's decoder trusts the compressed size in the header and reads that many bytes: a
-    truncated chunk file made it read past the buffer and crash the process (a segmentation
-    fault, seen once in the suite) instead of raising. Checked here, before zarr decodes.
-    """
-    if not any("blosc" in type(c).__name__.lower() for c in getattr(arr.metadata, "codecs", ())):
-        return ""
-    chunks = Path(path) / "c"
-    for chunk in (p for p in chunks.rglob("*") if p.is_file()) if chunks.is_dir() else ():
-        data = chunk.read_bytes()
-        if len(data) < 16:
-            return f"truncated chunk {chunk.relative_to(path)} ({len(data)} bytes)"
-        # the Blosc-1 frame header: 4 bytes of version/flags/typesize, then little-endian uint32
-        # nbytes, blocksize, cbytes (numcodecs keeps its reader of it private)
-        _, _, cbytes = struct.unpack_from("<III", data, 4)
-        if cbytes != len(data):
-            return f"truncated chunk {chunk.relative_to(path)} ({len(data)} bytes, header says {cbytes})"
-    return ""

@@ -1,11 +1,16 @@
 """The runner on a Dask cluster: the same shards, computed by many workers.
 
 ``evaluate(..., scheduler=...)`` (:func:`cosmoslib.protocol.evaluate.evaluate`) plans the run as usual --
-prompt table, content digests, shards of ``shard_size`` images, what is already finished -- and
-then submits one Dask task per unfinished shard instead of computing it in its own process. A
-task runs :func:`cosmoslib.protocol.evaluate.run_unit`, the very function of the single-process path, so
-the shards it writes (atomically, keyed by content) and the rows in them are the same; the
-table is then assembled from the shards exactly as in one process.
+prompt table, content digests, shards of ``shard_size`` images, what is already finished
+(:func:`cosmoslib.protocol.units.plan`) -- and then submits one Dask task per unfinished shard
+(:func:`run_units`) instead of computing it in its own process. A task runs
+:func:`cosmoslib.protocol.units.run_unit`, the very function of the single-process path, so the
+shards it writes (atomically, keyed by content) and the rows in them are the same; the table is
+then assembled from the shards exactly as in one process. This module imports the work units,
+never the runner (:mod:`cosmoslib.protocol.evaluate` imports it): no import circle.
+
+Other verbs use the same cluster through :func:`map_groups` (prompts: :func:`make_prompt_table`;
+``cosmos embed``: :func:`cosmoslib.protocol.embed.embed_root`; factors).
 
 Schedulers (:func:`client_for`)
 
@@ -37,7 +42,6 @@ import logging
 import os
 import re
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,13 +57,11 @@ from distributed import WorkerPlugin as _WorkerPlugin
 from tqdm.auto import tqdm
 
 from cosmoslib import models
-from cosmoslib.data import layout
 from cosmoslib.files import InputError
-from cosmoslib.models import cache as cache_mod
-from cosmoslib.protocol import evaluate, prompts
+from cosmoslib.protocol import prompts, units
 
-__all__ = ["client_for", "connect", "ModelSpec", "ModelPlugin", "run_units", "JOBQUEUE_KINDS",
-           "PLUGIN_NAME", "map_groups", "make_prompt_table", "embed_root", "WORKER_MALLOC",
+__all__ = ["client_for", "connect", "ModelSpec", "ModelPlugin", "register_models", "worker_plugin",
+           "run_units", "JOBQUEUE_KINDS", "PLUGIN_NAME", "map_groups", "make_prompt_table", "WORKER_MALLOC",
            "check_worker_malloc"]
 
 
@@ -321,35 +323,55 @@ class ModelPlugin(_WorkerPlugin):
         return self._models
 
 
+def register_models(client, models_: Sequence, threads: int = 1, device: str | None = None) -> None:
+    """Make every worker of ``client`` load ``models_`` (once per worker process, on first use).
+
+    Registers :class:`ModelPlugin` under :data:`PLUGIN_NAME`; idempotent per name, so a new run
+    replaces the previous run's models (a model stays loaded across runs, see :data:`MAX_LOADED_MODELS`).
+    """
+    client.register_plugin(ModelPlugin([ModelSpec.of(m, device) for m in models_], threads=threads),
+                           name=PLUGIN_NAME)
+
+
+def worker_plugin() -> ModelPlugin:
+    """Inside a Dask task: the worker's :class:`ModelPlugin` (its ``models()`` and ``caches``)."""
+    return get_worker().plugins[PLUGIN_NAME]
+
+
 def _run_unit_task(unit, settings):
     """One Dask task: a shard, computed with the worker's models."""
+    plugin = worker_plugin()
+    return units.run_unit(unit, plugin.models(), settings, keep_tables=False, caches=plugin.caches)
 
 
-    plugin = get_worker().plugins[PLUGIN_NAME]
-    return evaluate.run_unit(unit, plugin.models(), settings, keep_tables=False, caches=plugin.caches)
-
-
-def run_units(scheduler, units: list, models: Sequence, settings, threads: int = 1, retries: int = 3,
+def run_units(scheduler, work: list, models: Sequence, settings, threads: int = 1, retries: int = 3,
               progress: bool = True, device: str | None = None, config=None) -> list:
-    """Compute ``units`` (:class:`cosmoslib.protocol.evaluate.WorkUnit`) on a Dask cluster.
+    """Compute ``work`` (:class:`cosmoslib.protocol.units.WorkUnit` s) on a Dask cluster.
 
-    Returns the :class:`cosmoslib.protocol.evaluate.UnitResult` of each unit, in the order of ``units``.
-    A unit that still fails after ``retries`` (or whose workers keep dying) raises.
+    Parameters
+    ----------
+    scheduler : a ``distributed.Client`` or a scheduler text (:func:`client_for`).
+    work : the units planned by :func:`cosmoslib.protocol.units.plan`.
+    models : the run's models, loaded here (workers load the same: :class:`ModelSpec`).
+    settings : :class:`cosmoslib.protocol.units.RunSettings`.
+
+    Returns
+    -------
+    list of :class:`cosmoslib.protocol.units.UnitResult`
+        One per unit, in the order of ``work``. A unit that still fails after ``retries`` (or
+        whose workers keep dying) raises.
     """
-
-    if not units:
+    if not work:
         return []
-    specs = [ModelSpec.of(m, device) for m in models]
     with connect(scheduler, threads=threads, config=config) as client:
-        # register_plugin is idempotent per name: a new run replaces the old models
-        client.register_plugin(ModelPlugin(specs, threads=threads), name=PLUGIN_NAME)
-        token = hashlib.blake2b(json.dumps([str(u.todo[0].path) for u in units]).encode(),
+        register_models(client, models, threads=threads, device=device)
+        token = hashlib.blake2b(json.dumps([str(u.todo[0].path) for u in work]).encode(),
                                 digest_size=6).hexdigest()
-        futures = client.map(_run_unit_task, units, settings=settings, retries=retries, pure=False,
-                             key=[f"cosmos-shard-{token}-{u.index}" for u in units])
+        futures = client.map(_run_unit_task, work, settings=settings, retries=retries, pure=False,
+                             key=[f"cosmos-shard-{token}-{u.index}" for u in work])
         position = {f.key: i for i, f in enumerate(futures)}
-        results: list = [None] * len(units)
-        bar = tqdm(total=len(units), desc="evaluate (dask)", unit="shard", file=sys.stderr,
+        results: list = [None] * len(work)
+        bar = tqdm(total=len(work), desc="evaluate (dask)", unit="shard", file=sys.stderr,
                    disable=not progress)
         for future in as_completed(futures, loop=client.loop):
             results[position[future.key]] = future.result()
@@ -420,71 +442,3 @@ def make_prompt_table(scheduler, manifest, root, seed: int, kwargs: dict | None 
     table = pd.concat(parts, ignore_index=True)
     return table.sort_values(["task", "image_id", "label_value", "strategy", "shift_level", "repeat"],
                              kind="stable").reset_index(drop=True)
-
-
-def _embed_task(paths: list, cache_dir, dtype: str, batch_size: int, prefetch: int):
-    """One Dask task: :meth:`cosmoslib.models.cache.EmbeddingCache.ensure` of a group of images with
-    the worker's model, its images read and hashed ``prefetch`` ahead on a worker thread."""
-    plugin = get_worker().plugins[PLUGIN_NAME]
-    model = plugin.models()[0]
-    key = ("embed", model.name, model.signature_hash, str(cache_dir), dtype, batch_size, prefetch)
-    if key not in plugin.caches:
-        plugin.caches[key] = cache_mod.EmbeddingCache(cache_dir, model, dtype=dtype, batch_size=batch_size,
-                                                      prefetch=prefetch)
-    return plugin.caches[key].ensure(paths, progress=False)
-
-
-def embed_root(root, model, scheduler, cache_dir=None, dtype: str = "float16", batch_size: int = 1,
-               prefetch: int = 2, group_size: int = 64, threads: int = 1, retries: int = 3,
-               progress: bool = True, device: str | None = None, config=None) -> cache_mod.EmbedReport:
-    """``cosmos embed --scheduler ...``: :func:`cosmoslib.models.cache.embed_root` on a Dask cluster.
-
-    The images of ``root`` (in :func:`cosmoslib.io.list_images` order) are split into groups of
-    ``group_size``; each group is one task, run with the worker's copy of ``model`` (loaded once
-    per worker, :class:`ModelPlugin`) into the shared cache through its public API, images read
-    and resized ``prefetch`` ahead on the worker. The entries are those a single process writes;
-    resumable (valid entries are reused).
-
-    Parameters
-    ----------
-    model : SamFamilyModel loaded on the client (its registry name, checkpoint and signature
-        tell the workers what to load).
-    scheduler : ``"local:N"``, ``"tcp://..."``, ``"slurm:cluster.yaml"`` or a ``distributed.Client``.
-    group_size : images per task (>= 1).
-
-    Returns
-    -------
-    EmbedReport
-        Counts summed over the groups; ``failures`` (unreadable images, encoder errors) in image
-        order, as in one process. The same image content under two names in two groups may be
-        encoded twice (the cache keeps one entry), where one process would count it reused.
-    """
-    start = time.perf_counter()
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(root, "COSMOS root folder not found")
-    items = layout.list_images(root)
-    if not items:
-        raise InputError(root, "no images found (expected <task>/images/<name>.png)")
-    # the store (root group, signature) is created once here, not raced by every worker
-    store = cache_mod.EmbeddingCache(cache_dir, model, dtype=dtype)
-    paths = [p for _, _, p in items]
-    n = max(1, int(group_size))
-    groups = [paths[i:i + n] for i in range(0, len(paths), n)]
-    reports: list = [None] * len(groups)
-    with connect(scheduler, threads=threads, config=config) as client:
-        client.register_plugin(ModelPlugin([ModelSpec.of(model, device)], threads=threads), name=PLUGIN_NAME)
-        for i, rep in map_groups(client, _embed_task, groups, store.cache_dir, str(dtype), int(batch_size),
-                                 int(prefetch), retries=retries, progress=progress,
-                                 desc=f"embed {model.name} (dask)", unit="img", sizes=[len(g) for g in groups]):
-            reports[i] = rep
-    report = cache_mod.EmbedReport(model_name=model.name, dtype=str(store.dtype), n_images=len(paths),
-                                   cache_dir=store.cache_dir, store=store.store)
-    for rep in reports:
-        report.n_computed += rep.n_computed
-        report.n_reused += rep.n_reused
-        report.n_invalid += rep.n_invalid
-        report.encode_seconds += rep.encode_seconds
-        report.failures += rep.failures
-    report.elapsed = time.perf_counter() - start
-    return report

@@ -20,21 +20,27 @@ decoder preparation (:meth:`SamFamilyModel.prepare`); for S1 it is the time of t
 Everything pass over the image (the paper's Table 4 reports S1 per image), repeated on each
 object row of that image.
 
+How a run is told what to do: one :class:`EvalSettings` (frozen, typed; ``evaluate(manifest, root,
+models, out, settings)``, or its fields as keywords). Its *computing* fields (strategies, seed, S1
+grid, Everything options, prompt shifts) make the fingerprint of the results; its *running*
+fields (cache, shard size, scheduler, threads, ...) do not change the table.
+
 Validity and resume: a stored result is valid only for the exact inputs, model and settings that
 made it. Results are written into ``<out>.parts/`` atomically, under a folder named by a
-fingerprint of the settings and one per model signature. Images are taken in a fixed order
-(sorted by task and image id) and grouped into *shards* of ``shard_size`` consecutive images;
-one shard of one model is one Parquet file, written when the shard is finished, named by a digest
-of the (task, image id, image digest) of its images, where an image's digest covers the image
-bytes, the label bytes, the objects evaluated and their prompt rows. The file records those
-digests in its metadata (``cosmos_images``). A rerun reuses a shard file when its name matches;
-when it does not (an image changed, the manifest grew), the rows of every image whose digest is
+fingerprint of the settings (:meth:`EvalSettings.fingerprint`) and one per model signature.
+Images are taken in a fixed order (sorted by task and image id) and grouped into *shards* of
+``shard_size`` consecutive images; one shard of one model is one Parquet file
+(:mod:`cosmoslib.protocol.shards`), written when the shard is finished, named by a digest of the
+(task, image id, image digest) of its images, where an image's digest covers the image bytes, the
+label bytes, the objects evaluated and their prompt rows. A rerun reuses a shard file when its
+name matches; when it does not (an image changed, the manifest grew), the rows of every image
 recorded in some shard file of the folder are copied, and only the other images are computed:
 change one label PNG and exactly that image is recomputed. A shard in which some image failed is
 written under the digest of the images it does hold, so the failed image is tried again next
-time. The final table is the concatenation of the shards in the fixed order (rows computed in
-this run are kept in memory, only resumed shards are read), so a killed and resumed run, or a
-run on a Dask cluster (``scheduler=``, :mod:`cosmoslib.protocol.distributed`), gives the identical table.
+time. The planning and the computing of shards live in :mod:`cosmoslib.protocol.units`; the final
+table is the concatenation of the shards in the fixed order (rows computed in this run are kept
+in memory, only resumed shards are read), so a killed and resumed run, or a run on a Dask cluster
+(``scheduler=``, :mod:`cosmoslib.protocol.distributed`), gives the identical table.
 
 Bookkeeping per image is independent of the manifest size: prompt rows and objects are grouped
 by image once, each image and label is read once for all models, each chosen candidate is scored
@@ -43,52 +49,176 @@ once, and a shard's planning costs a ``stat`` (see ``benchmarks/scale.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
-from segment_anything.utils.amg import rle_to_mask
 from tqdm.auto import tqdm
 
 from cosmoslib import __version__, paths
-from cosmoslib.data.readers import encode_png, read_image, read_label
-from cosmoslib.files import (
-    InputError,
-    atomic_write_bytes,
-    atomic_write_csv,
-    atomic_write_json,
-    atomic_write_parquet,
-    file_digest,
-    mask_filename,
-    slug,
-)
-from cosmoslib.models import cache as cache_mod
-from cosmoslib.models import everything
-from cosmoslib.protocol import matching, metrics, prompts, volumes
+from cosmoslib.files import atomic_write_csv, atomic_write_parquet, file_digest
+from cosmoslib.files import mask_filename  # noqa: F401  (re-exported: the audit masks' file names)
+from cosmoslib.protocol import distributed, prompts, shards, units, volumes
+# Re-exported from the modules that own them since the runner was split (callers keep working):
+# the results columns and the S1 mask store (shards), scoring one image and fused mode (units).
+from cosmoslib.protocol.shards import RESULT_COLUMNS, model_folder, s1_masks, shard_entries  # noqa: F401
+from cosmoslib.protocol.units import evaluate_image, fused_embedding  # noqa: F401
 from cosmoslib.strategies import PROMPT_STRATEGIES, STRATEGIES
 from cosmoslib.strategies import check as check_strategies
 
-RESULT_COLUMNS = [
-    "task", "image_id", "label_value", "object", "modality", "model", "strategy", "shift_level",
-    "repeat", "selection_rule", "dice", "jac", "hd", "hd95", "assd", "pred_iou", "empty_pred",
-    "empty_gt", "n_candidates", "t_embed_s", "t_decode_s",
-]
+__all__ = ["EvalSettings", "EvalReport", "evaluate", "prompt_table", "with_digests", "volumes_path",
+           "RESULT_COLUMNS", "evaluate_image", "fused_embedding", "s1_masks", "model_folder", "shard_entries",
+           "mask_filename"]
+
 _KEY = ["task", "image_id", "label_value"]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What :func:`evaluate` computes and how it runs (frozen, typed; one object instead of a
+    long argument list).
+
+    The first six fields decide the numbers and make the fingerprint of the stored results
+    (:meth:`fingerprint`); the others only decide where and how fast they are computed -- the
+    table is the same for any of their values.
+
+    Attributes
+    ----------
+    strategies : tuple of str
+        Subset of ``S1``..``S6`` (paper 3.3), in the order their rows are produced; any case,
+        checked and upper-cased (an unknown name raises ``ValueError``). Default: all six.
+    seed : int
+        Prompt sampling seed (>= 0): one prompt table per manifest, shared by every model (default 0).
+    points_per_side : int
+        S1 grid size m: m x m point prompts over the image (paper 3.2, Table 5; default 32, >= 1).
+    everything_kwargs : mapping or None
+        Extra keyword arguments of :func:`cosmoslib.models.everything.generate_everything`
+        (e.g. ``pred_iou_thresh``, ``stability_score_thresh``); None (default): the paper's.
+        Stored as a plain ``dict``; read, never changed.
+    shift_levels : tuple of int
+        Prompt shift levels (paper 4.9, Table 8): 1, 2, 3 shift a prompt by 0-10, 10-20, 20-30
+        pixels; 0, the unshifted prompt, always runs. Stored sorted and with 0; default ``(0,)``.
+    repeats : int
+        Seeded repeats per shift level above 0 ("Random 1-3" in Table 8; default 3, >= 1).
+    cache : bool
+        True (default): embeddings come from the embedding cache (computed and stored once).
+        False: *fused* mode (``cosmos evaluate --no-cache``): each image is encoded, every
+        strategy decoded right away and the embedding dropped -- no disk, but every later run
+        encodes again. The embedding is rounded to the cache's precision (fp16) first, so the
+        table equals the cached path's (only ``t_embed_s`` is this run's encoder time).
+    cache_dir : Path or None
+        Embedding cache folder; None: :func:`cosmoslib.paths.embedding_cache_dir`.
+    save_masks : Path or None
+        Write every matched mask (oracle rule, unshifted prompts) as a 0/255 PNG to
+        ``<dir>/<model>/<strategy>/<task>/<image>__<object>-<value>.png``. When the manifest
+        knows source volumes (:func:`cosmoslib.protocol.volumes.has_volumes`) masks are always
+        kept (in ``<out>.masks/`` when None) for the volume table.
+    shard_size : int
+        Images per result file and per Dask task (default 1: one file per image; 64-256 at
+        COSMOS scale so files grow with shards, not images; >= 1).
+    scheduler : None, str or distributed.Client
+        None (default): compute in this process. Else a Dask scheduler for
+        :func:`cosmoslib.protocol.distributed.client_for` (``"local:N"``, ``"tcp://host:port"``,
+        ``"slurm:cluster.yaml"``, ...) or a ``distributed.Client``; workers load each model once
+        and write the same shards.
+    threads : int
+        Torch threads per Dask worker (default 1, >= 1; ignored without ``scheduler``).
+    retries : int
+        Times a Dask task is retried after an error (default 3, >= 0); a task lost with a killed
+        worker is rescheduled by Dask anyway.
+    progress : bool
+        Show a progress bar on stderr (default True).
+    """
+
+    strategies: tuple[str, ...] = tuple(STRATEGIES)
+    seed: int = 0
+    points_per_side: int = 32
+    everything_kwargs: Mapping[str, Any] | None = None
+    shift_levels: tuple[int, ...] = (0,)
+    repeats: int = 3
+    cache: bool = True
+    cache_dir: Path | None = None
+    save_masks: Path | None = None
+    shard_size: int = 1
+    scheduler: Any = None
+    threads: int = 1
+    retries: int = 3
+    progress: bool = True
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
+        set_("strategies", tuple(check_strategies(self.strategies)))
+        set_("shift_levels", tuple(sorted({0, *(int(v) for v in self.shift_levels)})))
+        if self.everything_kwargs is not None:
+            set_("everything_kwargs", dict(self.everything_kwargs))
+        for name in ("cache_dir", "save_masks"):
+            value = getattr(self, name)
+            set_(name, Path(value) if value else None)
+        for name, low in (("seed", 0), ("points_per_side", 1), ("repeats", 1), ("shard_size", 1), ("threads", 1),
+                          ("retries", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < low:
+                raise ValueError(f"EvalSettings.{name} must be an integer >= {low}, got {value!r}")
+            set_(name, int(value))
+        if any(not 0 <= v <= 3 for v in self.shift_levels):
+            raise ValueError(f"EvalSettings.shift_levels are 0..3 (0 = unshifted), got {self.shift_levels}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The names of all fields, in order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **changes) -> EvalSettings:
+        """A copy with ``changes``; a name that is not a field raises ``TypeError`` naming it."""
+        unknown = sorted(set(changes) - set(self.field_names()))
+        if unknown:
+            raise TypeError(f"unknown evaluation setting(s) {', '.join(map(repr, unknown))}; "
+                            f"EvalSettings has {', '.join(self.field_names())}")
+        return dataclasses.replace(self, **changes)
+
+    def fingerprint(self) -> str:
+        """12 hex digits naming the folder of this run's results under ``<out>.parts/``.
+
+        SHA-256 over the computing fields (strategies, sorted; seed; points per side;
+        Everything options; shift levels; repeats) and the cosmoslib version: two runs share
+        stored results exactly when these agree.
+        """
+        text = json.dumps(dict(strategies=sorted(self.strategies), seed=self.seed,
+                               points_per_side=self.points_per_side, everything=self.everything_kwargs or {},
+                               shift_levels=list(self.shift_levels), repeats=self.repeats,
+                               version=__version__), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @dataclass
 class EvalReport:
-    """What one evaluation did."""
+    """What one evaluation did.
+
+    Attributes
+    ----------
+    out : Path
+        The results table written.
+    n_images, n_objects, n_rows : int
+        Images and (image, object) rows of the manifest evaluated; rows of the results table.
+    n_parts_done, n_parts_resumed : int
+        (model, image) pairs computed in this run, and taken from shards of earlier runs.
+    failures : list of (file, reason)
+        Inputs that could not be evaluated (also in :attr:`skipped_csv`), in model-then-image order.
+    elapsed : float
+        Wall-clock seconds of the whole call.
+    models, strategies : list of str
+        What ran.
+    parts : dict
+        The result shard holding each ``(model name, task, image_id)`` evaluated or resumed.
+    """
 
     out: Path
     n_images: int = 0
@@ -100,7 +230,6 @@ class EvalReport:
     elapsed: float = 0.0
     models: list[str] = field(default_factory=list)
     strategies: list[str] = field(default_factory=list)
-    #: the result shard holding each (model name, task, image_id) evaluated or resumed
     parts: dict[tuple[str, str, str], Path] = field(default_factory=dict)
 
     @property
@@ -109,7 +238,7 @@ class EvalReport:
 
     def s1_masks(self, model: str, task: str, image_id: str) -> list[np.ndarray]:
         """The Everything (S1) masks this run stored for one image (bool ``(H, W)`` each)."""
-        return s1_masks(self.parts[(model, task, image_id)].with_suffix(".s1.json"), task, image_id)
+        return shards.s1_masks(self.parts[(model, task, image_id)].with_suffix(".s1.json"), task, image_id)
 
     @property
     def skipped_csv(self) -> Path:
@@ -125,13 +254,6 @@ class EvalReport:
             text += ", ..." if self.n_failed > 5 else ""
             text += f"; all in {self.skipped_csv})"
         return text + f". Results: {self.out}."
-
-
-def _save_mask(save_masks: Path, model: str, strategy: str, row, mask: np.ndarray) -> Path:
-    """Write one matched mask as a 0/255 PNG (atomically) for audit."""
-    path = save_masks / slug(model) / strategy / str(row.task) / mask_filename(
-        row.image_id, row.object, row.label_value)
-    return atomic_write_bytes(path, encode_png(mask.astype(np.uint8) * 255))
 
 
 def with_digests(manifest: pd.DataFrame, root: str | Path) -> pd.DataFrame:
@@ -150,101 +272,6 @@ def with_digests(manifest: pd.DataFrame, root: str | Path) -> pd.DataFrame:
             digests = {p: file_digest(root / p) for p in df.loc[missing, path_col].unique()}
             df.loc[missing, col] = df.loc[missing, path_col].map(digests)
     return df
-
-
-def evaluate_image(model, embedding: np.ndarray, t_embed: float, label: np.ndarray,
-                   objects: pd.DataFrame, prompt_rows: pd.DataFrame, strategies: Sequence[str],
-                   points_per_side: int = 32, save_masks: Path | None = None,
-                   everything_kwargs: dict | None = None) -> tuple[list[dict], everything.EverythingResult | None]:
-    """Score every object of one image under ``strategies`` from its cached embedding.
-
-    Parameters
-    ----------
-    model : SamFamilyModel
-    embedding : float array ``model.embedding_shape`` from the cache ((256, 64, 64) for SAM;
-        SAM 2's packed features (1024, 64, 64), :mod:`cosmoslib.models.sam2`).
-    t_embed : encoder seconds of this image (NaN when unknown).
-    label : (H, W) uint8 label map of the image (COSMOS layout).
-    objects : manifest rows of this image (task, image_id, label_value, object, modality).
-    prompt_rows : prompt-table rows of this image (S2-S6, any ``shift_level``/``repeat``).
-    strategies : subset of S1..S6.
-    points_per_side : S1 grid size m.
-    save_masks : folder for the matched masks (oracle rule, unshifted prompts), or None.
-
-    Returns
-    -------
-    (list of dict, EverythingResult or None)
-        Rows of the results table, and the S1 masks of the image when S1 ran.
-    """
-    size = label.shape[:2]
-    rows: list[dict] = []
-    base = lambda r: dict(task=r.task, image_id=r.image_id, label_value=int(r.label_value),  # noqa: E731
-                          object=r.object, modality=r.modality, model=model.name,
-                          t_embed_s=t_embed)
-    gts: dict[int, np.ndarray] = {}
-
-    def truth(value) -> np.ndarray:  # the ground-truth mask of one object, computed once
-        value = int(value)
-        if value not in gts:
-            gts[value] = label == value
-        return gts[value]
-
-    s1 = None
-    if "S1" in strategies:
-        start = time.perf_counter()
-        s1 = everything.generate_everything(model, embedding, size, points_per_side=points_per_side,
-                                            **(everything_kwargs or {}))
-        masks = s1.masks  # decoded from RLE once per image, shared by all its objects
-        t_s1 = time.perf_counter() - start
-        for r in objects.itertuples(index=False):
-            gt = truth(r.label_value)
-            m = matching.match_everything(masks, gt)
-            if m.oracle_index is not None:
-                pred, piou = masks[m.oracle_index], float(s1.predicted_iou[m.oracle_index])
-            else:  # no mask survived the filters: an empty prediction, scored by the empty policy
-                pred, piou = np.zeros(size, bool), float("nan")
-            rows.append(dict(base(r), strategy="S1", shift_level=0, repeat=0, selection_rule="oracle_dice",
-                             pred_iou=piou, n_candidates=len(s1.rles), t_decode_s=t_s1,
-                             **metrics.evaluate_pair(pred, gt)))
-            if save_masks is not None:
-                _save_mask(save_masks, model.name, "S1", r, pred)
-    wanted = [s for s in strategies if s != "S1"]
-    prompt_rows = prompt_rows[prompt_rows["strategy"].isin(wanted)] if len(prompt_rows) else prompt_rows
-    if wanted and len(prompt_rows):
-        # The prompt-independent part of decoding is done once per image and shared by every
-        # prompt; its time is spread evenly over this image's decodes so t_decode_s stays the
-        # full prompt-encoding + mask-decoding cost.
-        start = time.perf_counter()
-        prepared = model.prepare(embedding) if hasattr(model, "prepare") else embedding
-        t_prepare = (time.perf_counter() - start) / max(1, len(prompt_rows))
-        # One sort per image: by object, then strategy (in the requested order), level, repeat.
-        order = {s: i for i, s in enumerate(wanted)}
-        ranked = prompt_rows.assign(_rank=prompt_rows["strategy"].map(order)).sort_values(
-            ["_rank", "shift_level", "repeat"], kind="stable")
-        by_object = {int(v): g for v, g in ranked.groupby("label_value", sort=False)}
-        for r in objects.itertuples(index=False):
-            mine = by_object.get(int(r.label_value))
-            if mine is None:
-                continue
-            gt = truth(r.label_value)
-            for prow in mine.itertuples(index=False):
-                prompt = prompts.prompt_from_row(prow)
-                start = time.perf_counter()
-                decoded = model.decode(prepared, prompt, size)
-                t_dec = time.perf_counter() - start + t_prepare
-                m = matching.match(decoded.masks, decoded.iou_pred, gt)
-                # Score each distinct chosen candidate once (one-candidate models choose the same).
-                scores = {idx: metrics.evaluate_pair(decoded.masks[idx], gt)
-                          for idx in {m.oracle_index, m.pred_iou_index}}
-                for rule, idx in (("oracle_dice", m.oracle_index), ("pred_iou", m.pred_iou_index)):
-                    rows.append(dict(base(r), strategy=prow.strategy, shift_level=int(prow.shift_level),
-                                     repeat=int(prow.repeat), selection_rule=rule,
-                                     pred_iou=float(decoded.iou_pred[idx]),
-                                     n_candidates=int(len(decoded.masks)), t_decode_s=t_dec,
-                                     **scores[idx]))
-                if save_masks is not None and int(prow.shift_level) == 0:
-                    _save_mask(save_masks, model.name, prow.strategy, r, decoded.masks[m.oracle_index])
-    return rows, s1
 
 
 def _combos(shift_levels: Sequence[int], repeats: int) -> set[tuple[int, int]]:
@@ -280,7 +307,9 @@ def prompt_table(manifest: pd.DataFrame, root: Path, seed: int, path: Path | Non
     reuse = pd.DataFrame()
     if old is not None and "label_sha" in old:
         old = old[(old["seed"] == seed)].astype({"label_value": "int64"})
-        old = old[[(int(a), int(b)) in combos for a, b in zip(old["shift_level"], old["repeat"])]]
+        # a boolean array, not a list: an empty list would select no *columns* (another seed's table)
+        old = old[np.array([(int(a), int(b)) in combos for a, b in zip(old["shift_level"], old["repeat"])],
+                           dtype=bool)]
         reuse = old.merge(want, on=[*_KEY, "label_sha"])
         complete = reuse.groupby(_KEY)["strategy"].transform("size") == n_needed
         reuse = reuse[complete]
@@ -293,9 +322,6 @@ def prompt_table(manifest: pd.DataFrame, root: Path, seed: int, path: Path | Non
         if scheduler is None:
             fresh = prompts.make_prompt_table(todo, root, seed=seed, **kwargs)
         else:
-            # Dask loads only for --scheduler runs (and cosmoslib.protocol.distributed imports this module).
-            from cosmoslib.protocol import distributed
-
             fresh = distributed.make_prompt_table(scheduler, todo, root, seed, kwargs)
         parts.append(fresh.merge(todo[[*_KEY, "label_sha"]], on=_KEY))
     table = (pd.concat(parts, ignore_index=True) if parts
@@ -310,363 +336,8 @@ def prompt_table(manifest: pd.DataFrame, root: Path, seed: int, path: Path | Non
     return table
 
 
-def _settings_fingerprint(**settings) -> str:
-    text = json.dumps(dict(settings, version=__version__), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-_PROMPT_KEY = ["label_value", "strategy", "shift_level", "repeat"]
-_PROMPT_CELLS = ["points", "point_labels", "box"]
-
-
-def _prompt_texts(prompt_rows: pd.DataFrame) -> list[str]:
-    """One canonical JSON text per prompt row: label value, strategy, level, repeat, the prompt."""
-    if not len(prompt_rows):
-        return []
-    cols = [prompt_rows[c].tolist() for c in _PROMPT_KEY + _PROMPT_CELLS]
-    return [json.dumps([int(v), str(s), int(lv), int(r), _plain(p), _plain(pl), _plain(b)])
-            for v, s, lv, r, p, pl, b in zip(*cols)]
-
-
-def _object_texts(objects: pd.DataFrame) -> list[str]:
-    return [json.dumps([str(v), str(o), str(m)])
-            for v, o, m in zip(objects["label_value"], objects["object"], objects["modality"])]
-
-
-def _digest_of(image_sha, label_sha, object_texts: list[str], prompt_texts: list[str]) -> str:
-    payload = "\n".join([json.dumps([str(image_sha), str(label_sha)]), *object_texts, "|", *prompt_texts])
-    return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
-
-
-def _part_digest(objects: pd.DataFrame, prompt_rows: pd.DataFrame) -> str:
-    """Digest of everything an image's rows are computed from besides the model and the settings:
-    the image and label bytes (their digests), the objects, and the prompt rows."""
-    first = objects.iloc[0]
-    objects = objects.sort_values("label_value", kind="stable")
-    prompt_rows = prompt_rows.sort_values(_PROMPT_KEY, kind="stable") if len(prompt_rows) else prompt_rows
-    return _digest_of(first["image_sha"], first["label_sha"], _object_texts(objects), _prompt_texts(prompt_rows))
-
-
-def _digests(manifest: pd.DataFrame, ptable: pd.DataFrame | None) -> dict[tuple[str, str], str]:
-    """:func:`_part_digest` of every image at once: one pass over each table, no per-image
-    pandas work (the planning of a million images must not cost a pandas call per image)."""
-    m = manifest.sort_values(["task", "image_id", "label_value"], kind="stable")
-    texts: dict[tuple[str, str], list] = {}
-    for key, sha, lsha, text in zip(zip(m["task"], m["image_id"]), m["image_sha"], m["label_sha"],
-                                    _object_texts(m)):
-        entry = texts.get(key)
-        if entry is None:
-            texts[key] = entry = [sha, lsha, [], []]
-        entry[2].append(text)
-    if ptable is not None and len(ptable):
-        pt = ptable.sort_values(["task", "image_id", *_PROMPT_KEY], kind="stable")
-        for key, text in zip(zip(pt["task"], pt["image_id"]), _prompt_texts(pt)):
-            if key in texts:
-                texts[key][3].append(text)
-    return {key: _digest_of(*entry) for key, entry in texts.items()}
-
-
-def _plain(value):
-    """Prompt cells as plain Python (lists, floats, ints, None), however pandas/Parquet held them."""
-    if isinstance(value, (np.ndarray, list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _s1_record(result: everything.EverythingResult) -> dict:
-    """The S1 masks of one image as JSON (uncompressed RLE), for figures that show them."""
-    return dict(rles=result.rles, predicted_iou=result.predicted_iou.tolist(),
-                stability_score=result.stability_score.tolist(), original_size=list(result.original_size))
-
-
-def _s1_key(task: str, image_id: str) -> str:
-    return f"{task}/{image_id}"
-
-
-def s1_masks(part_s1: Path, task: str | None = None, image_id: str | None = None) -> list[np.ndarray]:
-    """The Everything masks stored beside a result shard (``<shard>.s1.json``; see :func:`evaluate`).
-
-    A shard's file holds the masks of each of its images under ``"<task>/<image_id>"``; give
-    ``task`` and ``image_id`` unless the shard holds one image.
-    """
-    doc = json.loads(Path(part_s1).read_text())
-    images = doc.get("images", {})
-    if task is None and image_id is None and len(images) == 1:
-        record = next(iter(images.values()))
-    else:
-        record = images[_s1_key(task, image_id)]
-    return [rle_to_mask(r).astype(bool) for r in record["rles"]]
-
-
-def model_folder(parts: Path, model) -> Path:
-    """The folder of one model's shards under a settings folder ``parts``."""
-    return parts / f"{slug(model.name)}-{model.signature_hash}"
-
-
-def _shard_name(entries: Sequence[tuple[str, str, str]]) -> str:
-    """File name of a shard holding ``entries`` = (task, image id, image digest), in order."""
-    digest = hashlib.blake2b(json.dumps([list(e) for e in entries]).encode(), digest_size=10).hexdigest()
-    task, image_id, _ = entries[0]
-    return f"{slug(task)}__{slug(image_id)}-{len(entries)}-{digest}.parquet"
-
-
-# --------------------------------------------------------------------------- work units
-
-
-@dataclass
-class ImageJob:
-    """One image of the manifest: its objects, its prompt rows and its content digest."""
-
-    rank: int
-    task: str
-    image_id: str
-    image_path: str
-    label_path: str
-    digest: str
-    objects: pd.DataFrame
-    prompt_rows: pd.DataFrame
-
-    @property
-    def entry(self) -> tuple[str, str, str]:
-        return (str(self.task), str(self.image_id), self.digest)
-
-
-@dataclass
-class ShardTodo:
-    """What one model still needs for one shard: compute some images, copy the rest."""
-
-    model_index: int
-    path: Path                   #: the planned shard file (all images of the shard)
-    reuse: dict[int, Path]       #: image rank -> an existing shard file holding its rows
-
-
-@dataclass
-class WorkUnit:
-    """A shard of consecutive images and, per model, what to do for it (one Dask task)."""
-
-    index: int
-    jobs: list[ImageJob]
-    todo: list[ShardTodo]
-
-
-@dataclass
-class RunSettings:
-    """Everything a worker needs besides the models to compute a :class:`WorkUnit`."""
-
-    root: Path
-    strategies: tuple[str, ...]
-    points_per_side: int
-    everything_kwargs: dict | None
-    save_masks: Path | None
-    cache_dir: Path
-    use_cache: bool = True   #: False: fused mode, embeddings are computed and dropped
-
-
-@dataclass
-class UnitResult:
-    """What :func:`run_unit` did: per todo the shard file written (or None), the rows of the
-    new shards (kept only when asked), failures as ``(model index, image rank, file, reason)``."""
-
-    index: int
-    written: list[Path | None] = field(default_factory=list)
-    tables: list[pa.Table | None] = field(default_factory=list)
-    failures: list[tuple[int, int, str, str]] = field(default_factory=list)
-    n_computed: int = 0
-    n_copied: int = 0
-
-
-def _shard_table(frames: list[pd.DataFrame]) -> pa.Table:
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return pa.Table.from_pandas(pd.DataFrame(columns=RESULT_COLUMNS), preserve_index=False)
-    return pa.Table.from_pandas(pd.concat(frames, ignore_index=True)[RESULT_COLUMNS], preserve_index=False)
-
-
-def _read_shard(path: Path) -> pa.Table:
-    return pq.read_table(path).replace_schema_metadata(None)
-
-
-def _write_shard(path: Path, table: pa.Table, entries: list[tuple[str, str, str]]) -> Path:
-    """Write one shard atomically, recording the (task, image id, digest) of its images."""
-    meta = {b"cosmos_images": json.dumps([list(e) for e in entries]).encode()}
-    table = table.replace_schema_metadata(meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def shard_entries(path: Path) -> list[tuple[str, str, str]]:
-    """The (task, image id, digest) of the images a shard file holds (from its metadata only)."""
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(b"cosmos_images")
-    return [tuple(e) for e in json.loads(raw)] if raw else []
-
-
-def _shard_index(folder: Path) -> dict[tuple[str, str, str], Path]:
-    """(task, image id, digest) -> a shard file of ``folder`` holding that image's rows."""
-    index: dict[tuple[str, str, str], Path] = {}
-    if not folder.is_dir():
-        return index
-    for path in sorted(folder.glob("*.parquet")):
-        try:
-            for entry in shard_entries(path):
-                index.setdefault(entry, path)
-        except Exception:  # an unreadable foreign file: its images are recomputed
-            continue
-    return index
-
-
-def run_unit(unit: WorkUnit, models: Sequence, settings: RunSettings, keep_tables: bool = True,
-             caches: dict | None = None) -> UnitResult:
-    """Compute one :class:`WorkUnit`: the same code in one process and on a Dask worker.
-
-    Each image and label is read once for all models; each (model, image) is evaluated with
-    :func:`evaluate_image`; bad input is recorded as a failure of that (model, image) and the
-    rest goes on. Per model the shard is written atomically with its S1 masks beside it.
-    """
-
-    result = UnitResult(index=unit.index)
-    caches = {} if caches is None else caches
-    compute = {t.model_index: {j.rank for j in unit.jobs if j.rank not in t.reuse} for t in unit.todo}
-    rows: dict[tuple[int, int], pd.DataFrame] = {}
-    s1s: dict[tuple[int, int], dict] = {}
-    failed: set[tuple[int, int]] = set()
-    root = settings.root
-    for job in unit.jobs:
-        mine = [mi for mi in sorted(compute) if job.rank in compute[mi]]
-        if not mine:
-            continue
-        img = label = None
-        error: Exception | None = None
-        try:
-            img = read_image(root / job.image_path)
-        except (InputError, OSError, ValueError) as exc:
-            error = exc
-        for mi in mine:
-            model = models[mi]
-            try:
-                if error is not None:
-                    raise error
-                if settings.use_cache:
-                    key = (model.name, model.signature_hash)
-                    if key not in caches:
-                        caches[key] = cache_mod.EmbeddingCache(settings.cache_dir, model)
-                    emb, t_embed = caches[key].get_with_time(img, source=root / job.image_path)
-                else:  # fused (--no-cache): encode, decode below, keep nothing on disk
-                    emb, t_embed = fused_embedding(model, img)
-                if label is None:
-                    label = read_label(root / job.label_path)
-                out, s1 = evaluate_image(model, emb, t_embed, label, job.objects, job.prompt_rows,
-                                         settings.strategies, points_per_side=settings.points_per_side,
-                                         save_masks=settings.save_masks,
-                                         everything_kwargs=settings.everything_kwargs)
-            except (InputError, OSError, ValueError) as exc:
-                result.failures.append((mi, job.rank, f"{model.name}:{job.task}/{job.image_id}", str(exc)))
-                failed.add((mi, job.rank))
-                continue
-            rows[(mi, job.rank)] = pd.DataFrame(out, columns=RESULT_COLUMNS)
-            if s1 is not None:
-                s1s[(mi, job.rank)] = _s1_record(s1)
-            result.n_computed += 1
-    with_s1 = "S1" in settings.strategies
-    for todo in unit.todo:
-        mi = todo.model_index
-        sources: dict[Path, pa.Table] = {}
-        s1_docs: dict[Path, dict] = {}
-        frames, entries, s1_out = [], [], {}
-        for job in unit.jobs:
-            if (mi, job.rank) in failed:
-                continue
-            key = _s1_key(job.task, job.image_id)
-            if job.rank in todo.reuse:
-                src = todo.reuse[job.rank]
-                if src not in sources:
-                    sources[src] = _read_shard(src).to_pandas()
-                    s1_docs[src] = (json.loads(src.with_suffix(".s1.json").read_text()).get("images", {})
-                                    if with_s1 else {})
-                table = sources[src]
-                frames.append(table[(table["task"] == job.task) & (table["image_id"] == job.image_id)])
-                if with_s1:
-                    s1_out[key] = s1_docs[src][key]
-                result.n_copied += 1
-            else:
-                frames.append(rows[(mi, job.rank)])
-                if (mi, job.rank) in s1s:
-                    s1_out[key] = s1s[(mi, job.rank)]
-            entries.append(job.entry)
-        if not entries:
-            result.written.append(None)
-            result.tables.append(None)
-            continue
-        complete = len(entries) == len(unit.jobs)
-        path = todo.path if complete else todo.path.with_name(_shard_name(entries))
-        table = _shard_table(frames)
-        if with_s1:  # first the masks, then the shard: a shard on disk always has its masks
-            atomic_write_json(path.with_suffix(".s1.json"), {"images": s1_out})
-        _write_shard(path, table, entries)
-        result.written.append(path)
-        result.tables.append(table if keep_tables else None)
-    return result
-
-
-def plan(manifest: pd.DataFrame, models: Sequence, parts: Path,
-         ptable: pd.DataFrame | None, shard_size: int) -> tuple[list[WorkUnit], list[ImageJob],
-                                                                list[list[tuple[Path, list[int]]]], int]:
-    """Split the manifest into shards and decide, per model and shard, what is left to do.
-
-    Returns the work units (only shards with work), all image jobs in order, per model the
-    planned ``(shard file, image ranks)`` list, and the number of (model, image) pairs whose
-    rows are resumed from a finished shard.
-    """
-    by_image = {} if ptable is None else dict(iter(ptable.groupby(["task", "image_id"], sort=False)))
-    empty = pd.DataFrame(columns=prompts.PROMPT_COLUMNS)
-    digests = _digests(manifest, ptable)
-    jobs: list[ImageJob] = []
-    for rank, ((task, image_id), objects) in enumerate(manifest.groupby(["task", "image_id"], sort=True)):
-        prows = by_image.get((task, image_id), empty)
-        jobs.append(ImageJob(rank=rank, task=task, image_id=image_id, image_path=objects["image_path"].iat[0],
-                             label_path=objects["label_path"].iat[0], digest=digests[(task, image_id)],
-                             objects=objects, prompt_rows=prows))
-    shard_size = max(1, int(shard_size))
-    shards = [jobs[i:i + shard_size] for i in range(0, len(jobs), shard_size)]
-    units: dict[int, WorkUnit] = {}
-    planned: list[list[tuple[Path, list[int]]]] = []
-    n_resumed = 0
-    for mi, model in enumerate(models):
-        folder = model_folder(parts, model)
-        index = None  # read only when some shard is missing
-        mine = []
-        for si, shard in enumerate(shards):
-            path = folder / _shard_name([j.entry for j in shard])
-            mine.append((path, [j.rank for j in shard]))
-            if path.exists():
-                n_resumed += len(shard)
-                continue
-            if index is None:
-                index = _shard_index(folder)
-            reuse = {j.rank: index[j.entry] for j in shard if j.entry in index}
-            unit = units.setdefault(si, WorkUnit(index=si, jobs=shard, todo=[]))
-            unit.todo.append(ShardTodo(model_index=mi, path=path, reuse=reuse))
-        planned.append(mine)
-    return [units[k] for k in sorted(units)], jobs, planned, n_resumed
-
-
 def evaluate(manifest: pd.DataFrame, root: str | Path, models: Iterable, out: str | Path,
-             strategies: Sequence[str] = STRATEGIES, cache_dir: str | Path | None = None,
-             save_masks: str | Path | None = None, seed: int = 0, points_per_side: int = 32,
-             everything_kwargs: dict | None = None, shift_levels: Sequence[int] = (0,),
-             repeats: int = 3, progress: bool = True, shard_size: int = 1,
-             scheduler=None, threads: int = 1, retries: int = 3,
-             cache: bool = True) -> tuple[pd.DataFrame, EvalReport]:
+             settings: EvalSettings | None = None, **overrides) -> tuple[pd.DataFrame, EvalReport]:
     """Evaluate ``models`` on the objects of ``manifest`` and write the results table.
 
     Parameters
@@ -679,83 +350,60 @@ def evaluate(manifest: pd.DataFrame, root: str | Path, models: Iterable, out: st
     out : path
         ``results.parquet`` to write; ``<out>.parts/`` holds resumable result shards and
         ``prompts.parquet`` beside ``out`` the prompt table shared by all models. Failures are
-        listed in ``<out stem>.skipped.csv`` (rewritten each run, empty when none).
-    strategies : subset of ``STRATEGIES``.
-    cache_dir : embedding cache folder (default :func:`cosmoslib.paths.embedding_cache_dir`).
-    save_masks : write matched masks to ``<dir>/<model>/<strategy>/<task>/<image>__<object>-<value>.png``.
-        When the manifest knows source volumes (paper 2.2 slices; :func:`cosmoslib.protocol.volumes.has_volumes`)
-        the masks are always kept (in ``<out>.masks/`` unless given) and the volume-level table
-        (3D DICE, HD/HD95/ASSD and NSD in mm, beside the per-slice means) is written to
-        ``<out stem>.volumes.parquet``.
-    seed : prompt sampling seed.
-    points_per_side : S1 grid size m.
-    shift_levels : prompt shift levels to run besides the unshifted prompt (paper 4.9, Table 8;
-        1, 2, 3 = 0-10, 10-20, 20-30 pixels); ``(0,)`` runs the unshifted prompts only.
-    repeats : seeded repeats per shift level ("Random 1-3" in Table 8).
-    progress : show a progress bar (stderr).
-    shard_size : images per result file (and per Dask task). 1 keeps one file per image; at
-        COSMOS scale use 64-256 so files grow with shards, not images. The table does not depend on it.
-    scheduler : None (one process, here), or a Dask scheduler for :func:`cosmoslib.protocol.distributed.client_for`
-        (``"local:N"``, ``"tcp://host:port"``, ``"slurm:cluster.yaml"``, ...) or a
-        ``distributed.Client``. Workers load each model once and write the same shards.
-    threads : torch threads per Dask worker (ignored without ``scheduler``).
-    retries : times a Dask task is retried after an error (a task lost with a killed worker is
-        rescheduled by Dask anyway).
-    cache : True (default): embeddings come from the embedding cache (computed and stored once).
-        False: *fused* mode (``cosmos evaluate --no-cache``): each image is encoded and every
-        requested strategy decoded right away, and the embedding is dropped -- no disk, at the
-        price of encoding again in every later run. The embedding is rounded to the cache's
-        precision (fp16) before decoding, so the table equals the cached path's (same result
-        shards; only ``t_embed_s`` is this run's encoder time).
+        listed in ``<out stem>.skipped.csv`` (rewritten each run, empty when none). When the
+        manifest knows source volumes (paper 2.2 slices) the volume-level table (3D DICE,
+        HD/HD95/ASSD and NSD in mm, beside the per-slice means) is written to
+        ``<out stem>.volumes.parquet`` (:func:`volumes_path`).
+    settings : EvalSettings, optional
+        What to compute and how (default: ``EvalSettings()``, all six strategies, seed 0).
+    **overrides
+        Fields of :class:`EvalSettings` set for this call, e.g. ``strategies=["S5"], seed=1``
+        (applied over ``settings``). A name that is not a field raises ``TypeError`` naming it.
 
     Returns
     -------
     (DataFrame, EvalReport)
+        The results table (:data:`RESULT_COLUMNS`) and what the run did.
     """
     start = time.perf_counter()
+    if settings is None:
+        settings = EvalSettings()
+    elif not isinstance(settings, EvalSettings):
+        raise TypeError(f"evaluate(): settings must be an EvalSettings, got {type(settings).__name__} "
+                        f"(give strategies and the other settings as keywords)")
+    if overrides:
+        settings = settings.replace(**overrides)
     root, out = Path(root), Path(out)
-    strategies = check_strategies(strategies)
-    shift_levels = sorted({0, *(int(v) for v in shift_levels)})
-    cache_dir = Path(cache_dir) if cache_dir else paths.embedding_cache_dir()
     models = list(models)
     manifest = with_digests(manifest, root)
     volume_sources = volumes.has_volumes(manifest)
+    save_masks = settings.save_masks
     if save_masks is None and volume_sources:
         save_masks = out.with_name(out.name + ".masks")
-    save_masks = Path(save_masks) if save_masks else None
-    parts = out.with_name(out.name + ".parts") / _settings_fingerprint(
-        strategies=sorted(strategies), seed=seed, points_per_side=points_per_side,
-        everything=everything_kwargs or {}, shift_levels=shift_levels, repeats=repeats)
-    report = EvalReport(out=out, models=[m.name for m in models], strategies=list(strategies))
+    parts = out.with_name(out.name + ".parts") / settings.fingerprint()
+    report = EvalReport(out=out, models=[m.name for m in models], strategies=list(settings.strategies))
 
-    need_prompts = any(s in PROMPT_STRATEGIES for s in strategies)
-    settings = RunSettings(root=root, strategies=tuple(strategies), points_per_side=points_per_side,
-                           everything_kwargs=everything_kwargs, save_masks=save_masks, cache_dir=cache_dir,
-                           use_cache=bool(cache))
-    if scheduler is None:
-        ptable = (prompt_table(manifest, root, seed, out.with_name("prompts.parquet"),
-                               shift_levels=shift_levels, repeats=repeats) if need_prompts else None)
-        units, jobs, planned, report.n_parts_resumed = plan(manifest, models, parts, ptable,
-                                                            shard_size)
-        done = []
-        caches: dict = {}
-        bar = tqdm(units, desc="evaluate", unit="shard", file=sys.stderr, disable=not progress)
-        for unit in bar:
-            done.append(run_unit(unit, models, settings, keep_tables=True, caches=caches))
-    else:
-        # Dask loads only for --scheduler runs (and cosmoslib.protocol.distributed imports this module).
-        from cosmoslib.protocol import distributed
-
-        with distributed.connect(scheduler, threads=threads) as client:  # one cluster for both steps
-            ptable = (prompt_table(manifest, root, seed, out.with_name("prompts.parquet"),
-                                   shift_levels=shift_levels, repeats=repeats, scheduler=client)
-                      if need_prompts else None)
-            units, jobs, planned, report.n_parts_resumed = plan(manifest, models, parts, ptable,
-                                                                shard_size)
-            done = distributed.run_units(client, units, models, settings, threads=threads,
-                                         retries=retries, progress=progress)
+    need_prompts = any(s in PROMPT_STRATEGIES for s in settings.strategies)
+    run = units.RunSettings(root=root, strategies=settings.strategies, points_per_side=settings.points_per_side,
+                            everything_kwargs=settings.everything_kwargs, save_masks=save_masks,
+                            cache_dir=settings.cache_dir or paths.embedding_cache_dir(),
+                            use_cache=settings.cache)
+    # one cluster for both steps (connect(None) yields None: everything runs here)
+    with distributed.connect(settings.scheduler, threads=settings.threads) as client:
+        ptable = (prompt_table(manifest, root, settings.seed, out.with_name("prompts.parquet"),
+                               shift_levels=settings.shift_levels, repeats=settings.repeats, scheduler=client)
+                  if need_prompts else None)
+        work, jobs, planned, report.n_parts_resumed = units.plan(manifest, models, parts, ptable,
+                                                                 settings.shard_size)
+        if client is None:
+            caches: dict = {}
+            bar = tqdm(work, desc="evaluate", unit="shard", file=sys.stderr, disable=not settings.progress)
+            done = [units.run_unit(unit, models, run, keep_tables=True, caches=caches) for unit in bar]
+        else:
+            done = distributed.run_units(client, work, models, run, threads=settings.threads,
+                                         retries=settings.retries, progress=settings.progress)
     report.n_images, report.n_objects = len(jobs), len(manifest)
-    results = _assemble(units, done, planned, jobs, models, report)
+    results = _assemble(work, done, planned, jobs, models, report)
     atomic_write_parquet(results, out)
     if volume_sources and len(results):
         _write_volume_table(manifest, root, results, save_masks, out, report)
@@ -765,8 +413,8 @@ def evaluate(manifest: pd.DataFrame, root: str | Path, models: Iterable, out: st
     return results, report
 
 
-def _assemble(units: list[WorkUnit], done: list[UnitResult], planned, jobs: list[ImageJob],
-              models: Sequence, report: EvalReport) -> pd.DataFrame:
+def _assemble(work: list[units.WorkUnit], done: list[units.UnitResult], planned,
+              jobs: list[units.ImageJob], models: Sequence, report: EvalReport) -> pd.DataFrame:
     """The union of the shards in the fixed order (model, then image), every row once.
 
     Shards computed here come from memory when the unit kept them; resumed ones are read once.
@@ -774,7 +422,7 @@ def _assemble(units: list[WorkUnit], done: list[UnitResult], planned, jobs: list
     """
     written: dict[Path, tuple[Path, pa.Table | None]] = {}
     failures = []
-    for unit, res in zip(units, done):
+    for unit, res in zip(work, done):
         for todo, path, table in zip(unit.todo, res.written, res.tables):
             written[todo.path] = (path, table)
         failures += res.failures
@@ -793,7 +441,7 @@ def _assemble(units: list[WorkUnit], done: list[UnitResult], planned, jobs: list
                     job = jobs[rank]
                     report.parts[(model.name, job.task, job.image_id)] = actual
             if table is None:
-                table = _read_shard(actual)
+                table = shards.read_shard(actual)
             if table.num_rows:
                 tables.append(table)
     if not tables:
@@ -821,24 +469,3 @@ def _write_volume_table(manifest, root, results, save_masks, out, report) -> Non
         report.failures.append((str(save_masks), f"volume table not written: {exc}"))
         return
     atomic_write_parquet(table, volumes_path(out))
-
-
-def fused_embedding(model, image: np.ndarray, dtype: str = "float16") -> tuple[np.ndarray, float]:
-    """The embedding of one image computed now and kept in memory only (fused mode).
-
-    Parameters
-    ----------
-    model : SamFamilyModel
-    image : uint8 ``(H, W)`` or ``(H, W, 3)``.
-    dtype : the precision the cache would store (default fp16, as :class:`cosmoslib.models.cache.EmbeddingCache`);
-        the embedding is rounded to it so that the decoded masks equal the cached path's.
-
-    Returns
-    -------
-    (float32 ndarray, float)
-        The embedding ``model.embedding_shape`` and the encoder seconds of this image.
-    """
-    start = time.perf_counter()
-    emb = model.encode([image], batch_size=1)[0]
-    seconds = time.perf_counter() - start
-    return np.asarray(emb, dtype=np.float32).astype(dtype).astype(np.float32), seconds

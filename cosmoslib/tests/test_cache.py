@@ -23,8 +23,10 @@ from PIL import Image
 from cosmoslib import cli, models
 from cosmoslib.data import indexer, layout, readers
 from cosmoslib.files import InputError
-from cosmoslib.models import cache, registry
+from cosmoslib.models import cache, legacy_cache, registry
+from cosmoslib.models import pack as pack_format
 from cosmoslib.models.cache import EmbeddingCache, image_key
+from cosmoslib.protocol import embed
 from cosmoslib.protocol.prompts import Prompt
 
 
@@ -68,7 +70,7 @@ def filled(tmp_path_factory, litemedsam):
     """A root of 3 images and a cache holding all of them (computed once for the module)."""
     base = tmp_path_factory.mktemp("filled")
     root = make_root(base / "root", 3)
-    report = cache.embed_root(root, litemedsam, cache_dir=base / "cache", progress=False)
+    report = embed.embed_root(root, litemedsam, cache_dir=base / "cache", progress=False)
     assert (report.n_computed, report.n_reused, report.n_failed) == (3, 0, 0)
     return root, base / "cache"
 
@@ -123,7 +125,7 @@ def test_second_run_encodes_nothing(filled, tmp_path, counting):
     # A re-encoded copy of one image under another name hits the same entry.
     src = layout.list_images(root)[0][2]
     Image.fromarray(readers.read_image(src)).save(root / "toy" / "images" / "copy.png", compress_level=0)
-    report = cache.embed_root(root, model, cache_dir=cache_dir, progress=False)
+    report = embed.embed_root(root, model, cache_dir=cache_dir, progress=False)
     assert calls["images"] == 0
     assert (report.n_images, report.n_computed, report.n_reused, report.n_failed) == (4, 0, 4, 0)
     assert "0 computed, 4 reused" in report.summary()
@@ -139,7 +141,7 @@ def test_changed_checkpoint_recomputes(filled, tmp_path, litemedsam, monkeypatch
     models.register_model("lite_finetuned", "litemedsam", tmp_path / "finetuned.pth")
     tuned = models.load_model("lite_finetuned", device="cpu")
     assert tuned.checkpoint_sha256 != litemedsam.checkpoint_sha256
-    report = cache.embed_root(root, tuned, cache_dir=cache_dir, progress=False)
+    report = embed.embed_root(root, tuned, cache_dir=cache_dir, progress=False)
     assert (report.n_computed, report.n_reused) == (3, 0)
     old, new = EmbeddingCache(cache_dir, litemedsam), EmbeddingCache(cache_dir, tuned)
     assert old.store != new.store and len(old) == len(new) == 3
@@ -171,12 +173,12 @@ def _repoint(c: EmbeddingCache, key: str, meta: bytes, payload: bytes) -> None:
     pack, _, _, _ = _record(c, key)
     idx = pack.with_suffix(".idx")
     raw = bytearray(idx.read_bytes())
-    at = next(i for i in range(0, len(raw), cache._IDX.size) if raw[i:i + 16] == bytes.fromhex(key))
+    at = next(i for i in range(0, len(raw), pack_format.IDX.size) if raw[i:i + 16] == bytes.fromhex(key))
     offset = pack.stat().st_size
     with open(pack, "ab") as fh:
         fh.write(meta + payload)
-    raw[at:at + cache._IDX.size] = cache._IDX.pack(bytes.fromhex(key), offset, len(meta), len(payload), 0.0,
-                                                   hashlib.blake2b(meta, digest_size=16).digest())
+    raw[at:at + pack_format.IDX.size] = pack_format.IDX.pack(bytes.fromhex(key), offset, len(meta), len(payload),
+                                                             0.0, hashlib.blake2b(meta, digest_size=16).digest())
     idx.write_bytes(bytes(raw))
 
 
@@ -190,7 +192,7 @@ def _edit_value_keep_format(c: EmbeddingCache, key: str) -> None:
     meta, _ = _meta_payload(c, key)
     data = c.load(key).astype(np.float16)
     data[0, 0, 0] += 1
-    _repoint(c, key, json.dumps(meta).encode(), cache._CODEC.encode(data))
+    _repoint(c, key, json.dumps(meta).encode(), pack_format.CODEC.encode(data))
 
 
 def _edit_signature(c: EmbeddingCache, key: str) -> None:
@@ -248,7 +250,7 @@ def test_torn_index_record_is_ignored(filled, tmp_path, counting):
     key = _last_key(c)
     idx = _record(c, key)[0].with_suffix(".idx")
     raw = idx.read_bytes()
-    at = next(i for i in range(0, len(raw), cache._IDX.size) if raw[i:i + 16] == bytes.fromhex(key))
+    at = next(i for i in range(0, len(raw), pack_format.IDX.size) if raw[i:i + 16] == bytes.fromhex(key))
     idx.write_bytes(raw[:at + 30])  # also drops the seal record behind it
     c = EmbeddingCache(cache_dir, model)
     assert key not in c.keys() and len(c) == 2 and c.verify() == {}
@@ -272,10 +274,10 @@ def test_half_written_temporaries_are_ignored_and_cleaned(filled, tmp_path, lite
         live_tmp = c.store / f".tmp-{key}-{live.pid}-abcdef12"
         live_tmp.mkdir()
         # packs whose writer wrote no complete entry: one dead, one alive
-        dead_pack = c.packs / f"{cache._HOST_TAG}-{dead_pid}-20240101T000000-abcdef12.pack"
+        dead_pack = c.packs / f"{pack_format.HOST_TAG}-{dead_pid}-20240101T000000-abcdef12.pack"
         dead_pack.write_bytes(b"half an entry")
         dead_pack.with_suffix(".idx").write_bytes(b"torn")
-        live_pack = c.packs / f"{cache._HOST_TAG}-{live.pid}-20240101T000000-abcdef12.pack"
+        live_pack = c.packs / f"{pack_format.HOST_TAG}-{live.pid}-20240101T000000-abcdef12.pack"
         live_pack.write_bytes(b"")
         assert c.keys() == sorted(c.keys()) and len(c) == 3
         EmbeddingCache(cache_dir, litemedsam)  # opening cleans up
@@ -291,14 +293,14 @@ def test_half_written_temporaries_are_ignored_and_cleaned(filled, tmp_path, lite
 
 KILL_SCRIPT = """
 import sys
-from cosmoslib.models import cache
-cache.embed_root(sys.argv[1], "litemedsam", cache_dir=sys.argv[2], device="cpu", progress=False)
+from cosmoslib.protocol import embed
+embed.embed_root(sys.argv[1], "litemedsam", cache_dir=sys.argv[2], device="cpu", progress=False)
 """
 
 
 def _complete_records(store: Path) -> int:
     """Index records written completely, over all packs of a store."""
-    return sum(p.stat().st_size // cache._IDX.size for p in (store / "packs").glob("*.idx")) \
+    return sum(p.stat().st_size // pack_format.IDX.size for p in (store / "packs").glob("*.idx")) \
         if (store / "packs").is_dir() else 0
 
 
@@ -321,7 +323,7 @@ def test_sigkill_loses_nothing_already_written(tmp_path, litemedsam):
     assert 2 <= written < 6
     c = EmbeddingCache(cache_dir, litemedsam)
     assert len(c) == written and c.verify() == {}
-    report = cache.embed_root(root, litemedsam, cache_dir=cache_dir, progress=False)
+    report = embed.embed_root(root, litemedsam, cache_dir=cache_dir, progress=False)
     assert report.n_reused >= written and report.n_computed == 6 - report.n_reused
     assert report.n_invalid == 0 and report.n_failed == 0
     c = EmbeddingCache(cache_dir, litemedsam)
@@ -334,13 +336,13 @@ def test_unreadable_image_is_recorded_and_the_rest_go_on(filled, tmp_path, litem
     bad = root / "toy" / "images" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     try:
-        report = cache.embed_root(root, litemedsam, cache_dir=cache_dir, progress=False)
+        report = embed.embed_root(root, litemedsam, cache_dir=cache_dir, progress=False)
     finally:
         bad.unlink()
     assert (report.n_images, report.n_reused, report.n_failed) == (4, 3, 1)
     assert report.failures[0][0] == str(bad.resolve()) and "broken.png" in report.summary()
     with pytest.raises(InputError, match="no images"):
-        cache.embed_root(tmp_path / "cache", litemedsam, cache_dir=cache_dir)
+        embed.embed_root(tmp_path / "cache", litemedsam, cache_dir=cache_dir)
 
 
 def test_cli_embed(filled, tmp_path, capsys):
@@ -492,9 +494,9 @@ def test_another_hosts_temporary_is_left_alone(tmp_path, litemedsam):
     c = EmbeddingCache(tmp_path, litemedsam)
     foreign = c.store / f".tmp-{'0' * 32}-deadbeef-1-abcdef12"  # host tag not ours, pid 1 here
     foreign.mkdir()
-    assert cache._HOST_TAG != "deadbeef"
+    assert pack_format.HOST_TAG != "deadbeef"
     assert c.clean_temporaries() == 0 and foreign.exists()
-    ours = c.store / f".tmp-{'0' * 32}-{cache._HOST_TAG}-999999999-abcdef12"  # our host, no such pid
+    ours = c.store / f".tmp-{'0' * 32}-{pack_format.HOST_TAG}-999999999-abcdef12"  # our host, no such pid
     ours.mkdir()
     assert c.clean_temporaries() == 1 and not ours.exists() and foreign.exists()
 
@@ -505,7 +507,7 @@ def _to_legacy(c: EmbeddingCache) -> None:
     for key in c.keys():
         data, attrs, _ = c._read(key)
         keep = {k: v for k, v in attrs.items() if k not in cache._ENTRY_FIELDS}
-        cache._write_legacy_entry(c.store, key, data, {**keep, "signature": attrs["signature"]})
+        legacy_cache.write_entry(c.store, key, data, {**keep, "signature": attrs["signature"]})
     shutil.rmtree(c.packs)
 
 
@@ -533,7 +535,7 @@ def test_per_image_layout_is_read_in_place(filled, tmp_path, counting):
         assert np.array_equal(old.load(key), want[key])
         assert old.metadata(key)["cosmos_entry"] == cache.LEGACY_VERSION
         assert old.metadata(key)["original_size"] == meta[key]["original_size"]
-    report = cache.embed_root(root, model, cache_dir=cache_dir, progress=False)
+    report = embed.embed_root(root, model, cache_dir=cache_dir, progress=False)
     assert (report.n_computed, report.n_reused, calls["images"]) == (0, 3, 0)
     assert not list(old.packs.iterdir())  # nothing rewritten
 

@@ -24,7 +24,7 @@ from cosmoslib.analysis import factors
 from cosmoslib.data import dataset, indexer
 from cosmoslib.models import cache
 from cosmoslib.protocol import distributed as cosmos_dask
-from cosmoslib.protocol import evaluate
+from cosmoslib.protocol import embed, evaluate
 
 KW = dict(strategies=["S1", "S5"], points_per_side=4, seed=0, progress=False)
 TASKS = ["mni152_tissue_t1w-mri", "pyradiomics_lung_ct"]
@@ -221,9 +221,9 @@ def test_embed_on_two_workers_writes_the_single_process_entries(single, manifest
         shutil.copy(demo_root / path, root / path)
     bad = root / manifest["task"].iat[0] / "images" / "broken.png"
     bad.write_bytes(b"not a png")
-    one = cache.embed_root(root, litemedsam, cache_dir=tmp / "cache", progress=False)  # filled by `single`
-    many = cosmos_dask.embed_root(root, litemedsam, client, cache_dir=tmp_path / "cache", group_size=2,
-                                  progress=False)
+    one = embed.embed_root(root, litemedsam, cache_dir=tmp / "cache", progress=False)  # filled by `single`
+    many = embed.embed_root(root, litemedsam, scheduler=client, cache_dir=tmp_path / "cache", group_size=2,
+                           progress=False)
     n_good = manifest["image_path"].nunique()
     assert one.n_computed == 0 and many.n_computed == n_good and many.n_images == one.n_images == n_good + 1
     assert many.failures == one.failures and str(bad) in many.failures[0][0]
@@ -232,8 +232,8 @@ def test_embed_on_two_workers_writes_the_single_process_entries(single, manifest
     assert len(mine.keys()) == n_good and set(mine.keys()) <= set(ref.keys())
     for key in mine.keys():
         np.testing.assert_allclose(mine.load(key), ref.load(key), rtol=0, atol=1e-3)
-    again = cosmos_dask.embed_root(root, litemedsam, client, cache_dir=tmp_path / "cache", group_size=2,
-                                   progress=False)
+    again = embed.embed_root(root, litemedsam, scheduler=client, cache_dir=tmp_path / "cache", group_size=2,
+                             progress=False)
     assert again.n_computed == 0 and again.n_reused == n_good  # resumable
 
 

@@ -208,13 +208,17 @@ def test_index_refuses_what_evaluate_cannot_read(demo_root, litemedsam, tmp_path
     truncated, wide = images[0], images[1]
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     arr = np.asarray(Image.open(wide)).astype(np.uint16) * 257  # real 16-bit data, 0..65535
+    arr[0, 0] = 7  # (so that it is not a plain multiple of the 8-bit image)
     Image.fromarray(arr).save(wide)
+    flat = images[2]  # a constant 16-bit image: nothing to normalise
+    Image.fromarray(np.full(arr.shape, 9000, np.uint16)).save(flat)
     report = indexer.index_to_parquet(root, tmp_path / "manifest.parquet", progress=False)
     skipped = pd.read_csv(report.skipped_csv)
     reasons = dict(zip(skipped["file"].map(lambda f: f.split("/")[-1]), skipped["reason"]))
     assert "unreadable image" in reasons[truncated.name]
-    assert "expected an 8-bit image" in reasons[wide.name]
+    assert "constant intensity" in reasons[flat.name]
     manifest = pd.read_parquet(tmp_path / "manifest.parquet")
-    assert not set(manifest["image_id"]) & {truncated.stem, wide.stem}
+    assert not set(manifest["image_id"]) & {truncated.stem, flat.stem}
+    assert set(manifest.loc[manifest["rescaled"], "image_id"]) == {wide.stem}  # read, min-max normalised
     _, rep = evaluate.evaluate(manifest, root, [litemedsam], tmp_path / "r.parquet", strategies=["S5"])
     assert rep.n_failed == 0 and rep.n_images == len(images) - 2

@@ -75,9 +75,13 @@ def test_read_image_and_label_variants(tmp_path):
     np.testing.assert_array_equal(readers.read_image(tmp_path / "rgba.png"), rgb)  # alpha dropped
     Image.fromarray(np.full((4, 4), 200, np.uint16)).save(tmp_path / "eight_in_16.png")
     assert readers.read_image(tmp_path / "eight_in_16.png").dtype == np.uint8
-    Image.fromarray(np.full((4, 4), 4000, np.uint16)).save(tmp_path / "sixteen.png")
-    with pytest.raises(InputError, match="8-bit"):
-        readers.read_image(tmp_path / "sixteen.png")
+    sixteen = np.full((4, 4), 4000, np.uint16)
+    sixteen[0, 0] = 100
+    Image.fromarray(sixteen).save(tmp_path / "sixteen.png")  # real 16-bit data: min-max normalised
+    np.testing.assert_array_equal(readers.read_image(tmp_path / "sixteen.png"), np.where(sixteen == 100, 0, 255))
+    Image.fromarray(np.full((4, 4), 4000, np.uint16)).save(tmp_path / "flat16.png")
+    with pytest.raises(InputError, match="constant intensity"):
+        readers.read_image(tmp_path / "flat16.png")
     # palette label: the indices are the values
     pal = Image.fromarray(np.array([[0, 1], [2, 255]], np.uint8), mode="L").convert("P")
     pal.putpalette([v for i in range(256) for v in (i, 0, 255 - i)])
@@ -139,7 +143,7 @@ def test_layout_round_trip(tmp_path):
                                  "source": f"raw/{n}.nii.gz", "slice_index": n,
                                  "area_px": int((label == v).sum()), "height": 40 + n, "width": 30,
                                  **digests, "plane": "axial", "spacing_row": 0.5, "spacing_col": 0.75,
-                                 "spacing_slice": 2.0 + n})
+                                 "spacing_slice": 2.0 + n, "rescaled": False})
         layout.write_task(tmp_path, task, objects, dataset="DS " + task, modality="M", images=provenance)
     man = indexer.index(tmp_path)
     assert list(man.columns) == indexer.MANIFEST_COLUMNS

@@ -95,7 +95,8 @@ def indexed(root: str | Path, store: Path | None = None) -> pd.DataFrame:
         :func:`data_fingerprint`) is stored in ``<store>.fingerprint``.
     """
     root = Path(root).resolve()
-    fingerprint = data_fingerprint(root)
+    # the manifest's own format is part of it: a manifest stored by an older indexer is rebuilt
+    fingerprint = f"{data_fingerprint(root)}-v{indexer.MANIFEST_VERSION}"
     key = (str(root), fingerprint)
     if key in _INDEXED:
         return _INDEXED[key]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from cosmoslib.models import registry
+from cosmoslib.models import mobilesam, registry
 
 _NATURE_WORDS = {"general": "a general-purpose model (natural images)",
                  "medical": "a medical model",
@@ -94,7 +94,8 @@ def per_model(sentences: Mapping[str, str]):
     ValueError
         ``sentences`` is empty: a chapter with no model to describe is a bug upstream.
     """
-    from IPython.display import Markdown  # the [book] extra: only a notebook kernel needs it
+    # IPython comes with the optional [book] extra: only a notebook kernel needs it.
+    from IPython.display import Markdown
 
     if not sentences:
         raise ValueError("no model to describe")
@@ -125,6 +126,7 @@ def points_note(models: Sequence[str], consequence: str) -> str:
 
 def show(config) -> None:
     """Display :func:`models_note` for a run-list config in a notebook (the chapter's first output)."""
+    # IPython comes with the optional [book] extra: only a notebook kernel needs it.
     from IPython.display import Markdown, display
 
     display(Markdown(models_note(config.models, config.unavailable_models)))
@@ -133,8 +135,6 @@ def show(config) -> None:
 def unavailable_reason(name: str) -> str:
     """Why a model the config wanted cannot run here, and how to add it (one sentence)."""
     if registry.lookup(name).arch == "mobilesam":
-        from cosmoslib.models import mobilesam
-
         return (f"its weights are not on this machine; {mobilesam.how_to_get()}, then rebuild the "
                 f"book. Every table and finding below is then about the other models only.")
     return ("its checkpoint was not found (see the models page for where checkpoints go); every "

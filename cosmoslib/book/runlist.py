@@ -34,7 +34,9 @@ from typing import Any, Mapping
 import yaml
 
 from cosmoslib import paths
+from cosmoslib.analysis import timing
 from cosmoslib.book import lanes
+from cosmoslib.models import mobilesam, registry
 from cosmoslib.data.dataset import OBJECT_SAMPLING
 
 CONFIGS = ("smoke", "demo", "full")
@@ -264,8 +266,6 @@ def runnable(names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     with a checkpoint to give is always "runnable" here and reports its own missing file when
     loaded.
     """
-    from cosmoslib.models import mobilesam, registry  # torch: only when a config is built
-
     missing = tuple(n for n in names if registry.lookup(n).arch == "mobilesam" and not mobilesam.available())
     return tuple(n for n in names if n not in missing), missing
 
@@ -439,8 +439,6 @@ def build_book(config: str = "demo", only: list[str] | None = None, execute: boo
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     report = BookReport(config, jobs=jobs)
     if execute:
-        from cosmoslib.analysis import timing  # torch: only when notebooks are executed
-
         report.reference_seconds = timing.reference_encode_seconds()
         print(f"[cosmos book] reference: one stock LiteMedSAM encode takes {report.reference_seconds:.3f} s "
               "on this machine today", file=sys.stderr, flush=True)

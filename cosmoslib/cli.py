@@ -172,7 +172,7 @@ BACKEND_HELP = ("who runs the image encoder on the CPU: auto (default) = the fas
 
 
 def _backend_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"],
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "openvino", "openvino-int8"],
                    help=BACKEND_HELP)
 
 

@@ -105,8 +105,12 @@ class SamFamilyModel:
         restores the stock forwards (also on ``sam.image_encoder``, e.g. for
         ``SamPredictor``). Read at every :meth:`encode`, so it can be switched at any time.
     backend : str
-        Who runs the image encoder: ``"torch"`` (this module), ``"onnxruntime"`` or
-        ``"openvino"`` (an exported copy, :mod:`cosmoslib.models.backends`; part of the signature).
+        Who runs the image encoder: ``"torch"`` (this module), ``"onnxruntime"``, ``"openvino"``
+        or ``"openvino-int8"`` (an exported copy, :mod:`cosmoslib.models.backends`; part of the
+        signature).
+    calibration : cosmoslib.models.quantize.Calibration or None
+        The images the ``"openvino-int8"`` encoder is calibrated on (their digest is part of
+        the signature); None for the other backends.
     compile_encoder : bool
         Run the encoder through ``torch.compile`` (worth it on a GPU for long runs; the first
         call compiles for tens of seconds; falls back to eager with a warning).
@@ -125,6 +129,7 @@ class SamFamilyModel:
     fast_encoder: bool = True
     compile_encoder: bool = False
     backend: str = "torch"
+    calibration: Any = field(default=None, repr=False, compare=False)
     _transform: ResizeLongestSide = field(init=False, repr=False)
     _compiled: Any = field(default=None, init=False, repr=False)
     _fast: _FastMaskDecoder | None = field(default=None, init=False, repr=False)
@@ -179,7 +184,7 @@ class SamFamilyModel:
         if self.encoder_precision != "fp32":
             sig["encoder"] = f"torch-{self.encoder_precision}"
         if self.backend != "torch":  # another runtime: other rounding (cosmoslib.models.backends)
-            sig["encoder"] = backends.signature_entry(self.backend)
+            sig["encoder"] = backends.signature_entry(self.backend, self.calibration)
         return sig
 
     @property
@@ -591,7 +596,8 @@ def _default_device(device: str | torch.device | None) -> torch.device:
 def load_model(name: str, checkpoint: str | os.PathLike | None = None,
                device: str | torch.device | None = None, autocast: bool = False,
                fast_encoder: bool = True, compile_encoder: bool = False,
-               threads: int | None = None, backend: str = "torch") -> SamFamilyModel:
+               threads: int | None = None, backend: str = "torch",
+               calibration=None) -> SamFamilyModel:
     """Load a registered SAM-family model.
 
     Parameters
@@ -618,7 +624,7 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
         Set torch's intra-op threads for this process (``torch.set_num_threads``; process
         wide). With several workers on one machine give each ``cores // workers``, so they
         do not oversubscribe the cores. Default: leave torch's setting.
-    backend : {"torch", "onnxruntime", "openvino", "auto"}
+    backend : {"torch", "onnxruntime", "openvino", "openvino-int8", "auto"}
         Who runs the image encoder on the CPU (:mod:`cosmoslib.models.backends`): exported once,
         cached on disk, and part of the model signature. A runtime whose package is missing
         falls back to ``"torch"`` with a warning naming the package and how to install it.
@@ -626,7 +632,12 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
         runtime whose export passed a parity probe on this machine, else torch, with one line
         on stderr saying which and why (:mod:`cosmoslib.models.backend_probe`;
         ``$COSMOS_BACKEND`` fixes it without a probe). The chosen backend is
-        :attr:`SamFamilyModel.backend`.
+        :attr:`SamFamilyModel.backend`. ``"openvino-int8"``: the OpenVINO encoder quantized to
+        int8 by NNCF on ``calibration`` (never chosen by ``"auto"``).
+    calibration : path or sequence of images, optional
+        For ``backend="openvino-int8"`` only (ignored otherwise): the run's COSMOS root, or
+        uint8 images; a fixed, seeded subset of at most 16 is the calibration set
+        (:func:`cosmoslib.models.quantize.calibration_set`).
 
     Returns
     -------
@@ -637,7 +648,8 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
     InputError
         Unknown name; checkpoint missing, unreadable, or of another architecture (the
         message says what was expected and what was found); ``mobilesam`` without its
-        fetched weights (the message says how to get them).
+        fetched weights (the message says how to get them); ``"openvino-int8"`` without
+        ``calibration``.
     """
     request = backend_probe.check_request(backend)
     entry = registry.lookup(name)
@@ -655,13 +667,15 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
     if threads is not None:
         set_threads(threads)
     sam.to(dev).eval()
+    chosen = "torch" if request == backend_probe.AUTO else backends.resolve_backend(request, dev)
     model = SamFamilyModel(name=entry.name, arch=entry.arch, sam=sam, checkpoint_path=path,
                            checkpoint_sha256=sha, device=dev,
                            supports_points=entry.supports_points,
                            default_multimask=entry.default_multimask, autocast=bool(autocast),
                            fast_encoder=bool(fast_encoder), compile_encoder=bool(compile_encoder),
-                           backend="torch" if request == backend_probe.AUTO else
-                           backends.resolve_backend(request, dev))
+                           backend=chosen,
+                           calibration=backends.calibration_set(calibration)
+                           if chosen == backends.INT8 else None)
     if request == backend_probe.AUTO:  # probed with the torch encoder as the reference
         model.backend = backend_probe.choose_backend(model)
     if model.backend != "torch":

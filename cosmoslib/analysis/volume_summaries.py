@@ -266,9 +266,9 @@ def propagation_scores(manifest: pd.DataFrame, root, models: Sequence, volume_ta
         why = "no SAM 2 model" if not video_models else "no volume source in this config"
         return pd.DataFrame(columns=propagation.PROPAGATION_COLUMNS), skipped + [("(all)", why)]
     run = propagation.propagate(manifest, root, video_models, stacks_from=stacks_from)
+    if not len(run.info):  # nothing propagated: no volume rows to build
+        return pd.DataFrame(columns=propagation.PROPAGATION_COLUMNS), skipped + run.skipped
     rows = propagation.volume_rows_with(run, manifest, root, tolerance=tolerance)
     table = pd.concat([t for t in (volume_table, rows) if len(t)], ignore_index=True)
-    if not len(run.info):
-        return pd.DataFrame(columns=propagation.PROPAGATION_COLUMNS), skipped + run.skipped
     return propagation.propagation_table(table, run.info), skipped + run.skipped
 

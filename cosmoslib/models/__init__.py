@@ -40,7 +40,8 @@ here: ``from cosmoslib import models; models.load_model("litemedsam")``.
 
 from cosmoslib.models.adapter import SamFamilyModel, load_model, set_threads
 from cosmoslib.models import sam2  # noqa: E402,F401  (registers the SAM 2 loader with the adapter)
-from cosmoslib.models.checkpoints import file_sha256, litemedsam_checkpoint
+from cosmoslib.files import file_sha256
+from cosmoslib.models.checkpoints import litemedsam_checkpoint
 from cosmoslib.models.decoder import Decoded, PreparedEmbedding
 from cosmoslib.models.registry import (
     ARCHES,

@@ -23,14 +23,13 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from cosmoslib import __version__
-from cosmoslib.files import InputError
+from cosmoslib.files import InputError, file_sha256
 from cosmoslib.models import backend_probe, backends, registry
 from cosmoslib.models.checkpoints import (
     _build_sam,
     _check_state_dict,
     _read_state_dict,
     _resolve_checkpoint,
-    file_sha256,
 )
 from cosmoslib.models.decoder import (
     _CPU_DECODE_CHUNK,
@@ -538,7 +537,9 @@ class SamFamilyModel:
                 raise InputError(None, f"{len(pts)} points but {len(lab)} point labels")
             if not self.supports_points and not self._warned_points:
                 warnings.warn(f"{self.name} was trained with box prompts only; point prompts "
-                              f"run but their masks are not meaningful", stacklevel=2)
+                              f"run but their masks are not meaningful: read its point results (S1-S4, "
+                              f"S6) as outside its training, or add a point-trained model "
+                              f"(e.g. --model mobilesam)", stacklevel=2)
                 self._warned_points = True
             coords = torch.as_tensor(self.transform_coords(pts, size), dtype=torch.float32)[None]
             labels = torch.as_tensor(lab)[None]
@@ -660,8 +661,10 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None,
     path = _resolve_checkpoint(entry, checkpoint)
     sha = file_sha256(path)
     state = _read_state_dict(path, entry)
-    sam = _build_sam(entry.arch)  # built once: checked against, then loaded into
-    _check_state_dict(path, entry, state, sam)
+    # Checked against a shapes-only (meta) copy first: a wrong file fails before the architecture
+    # is built and randomly initialised (4.6 s for ViT-L, more for ViT-H, on 2 cores).
+    _check_state_dict(path, entry, state)
+    sam = _build_sam(entry.arch)
     sam.load_state_dict(state, strict=True)
     dev = _default_device(device)
     if threads is not None:

@@ -3,7 +3,8 @@
 A checkpoint is searched in the given path, ``$COSMOS_CHECKPOINTS`` and ``./checkpoints``;
 its SHA-256 is computed once per (path, size, mtime) and enters the model signature; the
 state dict is checked against the architecture it claims (encoder width and depth) before
-it is loaded ``strict=True`` into a ``Sam`` built once per load.
+it is loaded ``strict=True`` into a ``Sam`` built once per load (the check uses a
+shapes-only copy on the meta device, so a wrong file fails before any weight is allocated).
 """
 
 
@@ -19,7 +20,7 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from cosmoslib import paths
-from cosmoslib.files import InputError, file_sha256
+from cosmoslib.files import InputError
 from cosmoslib.models import mobilesam
 from cosmoslib.models.registry import _LITEMEDSAM_ASSET, ARCHES, ModelEntry
 from cosmoslib.models.tinyvit import litemedsam_encoder

@@ -53,10 +53,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cosmoslib.files import InputError
+from cosmoslib.files import InputError, file_sha256
 from cosmoslib.models import registry
 from cosmoslib.models.adapter import FAMILY_LOADERS, SamFamilyModel, _default_device, rgb_uint8, set_threads
-from cosmoslib.models.checkpoints import _guess_arch, _read_state_dict, _resolve_checkpoint, file_sha256
+from cosmoslib.models.checkpoints import _guess_arch, _read_state_dict, _resolve_checkpoint
 from cosmoslib.models.decoder import Decoded, _as_size
 
 #: Channels of SAM 2's three feature levels as the decoder reads them: the image embedding

@@ -280,7 +280,8 @@ def _combos(shift_levels: Sequence[int], repeats: int) -> set[tuple[int, int]]:
 
 
 def prompt_table(manifest: pd.DataFrame, root: Path, seed: int, path: Path | None = None,
-                 shift_levels: Sequence[int] = (0,), repeats: int = 3, scheduler=None) -> pd.DataFrame:
+                 shift_levels: Sequence[int] = (0,), repeats: int = 3, scheduler=None,
+                 progress: bool = True) -> pd.DataFrame:
     """The seeded prompt table of ``manifest`` (S2-S6), keyed by label content.
 
     Rows stored in ``path`` are reused for an object only when its label file's digest
@@ -291,7 +292,8 @@ def prompt_table(manifest: pd.DataFrame, root: Path, seed: int, path: Path | Non
     With ``scheduler`` (a ``distributed.Client`` or a scheduler text, see
     :func:`cosmoslib.protocol.distributed.client_for`) the new prompts are generated on the workers, in
     groups of images (each object's generator depends only on the seed and the object's key,
-    so the table is the same as in one process).
+    so the table is the same as in one process). ``progress`` shows the per-image bar of a
+    local run (stderr).
 
     Returns
     -------
@@ -320,7 +322,7 @@ def prompt_table(manifest: pd.DataFrame, root: Path, seed: int, path: Path | Non
     if len(todo):
         kwargs = {} if set(shift_levels) <= {0} else dict(shift_levels=tuple(shift_levels), repeats=repeats)
         if scheduler is None:
-            fresh = prompts.make_prompt_table(todo, root, seed=seed, **kwargs)
+            fresh = prompts.make_prompt_table(todo, root, seed=seed, progress=progress, **kwargs)
         else:
             fresh = distributed.make_prompt_table(scheduler, todo, root, seed, kwargs)
         parts.append(fresh.merge(todo[[*_KEY, "label_sha"]], on=_KEY))
@@ -391,7 +393,8 @@ def evaluate(manifest: pd.DataFrame, root: str | Path, models: Iterable, out: st
     # one cluster for both steps (connect(None) yields None: everything runs here)
     with distributed.connect(settings.scheduler, threads=settings.threads) as client:
         ptable = (prompt_table(manifest, root, settings.seed, out.with_name("prompts.parquet"),
-                               shift_levels=settings.shift_levels, repeats=settings.repeats, scheduler=client)
+                               shift_levels=settings.shift_levels, repeats=settings.repeats, scheduler=client,
+                               progress=settings.progress)
                   if need_prompts else None)
         work, jobs, planned, report.n_parts_resumed = units.plan(manifest, models, parts, ptable,
                                                                  settings.shard_size)

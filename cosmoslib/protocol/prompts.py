@@ -491,6 +491,7 @@ def make_prompt_table(
     skipped: list | None = None,
     shift_levels=(0,),
     repeats: int = 3,
+    progress: bool = True,
 ):
     """Prompts of every object in a manifest under every strategy (the prompts table).
 
@@ -514,6 +515,8 @@ def make_prompt_table(
         unshifted table alone and ``(1, 2, 3)`` equals ``(0, 1, 2, 3)``.
     repeats : positive int, shifted repeats per level (the paper's "Random 1-3": 3); not
         used (nor checked) when no level is above 0.
+    progress : bool
+        Show a progress bar (per image) on stderr.
 
     Returns
     -------
@@ -545,7 +548,7 @@ def make_prompt_table(
 
     rows = []
     groups = manifest.groupby(["task", "image_id", "label_path"], sort=True)
-    for (task, image_id, label_path), objects in tqdm(groups, desc="prompts", unit="image"):
+    for (task, image_id, label_path), objects in tqdm(groups, desc="prompts", unit="image", disable=not progress):
         path = root / label_path
         image_rows = []
         try:

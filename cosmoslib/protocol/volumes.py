@@ -428,7 +428,10 @@ def volume_table(
                         for k, g in extra_slices.groupby(key_cols, sort=False, dropna=False)}
     if not all(c in vrows for c in SPACING_COLUMNS):
         warnings.warn("the manifest has no spacing columns (spacing_row, spacing_col, spacing_slice): "
-                      "voxels are taken as 1 mm, distances are in voxels", stacklevel=2)
+                      "voxels are taken as 1 mm, distances are in voxels; to get millimetres, index the root again with "
+                      "`cosmos index ROOT` after giving each slice a `spacing` [row, col, slice] in mm "
+                      "in its task's JSON (the COSMOS `images` provenance)",
+                      stacklevel=2)
 
     out_rows = []
     skipped = []
@@ -497,7 +500,8 @@ def volume_table(
         warnings.warn(f"{len(skipped)} volume(s) left out: slice_index repeated (a 4D source without a "
                       f"'frame' column?), first {skipped[0]}", stacklevel=2)
     if unknown_spacing and all(c in vrows for c in SPACING_COLUMNS):
-        warnings.warn(f"{unknown_spacing} volume(s) without a spacing in the manifest: 1 mm assumed", stacklevel=2)
+        warnings.warn(f"{unknown_spacing} volume(s) without a spacing in the manifest: 1 mm assumed; give their "
+                      f"slices a `spacing` [row, col, slice] in mm in the task's JSON and index again", stacklevel=2)
     key_out = ["task", "source", "frame"] if "frame" in key_cols else ["task", "source"]
     columns = [*run_columns, *key_out, *VOLUME_COLUMNS[2:]]
     df = pd.DataFrame(out_rows, columns=columns)

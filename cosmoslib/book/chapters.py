@@ -172,4 +172,43 @@ class Chapter:
         display(Markdown(f"{text} {plots.provenance(self.notebook, self.config.name)}"))
 
 
-__all__ = ["Chapter", "data_fingerprint", "indexed", "model"]
+def table_task(name: str, config: Config) -> tuple[str, int]:
+    """One task of :func:`compute_tables`: the table ``name`` of ``config``, computed and stored (or
+    found stored) in this process; returns ``(name, rows)``."""
+    return name, len(Chapter("tables", config).table(name))
+
+
+def compute_tables(config: Config, scheduler, threads: int = 1, progress: bool = True) -> dict[str, int]:
+    """Every table of :data:`cosmoslib.book.tables.REGISTRY` of ``config``, computed on a Dask cluster.
+
+    ``cosmos book --scheduler``: the tables are computed first, one task per table, wave by wave
+    (:data:`cosmoslib.book.tables.WAVES`), and stored by their one rule, so the notebooks that
+    follow only read them. Workers must see the same results folder
+    (:func:`cosmoslib.paths.results_dir`) and data root as this process (one machine, or a shared
+    file system). Without a scheduler nothing is computed ahead: each chapter computes what it shows.
+
+    Parameters
+    ----------
+    config : the run-list Config.
+    scheduler : ``"local:N"``, ``"tcp://HOST:PORT"``, ``"slurm:FILE"``, ... or a ``distributed.Client``
+        (:func:`cosmoslib.protocol.distributed.client_for`).
+    threads : threads per worker made here.
+
+    Returns
+    -------
+    dict
+        ``{table name: rows}``.
+    """
+    # Dask loads only for --scheduler runs.
+    from cosmoslib.protocol import distributed
+
+    rows = {}
+    with distributed.connect(scheduler, threads=threads) as client:
+        for wave in tables.WAVES:
+            for _, (name, n) in distributed.map_groups(client, table_task, list(wave), config, progress=progress,
+                                                       desc="tables", unit="table"):
+                rows[name] = n
+    return rows
+
+
+__all__ = ["Chapter", "compute_tables", "data_fingerprint", "indexed", "model", "table_task"]

@@ -393,5 +393,14 @@ def _s1_thresholds(t: Tables) -> pd.DataFrame:
     return t.only_test(table)
 
 
-__all__ = ["REGISTRY", "Table", "Tables", "UnknownTable", "VOLUME_STRATEGIES", "grid_manifest", "names",
+#: The order a cluster computes the tables in (``cosmos book --scheduler``): a table reads only tables of
+#: earlier waves, so no two workers ever compute the same thing at once (the finetuning runs, above
+#: all, are trained by one task before any table of a finetuned model).
+WAVES = (("results", "everything_grid", "randomness", "interaction", "factors", "finetune_runs"),
+         ("shifted_prompts", "annotation", "volumes", "finetune_history", "finetuned_results",
+          "finetuned_interaction", "s1_thresholds"),
+         ("propagation",))
+
+
+__all__ = ["REGISTRY", "WAVES", "Table", "Tables", "UnknownTable", "VOLUME_STRATEGIES", "grid_manifest", "names",
            "protocol_objects"]

@@ -182,3 +182,40 @@ def test_an_edited_label_recomputes_exactly_the_tables_that_depend_on_it(small_r
     new = second["results"].set_index(keys).sort_index()
     other = [k for k in old.index if k[2] != image_id]
     pd.testing.assert_series_equal(old.loc[other, "dice"], new.loc[other, "dice"])
+
+
+# ----------------------------------------------------------------------------- the tables on a cluster
+
+
+def test_the_waves_cover_the_registry_once():
+    flat = [name for wave in tables.WAVES for name in wave]
+    assert sorted(flat) == sorted(tables.names()) and len(flat) == len(set(flat))
+
+
+#: Columns that measure this machine's time, not the study (they differ between any two runs).
+TIMES = ["t_embed_s", "t_decode_s", "seconds", "t_propagate_s"]
+
+
+@pytest.mark.slow
+def test_tables_computed_on_dask_workers_equal_the_in_process_ones(small_root, tmp_path, monkeypatch):
+    """``cosmos book --scheduler local:2`` at the table layer: every table of a tiny config computed
+    on two Dask workers equals the one a chapter computes in this process (timings aside).
+    Cost: ~60-90 s (two workers start and load LiteMedSAM; the tables twice)."""
+    import dataclasses
+
+    monkeypatch.setenv("COSMOS_DATA", str(tmp_path / "generated"))  # the workers inherit it
+    here = dataclasses.replace(_config(small_root), name="here")
+    there = dataclasses.replace(here, name="there")
+    rows = chapters.compute_tables(there, "local:2", progress=False)
+    assert set(rows) == set(tables.names())
+    ch_here, ch_there = chapters.Chapter("10_findings", here), chapters.Chapter("10_findings", there)
+    for name in tables.names():
+        a = ch_here.table(name)
+        b = ch_there.table(name)
+        assert len(b) == rows[name]
+        if name == "finetune_runs":
+            continue  # empty in both (no curriculum)
+        drop = [c for c in TIMES if c in a.columns]
+        pd.testing.assert_frame_equal(a.drop(columns=drop), b.drop(columns=drop), obj=name)
+    # after the cluster, a chapter only reads: every table stored, every evaluate part resumed
+    assert ch_there.tables.log and all(reused for _, reused in ch_there.tables.log)

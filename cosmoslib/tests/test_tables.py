@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from cosmoslib import paths
-from cosmoslib.book import chapters, figures, runlist, tables
+from cosmoslib.book import chapters, runlist, tables
 from cosmoslib.data import readers
 from cosmoslib.protocol import store
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cosmoslib import files, models
 from cosmoslib.analysis import factors
-from cosmoslib.book import runlist
+from cosmoslib.book import chapters, runlist
 from cosmoslib.data import dataset, demo, indexer, preprocess
 from cosmoslib.files import InputError
 from cosmoslib.models import mobilesam
@@ -157,6 +157,11 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _book(args: argparse.Namespace) -> int:
+    if args.scheduler is not None and not args.no_execute:
+        # the study's tables first, on the cluster; the notebooks then only read them
+        rows = chapters.compute_tables(runlist.config(args.config), args.scheduler, threads=args.threads or 1)
+        print(f"[cosmos book] {len(rows)} tables computed or found stored on {args.scheduler}", file=sys.stderr,
+              flush=True)
     report = runlist.build_book(
         args.config, only=args.only, execute=not args.no_execute, build=not args.no_build, jobs=args.jobs
     )
@@ -294,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None,
                    help="lanes of chapters executed at once, each with its share of the cores (default: one "
                         "per core up to 4; 1 = one after the other); see cosmoslib/book/lanes.py")
+    p.add_argument("--scheduler", default=None,
+                   help="compute the study's named tables on Dask workers first (" + SCHEDULER_HELP + "; the "
+                        "workers must share this machine's results folder and data), then run the notebooks, "
+                        "which only read them; without it each chapter computes what it shows")
+    p.add_argument("--threads", type=int, default=None, help="threads of each Dask worker (with --scheduler)")
     p.set_defaults(func=_book)
 
     p = sub.add_parser("finetune", help="finetune a model's mask decoder from cached embeddings (paper 4.12)")

@@ -240,7 +240,7 @@ def table8(shifted: pd.DataFrame, rule: str = "oracle_dice", by: tuple[str, ...]
 
     Parameters
     ----------
-    shifted : results with ``shift_level``/``repeat`` (:meth:`cosmoslib.book.chapters.Chapter.randomness`).
+    shifted : results with ``shift_level``/``repeat`` (the ``randomness`` table, :mod:`cosmoslib.book.tables`).
     rule : selection rule (the paper's Eq. 1 oracle by default).
     by : extra grouping columns, e.g. ``("object",)`` for the per-class table.
 

@@ -2,7 +2,7 @@
 
 :mod:`cosmoslib.protocol.volumes` scores reassembled volumes given one mask provider per run. This module
 supplies the providers a finished config already implies -- each slice's matched mask is
-re-decoded from the cached embedding with the config's own prompt (:class:`cosmoslib.book.chapters.
+re-decoded from the cached embedding with the config's own prompt (:class:`cosmoslib.book.redecode.
 Redecoder`), so no mask has to be stored -- and summarises the volume table for the chapter:
 
 * :func:`redecoded_masks` -- a provider ``(task, image_id, label_value) -> mask`` for one strategy;
@@ -48,7 +48,7 @@ def redecoded_masks(redecode: Callable, strategy: str) -> Callable[[str, str, in
     Parameters
     ----------
     redecode : callable ``(task, image_id, label_value, strategy) -> (image, gt, prompt, mask,
-        dice)``, e.g. ``Chapter.redecoder(model)``; ``mask`` is the candidate the oracle rule
+        dice)``, e.g. :func:`cosmoslib.book.figures.redecoder`; ``mask`` is the candidate the oracle rule
         matched (the one the results table scores).
     strategy : the strategy whose prompt is decoded (``"S5"``, ``"S2"``, ...).
 

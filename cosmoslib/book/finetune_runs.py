@@ -1,16 +1,22 @@
-"""What the book's chapters run for finetuning: chapter 08 and the finetuned models of 01/03/06.
+"""What the book's chapters run for finetuning: chapter 08 and the finetuned models of 01/03/06/10.
 
-One run per (base model, curriculum) and config, shared by every chapter that asks for it:
-the first chapter trains (or resumes) it with chapter 08's settings and split, later ones reuse
-it; every table of a finetuned model is computed on the test part only. The aggregations the
-chapter plots (:func:`before_after`, :func:`per_class`, :func:`strategy_table`,
-:func:`history_table`) are plain functions of the result tables.
+One run per (base model, curriculum of ``Config.finetune_curricula``) and config, shared by every
+chapter: the first chapter that asks trains (or resumes) it with chapter 08's settings and split,
+later ones reuse it (:func:`cosmoslib.protocol.finetune.finetune` compares its run key). Every
+table of a finetuned model is computed on the test part only (:func:`only_test`). The functions
+take the config, manifest, root and models explicitly; the named tables built on them
+(``finetune_runs``, ``finetune_history``, ``finetuned_results``, ``finetuned_interaction``,
+``s1_thresholds``) are in :mod:`cosmoslib.book.tables`. The aggregations chapter 08 plots
+(:func:`before_after`, :func:`per_class`, :func:`strategy_table`, :func:`history_table`) are
+plain functions of those tables, and :func:`note` is the honesty note of every chapter that shows
+a finetuned model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,23 +24,17 @@ import pandas as pd
 
 from cosmoslib.protocol import evaluate as evaluate_mod
 from cosmoslib.protocol import finetune as finetune_mod
-from cosmoslib.protocol.finetune import (
-    FinetuneResult,
-    Settings,
-    finetune,
-    load_finetuned,
-)
+from cosmoslib.protocol.finetune import FinetuneResult, Settings, finetune
 from cosmoslib.protocol.splits import DEFAULT_FRACTIONS, Split, split_manifest
 from cosmoslib.strategies import PROMPT_STRATEGIES
 
 __all__ = [
-    "CHAPTER_FIELDS", "CHAPTER_IOU_WEIGHT", "chapter_settings", "ChapterRuns", "run_chapter", "label_pairs",
-    "history_table", "before_after", "per_class", "strategy_table", "chapter_split",
-    "chapter_settings_for", "chapter_run", "evaluate_test_part",
+    "CHAPTER_FIELDS", "CHAPTER_IOU_WEIGHT", "Runs", "before_after", "chapter_run", "chapter_settings",
+    "chapter_settings_for", "chapter_split", "evaluate_test_part", "finetunable", "history_table",
+    "label_pairs", "note", "only_test", "pairs_of", "per_class", "runs_table", "strategy_table",
+    "test_part_results", "train",
 ]
 
-
-# ----------------------------------------------------------------------------- the chapter (08_finetune)
 
 #: The finetuning chapter's fields of a run-list Config (see :class:`cosmoslib.book.runlist.Config`):
 #: epochs, objects per image per step, validation objects per epoch (0 = all), curricula, and the
@@ -47,47 +47,24 @@ CHAPTER_FIELDS = ("finetune_epochs", "finetune_max_objects_per_image", "finetune
 #: exactly; ``mixed`` also trains the IoU head, which the Everything mode (S1) filters by.
 CHAPTER_IOU_WEIGHT = {"box": 0.0, "mixed": 1.0}
 
+#: Columns of :func:`runs_table`.
+RUN_COLUMNS = ["model", "base", "curriculum", "best_epoch", "best_val_dice", "train_seconds", "reused", "out_dir",
+               "checkpoint_sha256"]
+
 
 def chapter_settings(config) -> dict[str, Any]:
     """The finetuning chapter's settings of a run-list Config: its :data:`CHAPTER_FIELDS`."""
     return {k: getattr(config, k) for k in CHAPTER_FIELDS}
 
 
-@dataclass
-class ChapterRuns:
-    """Everything the chapter shows: the runs, the split, and the test-split evaluations.
-
-    Attributes
-    ----------
-    split : Split
-    runs : dict
-        ``{(base model, curriculum): FinetuneResult}``.
-    test : DataFrame
-        Manifest rows of the test part.
-    results : DataFrame
-        Results table (:mod:`cosmoslib.protocol.evaluate`) of every base and finetuned model on the test
-        part, with ``base`` and ``curriculum`` columns (``"none"`` for base models).
-    pairs : dict
-        ``{finetuned model: (base model, curriculum)}``.
-    settings : dict
-        :func:`chapter_settings` of the config.
-    """
-
-    split: Split
-    runs: dict
-    test: pd.DataFrame
-    results: pd.DataFrame
-    pairs: dict
-    settings: dict
-
-
-def finetunable(ch) -> tuple[list[str], dict[str, str]]:
-    """``(names, skipped)``: the config's models whose decoder the chapter finetunes, and
-    ``{name: reason}`` for the others (SAM 2: :func:`cosmoslib.protocol.finetune.unsupported_reason`),
-    which every chapter showing finetuned models names."""
+def finetunable(models: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """``(names, skipped)``: the models (``{registry name: model}``) whose decoder the chapters
+    finetune, and ``{name: reason}`` for the others (SAM 2:
+    :func:`cosmoslib.protocol.finetune.unsupported_reason`), which every chapter showing
+    finetuned models names."""
     names, skipped = [], {}
-    for name in ch.config.models:
-        reason = finetune_mod.unsupported_reason(ch.model(name))
+    for name, model in models.items():
+        reason = finetune_mod.unsupported_reason(model)
         if reason:
             skipped[name] = reason
         else:
@@ -95,38 +72,192 @@ def finetunable(ch) -> tuple[list[str], dict[str, str]]:
     return names, skipped
 
 
-def run_chapter(ch, progress: bool = False) -> ChapterRuns:
-    """Train (or reuse) every (base model, curriculum) run of a chapter and evaluate on the test part.
+def chapter_split(manifest: pd.DataFrame, seed: int) -> Split:
+    """The split every chapter of a config uses: :func:`split_manifest` of the config's manifest
+    with :data:`DEFAULT_FRACTIONS` and the config's seed (the same split as ``08_finetune``)."""
+    return split_manifest(manifest, DEFAULT_FRACTIONS, seed)
 
-    The ``mixed`` runs also train the IoU head (:data:`CHAPTER_IOU_WEIGHT`). Runs live in
-    ``<results>/finetune/<base>-<curriculum>/``; the test evaluations in
-    ``<results>/finetune/test/`` (:func:`cosmoslib.protocol.evaluate.evaluate`, keyed by content): every
-    model under S2-S6 on every test object (``s2_s6.parquet``), base and ``mixed`` models under
-    S1 with the config's grid on ``finetune_s1_max_images`` test images (``s1.parquet``).
+
+def chapter_settings_for(config, curriculum: str) -> Settings:
+    """The :class:`Settings` of one curriculum's run in a config (:func:`chapter_settings`, the
+    config's seed, :data:`CHAPTER_IOU_WEIGHT`): one definition for ``08_finetune`` and every
+    chapter that evaluates a finetuned model."""
+    cs = chapter_settings(config)
+    return Settings(curriculum=curriculum, epochs=int(cs["finetune_epochs"]), seed=config.seed,
+                    max_objects_per_image=int(cs["finetune_max_objects_per_image"]),
+                    max_val_objects=int(cs["finetune_max_val_objects"]),
+                    iou_weight=CHAPTER_IOU_WEIGHT.get(curriculum, 0.0))
+
+
+def chapter_run(config, manifest: pd.DataFrame, root: str | Path, base_name: str, base_model, curriculum: str,
+                folder: str | Path, split: Split | None = None, progress: bool = False) -> FinetuneResult:
+    """Train, resume or reuse the run of (``base_name``, ``curriculum``) of a config.
+
+    The run lives in ``<folder>/<base>-<curriculum>/`` with :func:`chapter_settings_for` and
+    :func:`chapter_split`, so whichever chapter asks first trains it and every later request of
+    the book reuses it (:func:`finetune` compares the run key: base signature, data, split,
+    hyper-parameters); a folder left by other settings is replaced.
+    """
+    split = split or chapter_split(manifest, config.seed)
+    return finetune(manifest, root, base_model, Path(folder) / f"{base_name}-{curriculum}",
+                    chapter_settings_for(config, curriculum), split=split, progress=progress, overwrite=True)
+
+
+@dataclass
+class Runs:
+    """The config's finetuning runs.
+
+    Attributes
+    ----------
+    split : Split
+    runs : dict
+        ``{(base model, curriculum): FinetuneResult}``, bases in config order.
+    skipped : dict
+        ``{base model: why its decoder is not finetuned}``.
     """
 
-    cs = chapter_settings(ch.config)
-    manifest = ch.manifest
-    split = chapter_split(ch)
-    runs, pairs = {}, {}
-    for base_name in finetunable(ch)[0]:
-        for curriculum in cs["finetune_curricula"]:
-            result = chapter_run(ch, base_name, curriculum, split=split, progress=progress)
-            runs[(base_name, curriculum)] = result
-            pairs[result.name] = (base_name, curriculum)
-    test = split.rows(manifest, "test")
+    split: Split
+    runs: dict
+    skipped: dict
+
+    @property
+    def pairs(self) -> dict[str, tuple[str, str]]:
+        """``{finetuned model: (base model, curriculum)}``."""
+        return {r.name: key for key, r in self.runs.items()}
+
+
+def train(config, manifest: pd.DataFrame, root: str | Path, models: Mapping[str, Any], folder: str | Path,
+          progress: bool = False) -> Runs:
+    """Train (or reuse) every (base model, curriculum of ``config.finetune_curricula``) run.
+
+    Parameters
+    ----------
+    config : the run-list Config.
+    manifest : the config's objects (split by :func:`chapter_split`).
+    root : the COSMOS root.
+    models : ``{registry name: base model}`` (the config's models; SAM 2 is skipped, with why).
+    folder : the config's ``finetune`` folder (``<results>/finetune``).
+    """
+    split = chapter_split(manifest, config.seed)
+    names, skipped = finetunable(models)
+    runs = {}
+    for base in names:
+        for curriculum in config.finetune_curricula:
+            runs[(base, curriculum)] = chapter_run(config, manifest, root, base, models[base], curriculum, folder,
+                                                   split=split, progress=progress)
+    return Runs(split, runs, skipped)
+
+
+def runs_table(runs: Runs) -> pd.DataFrame:
+    """One row per run (:data:`RUN_COLUMNS`: ``model`` is the finetuned model's registry name,
+    ``reused`` whether this call trained nothing); ``attrs["skipped"]`` = ``{base: why not}``."""
+    rows = [dict(model=r.name, base=b, curriculum=c, best_epoch=r.best_epoch,
+                 best_val_dice=float(r.provenance["best_val_dice"]), train_seconds=float(r.provenance["train_seconds"]),
+                 reused=bool(r.reused), out_dir=str(r.out_dir), checkpoint_sha256=str(r.provenance["checkpoint_sha256"]))
+            for (b, c), r in runs.runs.items()]
+    table = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    table.attrs["skipped"] = dict(runs.skipped)
+    return table
+
+
+def pairs_of(runs_table: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """``{finetuned model: (base model, curriculum)}`` of a :func:`runs_table`."""
+    return {m: (b, c) for m, b, c in runs_table[["model", "base", "curriculum"]].itertuples(index=False)}
+
+
+def only_test(table: pd.DataFrame, split: Split, manifest: pd.DataFrame) -> pd.DataFrame:
+    """``table`` unchanged after checking that each of its images is in the split's test part.
+
+    Raises
+    ------
+    RuntimeError
+        A row of a training or validation image: no finetuned model (nor its base beside it)
+        is ever reported on the images the decoder was trained or selected on.
+    """
+    if not len(table):
+        return table
+    seen = {(t, i) for part in ("train", "val")
+            for t, i in split.rows(manifest, part)[["task", "image_id"]].itertuples(index=False)}
+    bad = [(t, i) for t, i in table[["task", "image_id"]].drop_duplicates().itertuples(index=False) if (t, i) in seen]
+    if bad:
+        raise RuntimeError(f"{len(bad)} image(s) of the training or validation part in a test-part table, "
+                           f"e.g. {bad[0]}")
+    return table
+
+
+def evaluate_test_part(config, root: str | Path, test: pd.DataFrame, models: Sequence, folder: str | Path,
+                       s1_images: pd.DataFrame | None = None, s1_models: Sequence | None = None,
+                       progress: bool = False) -> pd.DataFrame:
+    """Results (:func:`cosmoslib.protocol.evaluate.evaluate`) of ``models`` on the test rows ``test``.
+
+    S2-S6 on every row of ``test``, S1 (the config's ``s1_points_per_side``) with ``s1_models``
+    (default ``models``) on the rows of ``s1_images`` (default: all of ``test``), in
+    ``<folder>/s2_s6.parquet`` and ``<folder>/s1.parquet`` (parts keyed by content, model and
+    settings). Returns both tables concatenated (either may be empty).
+    """
+    folder = Path(folder)
     frames = []
     if len(test):
-        loaded = {name: load_finetuned(runs[pair].out_dir) for name, pair in pairs.items()}
-        bases = [ch.model(b) for b in ch.config.models]
-        s1_models = bases + [m for name, m in loaded.items() if pairs[name][1] == "mixed"]
-        frames.append(evaluate_test_part(ch, test, bases + list(loaded.values()),
-                                         _spread_images(test, int(cs["finetune_s1_max_images"])),
-                                         s1_models=s1_models, progress=progress))
-    results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if len(results):
-        results = label_pairs(results, pairs)
-    return ChapterRuns(split, runs, test, results, pairs, cs)
+        res, _ = evaluate_mod.evaluate(test, root, list(models), folder / "s2_s6.parquet",
+                                       strategies=PROMPT_STRATEGIES, seed=config.seed, progress=progress)
+        frames.append(res)
+    s1_images = test if s1_images is None else s1_images
+    s1_models = list(models) if s1_models is None else list(s1_models)
+    if len(s1_images) and s1_models:
+        res, _ = evaluate_mod.evaluate(s1_images, root, s1_models, folder / "s1.parquet", strategies=["S1"],
+                                       seed=config.seed, points_per_side=config.s1_points_per_side,
+                                       progress=progress)
+        frames.append(res)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=evaluate_mod.RESULT_COLUMNS)
+
+
+def test_part_results(config, root: str | Path, test: pd.DataFrame, bases: Mapping[str, Any], tuned: Mapping[str, Any],
+                 pairs: Mapping[str, tuple[str, str]], folder: str | Path, progress: bool = False) -> pd.DataFrame:
+    """The finetuned test-part results of a config (chapters 01, 08 and 10 read the same table).
+
+    Every base and finetuned model under S2-S6 on every test object; the base models and the
+    ``mixed`` runs (the curriculum that trains the IoU head S1 filters by) under S1 on
+    ``finetune_s1_max_images`` test images spread over the sorted test part. Results columns
+    plus ``base`` and ``curriculum`` (``"none"`` for a base model); empty (same columns) when
+    nothing is finetuned or the test part is empty.
+    """
+    if not tuned or not len(test):
+        return pd.DataFrame(columns=[*evaluate_mod.RESULT_COLUMNS, "base", "curriculum"])
+    s1_models = list(bases.values()) + [m for name, m in tuned.items() if pairs[name][1] == "mixed"]
+    results = evaluate_test_part(config, root, test, [*bases.values(), *tuned.values()], folder,
+                                 _spread_images(test, int(config.finetune_s1_max_images)), s1_models,
+                                 progress=progress)
+    return label_pairs(results, pairs)
+
+
+def note(config, manifest: pd.DataFrame, runs: pd.DataFrame) -> str:
+    """The honesty note of every chapter that shows a finetuned model (glued, never hand-written).
+
+    Parameters
+    ----------
+    config : the run-list Config.
+    manifest : the config's objects.
+    runs : the ``finetune_runs`` table (:func:`runs_table`; ``attrs["skipped"]`` names the bases
+        not finetuned and why).
+    """
+    skipped = "".join(f" {name} is not finetuned: {why}." for name, why in runs.attrs.get("skipped", {}).items())
+    if not len(runs):
+        return "This config evaluates no finetuned model." + skipped
+    split = chapter_split(manifest, config.seed)
+    counts = {p: split.rows(manifest, p) for p in ("train", "val", "test")}
+    n_img = {p: int(rows[["task", "image_id"]].drop_duplicates().shape[0]) for p, rows in counts.items()}
+    names = ", ".join(f"**{m}** ({b} with its mask decoder finetuned on `{c}` prompts)"
+                      for m, b, c in runs[["model", "base", "curriculum"]].itertuples(index=False))
+    reused = int(runs["reused"].sum())
+    made = ("reused from an earlier chapter of this book" if reused == len(runs)
+            else "trained now" if not reused else f"{reused} of {len(runs)} reused, the rest trained now")
+    verb = "is" if len(runs) == 1 else "are"
+    return (f"{names} {verb} the finetuning chapter's run{'s' if len(runs) > 1 else ''} ({made}), trained on "
+            f"{len(counts['train'])} objects of {n_img['train']} images and selected on {len(counts['val'])} "
+            f"validation objects of {n_img['val']} images. {'It is' if len(runs) == 1 else 'They are'} evaluated "
+            f"here, beside the base model, on the **test part only**: {len(counts['test'])} objects of "
+            f"{n_img['test']} images whose source volumes or files were never used for training or validation "
+            f"(split by {split.rule}). No finetuned model is reported on its own training images." + skipped)
 
 
 def label_pairs(table: pd.DataFrame, pairs: dict) -> pd.DataFrame:
@@ -146,10 +277,11 @@ def _spread_images(manifest: pd.DataFrame, n: int) -> pd.DataFrame:
     return manifest.merge(keys, on=["task", "image_id"]).reset_index(drop=True)
 
 
-def history_table(runs: dict) -> pd.DataFrame:
-    """Per-epoch train loss and validation DICE of every run: ``base, curriculum`` + history."""
-    frames = [r.history.assign(base=b, curriculum=c) for (b, c), r in runs.items()]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+def history_table(runs: Runs) -> pd.DataFrame:
+    """Per-epoch train loss and validation DICE of every run: ``model, base, curriculum`` + history
+    (empty, with those columns, when nothing is finetuned)."""
+    frames = [r.history.assign(model=r.name, base=b, curriculum=c) for (b, c), r in runs.runs.items()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["model", "base", "curriculum"])
 
 
 def before_after(results: pd.DataFrame, pairs: dict, strategy: str = "S5",
@@ -223,64 +355,3 @@ def strategy_table(results: pd.DataFrame, pairs: dict, curriculum: str = "mixed"
     out = pd.DataFrame(rows, columns=["base", "strategy", "before", "after", "n"])
     out["delta"] = out["after"] - out["before"]
     return out.set_index(["base", "strategy"])[["before", "after", "delta", "n"]]
-
-
-# ----------------------------------------------------------------------------- shared with the other chapters
-
-
-def chapter_split(ch) -> Split:
-    """The split every chapter of a config uses: :func:`split_manifest` of the chapter's manifest
-    with :data:`DEFAULT_FRACTIONS` and the config's seed (the same split as ``08_finetune``)."""
-    return split_manifest(ch.manifest, DEFAULT_FRACTIONS, ch.config.seed)
-
-
-def chapter_settings_for(config, curriculum: str) -> Settings:
-    """The :class:`Settings` of one curriculum's run in a config (:func:`chapter_settings`, the
-    config's seed, :data:`CHAPTER_IOU_WEIGHT`): one definition for ``08_finetune`` and every
-    chapter that evaluates a finetuned model."""
-    cs = chapter_settings(config)
-    return Settings(curriculum=curriculum, epochs=int(cs["finetune_epochs"]), seed=config.seed,
-                    max_objects_per_image=int(cs["finetune_max_objects_per_image"]),
-                    max_val_objects=int(cs["finetune_max_val_objects"]),
-                    iou_weight=CHAPTER_IOU_WEIGHT.get(curriculum, 0.0))
-
-
-def chapter_run(ch, base_name: str, curriculum: str, split: Split | None = None,
-                progress: bool = False) -> FinetuneResult:
-    """Train, resume or reuse the run of (``base_name``, ``curriculum``) of a chapter's config.
-
-    The run lives in ``<results>/finetune/<base>-<curriculum>/`` with
-    :func:`chapter_settings_for` and :func:`chapter_split`, so whichever chapter asks first
-    trains it and every later request of the book (``08_finetune`` included) reuses it
-    (:func:`finetune` compares the run key: base signature, data, split, hyper-parameters);
-    a folder left by other settings is replaced.
-    """
-    split = split or chapter_split(ch)
-    return finetune(ch.manifest, ch.root, ch.model(base_name),
-                    ch.results_dir / "finetune" / f"{base_name}-{curriculum}",
-                    chapter_settings_for(ch.config, curriculum), split=split, progress=progress, overwrite=True)
-
-
-def evaluate_test_part(ch, test: pd.DataFrame, models: Sequence, s1_images: pd.DataFrame | None = None,
-                       progress: bool = False, s1_models: Sequence | None = None) -> pd.DataFrame:
-    """Results (:func:`cosmoslib.protocol.evaluate.evaluate`) of ``models`` on the test rows ``test``.
-
-    S2-S6 on every row of ``test``, S1 (the config's grid) with ``s1_models`` (default ``models``)
-    on the rows of ``s1_images`` (default: all of ``test``), in the files ``08_finetune`` uses (``<results>/finetune/test/s2_s6.parquet``
-    and ``s1.parquet``): their parts are keyed by content, model and settings, so what one chapter
-    computed the other reuses. Returns both tables concatenated (either may be empty).
-    """
-    folder = ch.results_dir / "finetune" / "test"
-    frames = []
-    if len(test):
-        res, _ = evaluate_mod.evaluate(test, ch.root, list(models), folder / "s2_s6.parquet",
-                                       strategies=PROMPT_STRATEGIES, seed=ch.config.seed, progress=progress)
-        frames.append(res)
-    s1_images = test if s1_images is None else s1_images
-    s1_models = list(models) if s1_models is None else list(s1_models)
-    if len(s1_images) and s1_models:
-        res, _ = evaluate_mod.evaluate(s1_images, ch.root, s1_models, folder / "s1.parquet", strategies=["S1"],
-                                       seed=ch.config.seed, points_per_side=ch.config.s1_points_per_side,
-                                       progress=progress)
-        frames.append(res)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=evaluate_mod.RESULT_COLUMNS)

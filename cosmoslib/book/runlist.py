@@ -38,6 +38,7 @@ from cosmoslib.analysis import timing
 from cosmoslib.book import lanes
 from cosmoslib.models import mobilesam, registry
 from cosmoslib.data.dataset import OBJECT_SAMPLING
+from cosmoslib.protocol.finetune import CURRICULA
 
 CONFIGS = ("smoke", "demo", "full")
 
@@ -94,13 +95,19 @@ class Config:
         like ``protocol_max_objects`` (0 = all).
     max_clicks : clicks per object in that chapter (the paper: 10).
     finetune_epochs, finetune_max_objects_per_image, finetune_max_val_objects,
-    finetune_curricula, finetune_s1_max_images : the decoder-finetuning chapter (paper 4.12;
+    finetune_s1_max_images : the decoder-finetuning chapter (paper 4.12;
         :mod:`cosmoslib.protocol.finetune`): epochs (the paper: 20), objects per training image and
-        validation objects (0 = all), prompt curricula (``box``, ``mixed``), and S1 test images.
-    finetuned_curricula : curricula (each among ``finetune_curricula``) whose finetuned model --
-        each base model's run of the finetuning chapter, trained once per book and reused --
-        the strategies, Everything-grid and interaction chapters evaluate beside the base model,
-        **on the test part of the finetuning split only** (``()`` = none).
+        validation objects (0 = all), and the test images S1 is evaluated on.
+    finetune_curricula : the book's one curriculum knob: the prompt curricula (``box``, ``mixed``)
+        each base model's decoder is finetuned with. Each run is trained once per book (by whichever
+        chapter asks first) and **every** chapter that shows finetuned models shows each of them --
+        the finetuning chapter, and beside the base model the strategies, Everything-grid,
+        interaction and findings chapters -- **on the test part of the finetuning split only**;
+        ``()`` = no finetuning anywhere. (There was a second knob naming which trained runs the other
+        chapters evaluate; one list that means "trained and shown" cannot be misread. The other
+        chapters' extra cost per run is capped by the ``finetuned_*`` fields below and
+        ``finetune_s1_max_images``, so showing ``box`` as well adds little: in ``demo`` S1 at m = 8
+        on 6 test images and 6 interaction objects.)
     finetuned_grid_sizes : grid sizes m of the Everything-grid chapter's test-part comparison
         (paper and own-score thresholds; ``()`` = ``grid_sizes``).
     finetuned_grid_max_images : test images of that comparison, spread over the sorted test
@@ -131,7 +138,6 @@ class Config:
     finetune_max_val_objects: int = 0
     finetune_curricula: tuple[str, ...] = ("box", "mixed")
     finetune_s1_max_images: int = 0
-    finetuned_curricula: tuple[str, ...] = ()
     finetuned_grid_sizes: tuple[int, ...] = ()
     finetuned_grid_max_images: int = 0
     finetuned_interactive_max_objects: int = 0
@@ -155,11 +161,10 @@ class Config:
             for item in items:
                 if not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
                     raise TypeError(f"config {self.name!r}: {f.name} must be {f.type}, got {value!r}")
-        unknown = [c for c in self.finetuned_curricula if c not in self.finetune_curricula]
+        unknown = [c for c in self.finetune_curricula if c not in CURRICULA]
         if unknown:
-            raise ValueError(f"config {self.name!r}: finetuned_curricula {unknown} are not among "
-                             f"finetune_curricula {list(self.finetune_curricula)}: the chapters evaluate "
-                             f"the finetuning chapter's runs, they never train others")
+            raise ValueError(f"config {self.name!r}: finetune_curricula {unknown} are not curricula; "
+                             f"choose among {list(CURRICULA)}")
         if any(m < 1 for m in self.finetuned_grid_sizes) or min(self.finetuned_grid_max_images,
                                                                 self.finetuned_interactive_max_objects) < 0:
             raise ValueError(f"config {self.name!r}: finetuned_grid_sizes must be positive and the "
@@ -230,11 +235,12 @@ def config(name: str) -> Config:
     chapter on 4 multi-object images up to m = 32 (m = 64 alone cost about 8 of the book's 30
     minutes on 2 cores and, with the box-trained LiteMedSAM, only adds another column of DICE 0),
     so the whole book with the protocol chapters stays under 30 minutes; ``full`` uses the
-    paper's settings (8² ... 256²). ``demo`` (and ``smoke``, where one short epoch is cheap) also
-    evaluates the ``mixed``-finetuned LiteMedSAM of the finetuning chapter beside the base model in
-    chapters 01, 03 and 06, on the test part of the finetuning split only: S1-S6 on every test object
-    (the base's rows are the config's run), S1 at the paper's and at own-score thresholds on 6 test
-    images at m = 8 only, and the SAM interaction methods on 6 test objects. ``full`` reads ``COSMOS_FULL_ROOT`` and
+    paper's settings (8² ... 256²). Every config finetunes each base model's decoder with the
+    ``box`` and the ``mixed`` curriculum (``finetune_curricula``) and shows both runs beside the base
+    model in chapters 01, 03, 06, 08 and 10, on the test part of the finetuning split only: S2-S6 on
+    every test object and S1 on ``finetune_s1_max_images`` test images (one table, the finetuning
+    chapter's), S1 at the paper's and at own-score thresholds on 6 test images at m = 8 only, and the
+    SAM interaction methods on 6 test objects (``demo``; ``smoke`` fewer, ``full`` all). ``full`` reads ``COSMOS_FULL_ROOT`` and
     ``COSMOS_FULL_MODELS`` (comma-separated registry names) when the run list is built.
     """
     if name == "smoke":
@@ -242,14 +248,14 @@ def config(name: str) -> Config:
                       s1_points_per_side=4, grid_sizes=(4, 8), grid_max_images=2,
                       protocol_max_objects=6, shift_repeats=2, interactive_max_objects=2, max_clicks=3,
                       finetune_epochs=1, finetune_max_objects_per_image=1, finetune_max_val_objects=2,
-                      finetune_s1_max_images=2, finetuned_curricula=("mixed",), finetuned_grid_max_images=2,
+                      finetune_s1_max_images=2, finetuned_grid_max_images=2,
                       finetuned_interactive_max_objects=2)
     if name == "demo":
         models, unavailable = runnable(DEMO_MODELS)
         return Config(name="demo", models=models, unavailable_models=unavailable, s1_points_per_side=8, grid_sizes=(8, 16, 32), grid_max_images=4,
                       protocol_max_objects=36, interactive_max_objects=12,
                       finetune_max_objects_per_image=4, finetune_max_val_objects=12, finetune_s1_max_images=6,
-                      finetuned_curricula=("mixed",), finetuned_grid_sizes=(8,), finetuned_grid_max_images=6,
+                      finetuned_grid_sizes=(8,), finetuned_grid_max_images=6,
                       finetuned_interactive_max_objects=6)
     if name == "full":
         models = tuple(m for m in os.environ.get("COSMOS_FULL_MODELS", "litemedsam").split(",") if m)

@@ -107,3 +107,47 @@ def hce_by_image(per_object, keys=("task", "image_id"), column: str = "hce"):
         "hce_per_object": grouped.mean().astype(np.float64),
     }).reset_index()
     return out[keys + ["n_objects", "hce", "hce_per_object"]]
+
+
+#: Columns of :func:`annotation_table`.
+TABLE_COLUMNS = ["model", "task", "image_id", "label_value", "object", "modality", "dice", "hce", "seconds"]
+
+
+def annotation_table(results: pd.DataFrame, redecoders) -> pd.DataFrame:
+    """Table 7: HCE of each object's S5 mask (box prompt, oracle rule) and the seconds it cost.
+
+    Parameters
+    ----------
+    results : the results table of the run (:func:`cosmoslib.protocol.evaluate.evaluate`); its
+        unshifted S5 oracle rows are used.
+    redecoders : ``{model name: redecode}``, ``redecode(task, image_id, label_value, strategy)
+        -> (image, gt, prompt, mask, dice)``: the mask the run chose, decoded again from the
+        cached embedding with the run's own prompt (masks are not stored).
+
+    Returns
+    -------
+    DataFrame
+        :data:`TABLE_COLUMNS`, one row per model and object: ``dice`` (%) of the re-decoded mask,
+        ``hce`` (:func:`hce`), ``seconds`` = the object's decode time plus its share of the
+        image's encode time (``t_embed_s`` / objects of the image in the run). Empty (same
+        columns) when the results have no S5 row.
+
+    Raises
+    ------
+    KeyError
+        A model of the S5 rows without a re-decoder.
+    """
+    s5 = results[(results["strategy"] == "S5") & (results["selection_rule"] == "oracle_dice")
+                 & (results["shift_level"] == 0)]
+    rows = []
+    for name, part in s5.groupby("model", sort=False):
+        if name not in redecoders:
+            raise KeyError(f"no re-decoder for model {name!r} (have {sorted(redecoders)})")
+        redecode = redecoders[name]
+        n_obj = part.groupby(["task", "image_id"])["label_value"].transform("size")
+        for r, objects_in_image in zip(part.itertuples(index=False), n_obj):
+            _, gt, _, mask, dice = redecode(r.task, r.image_id, r.label_value, "S5")
+            rows.append(dict(model=name, task=r.task, image_id=r.image_id, label_value=int(r.label_value),
+                             object=r.object, modality=r.modality, dice=dice, hce=hce(mask, gt),
+                             seconds=float(r.t_decode_s) + float(r.t_embed_s) / objects_in_image))
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)

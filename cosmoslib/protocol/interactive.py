@@ -39,6 +39,7 @@ DICE threshold (NoC@80, NoC@90; the interactive-segmentation field's standard me
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import cv2
@@ -46,8 +47,12 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 from skimage.segmentation import random_walker
+from tqdm.auto import tqdm
 
+from cosmoslib import paths
+from cosmoslib.data import readers
 from cosmoslib.masks import object_mask
+from cosmoslib.models import cache as cache_mod
 from cosmoslib.protocol import metrics
 from cosmoslib.protocol.prompts import Prompt, make_prompt
 
@@ -493,3 +498,62 @@ class RandomWalkerSegmenter:
         labels = random_walker(data, seeds, beta=self.beta, mode=mode, tol=self.tol,
                                channel_axis=-1 if data.ndim == 3 else None)
         return labels == 1
+
+
+#: Columns of :func:`interaction_table`: the click rows plus the object and the method.
+TABLE_COLUMNS = [*INTERACTION_COLUMNS, "task", "image_id", "label_value", "object", "modality", "method", "model"]
+
+
+def interaction_table(objects: pd.DataFrame, root, models, max_clicks: int = MAX_CLICKS, seed: int = 0,
+                      classical: bool = True, cache_dir=None, progress: bool = False) -> pd.DataFrame:
+    """Fig. 16: :func:`run_interaction` for every object of ``objects`` and every method.
+
+    The one interaction loop of the book, for base and finetuned models alike. Each model is
+    run twice (:class:`SamSegmenter` without and with the previous round's logits as mask
+    prompt: methods ``"<model>"`` and ``"<model> + previous logits"``); with ``classical``,
+    GrabCut (:class:`GrabCutSegmenter`, seeded) and the random walker
+    (:class:`RandomWalkerSegmenter`) once, on the same clicks (they do not depend on a model).
+
+    Parameters
+    ----------
+    objects : manifest rows (``task, image_id, label_value, object, modality, image_path,
+        label_path``), paths relative to ``root``.
+    root : the COSMOS root.
+    models : ``{name: SamFamilyModel}`` (insertion order = row order).
+    max_clicks : clicks per object (>= 1).
+    seed : GrabCut's seed.
+    classical : also run the two classical methods.
+    cache_dir : the embedding cache (default :func:`cosmoslib.paths.embedding_cache_dir`); each
+        image is encoded at most once per model content.
+    progress : a progress bar on stderr.
+
+    Returns
+    -------
+    DataFrame
+        :data:`TABLE_COLUMNS`: one row per object, method and click; ``model`` is the SAM model
+        of the method, or the classical method's own name. Empty (same columns) for no object.
+    """
+    root = Path(root)
+    cache_dir = paths.embedding_cache_dir() if cache_dir is None else cache_dir
+    groups = list(objects.groupby(["task", "image_id"], sort=True))
+    frames = []
+    for i, (name, model) in enumerate(models.items()):
+        cache = cache_mod.EmbeddingCache(cache_dir, model)
+        for (task, image_id), rows in tqdm(groups, desc=f"interaction {name}", unit="img", disable=not progress):
+            first = rows.iloc[0]
+            image = readers.read_image(root / first["image_path"])
+            label = readers.read_label(root / first["label_path"])
+            embedding = cache.get(root / first["image_path"])
+            methods = {name: (name, SamSegmenter(model, embedding, use_previous_logits=False)),
+                       f"{name} + previous logits": (name, SamSegmenter(model, embedding, use_previous_logits=True))}
+            if classical and i == 0:
+                methods |= {"GrabCut": ("GrabCut", GrabCutSegmenter(seed=seed)),
+                            "random walker": ("random walker", RandomWalkerSegmenter())}
+            for r in rows.itertuples(index=False):
+                for method, (owner, segmenter) in methods.items():
+                    curve = run_interaction(segmenter, image, label == r.label_value, max_clicks=max_clicks)
+                    frames.append(curve.assign(task=task, image_id=image_id, label_value=int(r.label_value),
+                                               object=r.object, modality=r.modality, method=method, model=owner))
+    if not frames:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[TABLE_COLUMNS]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from cosmoslib import models, paths
-from cosmoslib.book import chapters, runlist
+from cosmoslib.book import chapters, figures, runlist, tables
 from cosmoslib.data import indexer
 
 
@@ -54,9 +54,9 @@ def test_all_chapters_of_a_config_index_once_and_load_each_model_once(counted, s
     for notebook in runlist.CHAPTERS:
         ch = chapters.Chapter(notebook, cfg)
         ch.manifest
-        ch.results()
-    ch.everything_grid(min_objects=1)
-    ch.redecoder()
+        ch.table("results")
+    ch.table("everything_grid")
+    figures.redecoder(ch)
     assert counted == {"index": 1, "load_model": 1}
     assert (paths.results_dir("unit") / "manifest.parquet").exists()
 
@@ -93,13 +93,12 @@ def test_named_tables_are_stored_once_and_an_unknown_name_is_an_error(small_root
     cfg = _config(small_root)
     first = chapters.Chapter("04_factors", cfg)
     calls = []
-    real = chapters.factors_mod.compute_factors
-    monkeypatch.setattr(chapters.factors_mod, "compute_factors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tables.factors_mod.compute_factors
+    monkeypatch.setattr(tables.factors_mod, "compute_factors", lambda *a, **k: calls.append(1) or real(*a, **k))
     fac = first.table("factors")
     again = chapters.Chapter("10_findings", cfg).table("factors")
     assert calls == [1] and len(fac) == len(first.manifest)
     pd.testing.assert_frame_equal(fac, again)
     assert again.attrs["skipped"] == fac.attrs["skipped"] == []
-    with pytest.raises(KeyError, match="no table 'factor'; the chapter layer's tables are"):
+    with pytest.raises(KeyError, match="no table 'factor'; the tables are results, everything_grid"):
         first.table("factor")
-    assert set(chapters.Chapter.TABLES) >= {"results", "randomness", "interaction", "annotation", "factors"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 
 import papermill
@@ -88,19 +89,22 @@ def test_full_config_reads_the_users_data_and_models(monkeypatch):
     assert cfg.smoke is False
 
 
-def test_finetuned_curricula_are_typed_and_must_be_runs_of_the_finetuning_chapter():
+def test_one_curriculum_knob_typed_and_checked():
+    """``finetune_curricula`` is the one knob: what is trained is what every chapter shows."""
     demo = runlist.config("demo")
-    assert demo.finetuned_curricula == ("mixed",) and set(demo.finetuned_curricula) <= set(demo.finetune_curricula)
-    assert runlist.config("full").finetuned_curricula == ()  # full: opt-in
+    assert demo.finetune_curricula == ("box", "mixed")
+    assert not any(f.name == "finetuned_curricula" for f in dataclasses.fields(runlist.Config))
     again = runlist.Config.from_parameters(demo.as_parameters())
-    assert again == demo and isinstance(again.finetuned_curricula, tuple)
-    assert isinstance(demo.as_parameters()["finetuned_curricula"], list)  # a literal for papermill
-    with pytest.raises(TypeError, match="finetuned_curricula"):
-        runlist.Config(name="x", finetuned_curricula="mixed")  # a string is not a list of curricula
+    assert again == demo and isinstance(again.finetune_curricula, tuple)
+    assert isinstance(demo.as_parameters()["finetune_curricula"], list)  # a literal for papermill
+    with pytest.raises(TypeError, match="finetune_curricula"):
+        runlist.Config(name="x", finetune_curricula="mixed")  # a string is not a list of curricula
+    with pytest.raises(TypeError, match="unknown config field"):
+        runlist.Config.from_parameters({"name": "x", "finetuned_curricula": ["mixed"]})  # the old second knob
     with pytest.raises(TypeError, match="finetuned_grid_sizes"):
         runlist.Config(name="x", finetuned_grid_sizes=(8.0,))
-    with pytest.raises(ValueError, match="not among finetune_curricula"):
-        runlist.Config(name="x", finetune_curricula=("box",), finetuned_curricula=("mixed",))
+    with pytest.raises(ValueError, match="not curricula"):
+        runlist.Config(name="x", finetune_curricula=("points",))
     with pytest.raises(ValueError, match="positive"):
         runlist.Config(name="x", finetuned_grid_sizes=(0,))
 

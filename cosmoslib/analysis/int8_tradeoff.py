@@ -36,7 +36,11 @@ graph with an output on every quantized activation, ~2.5 s each per image at 256
 images cost ~90 s, 4 images ~33 s, 2 images ~20 s. MobileSAM (1024 px) is of the same order.
 The demo book therefore calibrates on 2 images per model (:data:`CHAPTER_SIZES`) and says so:
 a smaller calibration set than ``cosmos embed --backend openvino-int8`` uses (16), so the
-chapter's agreement is that of a cheaper quantization, not of the CLI's.
+chapter's agreement is that of a cheaper quantization, not of the CLI's. The rest of the cost
+is the two evaluation runs, mostly S1 (MobileSAM decodes and upscales at 1024 px): the chapter
+compares on 2 images with S1 at m = 4 (measured under load 6-8 on 2 cores, 4 images at m = 8:
+MobileSAM's comparison took 165 CPU seconds, 80 % of it S1; LiteMedSAM's quantization 25 s and
+MobileSAM's 18 s on 2 images).
 """
 
 from __future__ import annotations
@@ -187,10 +191,14 @@ CHAPTER_COLUMNS = ("model", "nature", "fp32_backend", "n_images", "calibration_i
                    "encode_s_fp32", "encode_s_int8", "speedup", "quantize_s", "meets_bar",
                    ) + COLUMNS
 #: The chapter's sizes per config kind: images (agreement and timing), calibration images,
-#: objects per image. ``demo``: ~20-30 s of quantization per model on a quiet 2-core machine
-#: (see the module docstring); ``smoke``: the least that runs every step.
-CHAPTER_SIZES = {"demo": {"n_images": 4, "calibration_images": 2, "max_objects": 2},
-                 "smoke": {"n_images": 1, "calibration_images": 1, "max_objects": 1}}
+#: objects per image, S1 grid. ``demo`` is sized to ~90 s for its two models on a quiet 2-core
+#: machine (see the module docstring; measured under load: S1 of MobileSAM at m = 8 on 4
+#: images was 80 % of its comparison, so the comparison runs S1 at m = 4 on 2 images);
+#: ``smoke``: the least that runs every step.
+CHAPTER_SIZES = {"demo": {"n_images": 2, "calibration_images": 2, "max_objects": 2,
+                          "points_per_side": 4},
+                 "smoke": {"n_images": 1, "calibration_images": 1, "max_objects": 1,
+                           "points_per_side": 2}}
 #: How to install what the int8 path needs (OpenVINO and NNCF, the ``runtimes`` extra).
 INSTALL_COMMAND = "pip install -e .[runtimes]"
 #: Version of :func:`chapter_table`'s computation (part of :func:`chapter_key`).

@@ -27,6 +27,10 @@ Models: any registry name (``--model``); ``--model sam_vit_b --random-checkpoint
 seeded random-init SAM ViT-B checkpoint in the temporary folder (speed only: the encoder's
 cost does not depend on its weights) and gives it to both sides.
 
+``--exports DIR`` keeps the exports (and probe) in DIR and reuses them in a later run: the
+ViT-B export and probe take minutes, so a run can be prepared ahead of the timed one (the
+printed export + probe seconds are then those stored when they were made).
+
 Each process's wall and CPU seconds (user + system of the child) are printed; the CPU seconds
 are the figure to compare on a loaded machine.
 
@@ -153,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=0,
                         help="number of images (0: all of --task; more than the task has: taken in "
                              "turn from every task of --root)")
+    parser.add_argument("--exports", type=Path, default=None,
+                        help="exports folder to use and keep (default: a fresh temporary one, so "
+                             "that export + probe are timed); a reused one skips them")
     parser.add_argument("--random-checkpoint", action="store_true",
                         help="a seeded random-init checkpoint of --model's architecture (SAM "
                              "ViT-B/L/H: speed only), given to both sides")
@@ -164,13 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="embed-process-"))
     root = work / "root"
     n_images = _copy_images(source, args.task, args.images, root)
-    exports = work / "exports"
+    exports = args.exports or work / "exports"
     env = dict(os.environ, COSMOS_EXPORTS=str(exports), PYTHONPATH=os.getcwd())
     env.pop("COSMOS_BACKEND", None)
     py = sys.executable
     checkpoint = ""
     if args.random_checkpoint:
-        checkpoint = str(_random_checkpoint(args.model, work / "random.pth"))
+        # kept beside reused exports: the export key holds the checkpoint's SHA-256
+        path = (args.exports / f"random-{args.model}.pth") if args.exports else work / "random.pth"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _random_checkpoint(args.model, path)
+        checkpoint = str(path)
     embed = [py, "-m", "cosmoslib.cli", "embed", str(root), "--model", args.model, "--device", "cpu"]
     if checkpoint:
         embed += ["--checkpoint", checkpoint]
@@ -184,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
 
     wall, cpu, line = _run(embed + ["--cache", str(work / "cache-first")], env)
     print(f"first run (export + probe, not timed below): {wall:.1f} s wall; {line}")
-    probes = list(exports.glob("*/probe.json"))
+    from cosmoslib.models import registry
+
+    probes = list(exports.glob(f"{registry.lookup(args.model).arch}-*/probe.json"))
     setup_s = 0.0
     for record in probes:
         data = json.loads(record.read_text())

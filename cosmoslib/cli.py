@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", type=Path)
     p.add_argument("--model", required=True, help="base model (registry name), e.g. litemedsam, sam_vit_b")
     p.add_argument("--checkpoint", type=Path, default=None, help="base checkpoint file (SAM models)")
-    p.add_argument("--prompts", choices=_FinetuneCurricula(), default="box",
+    p.add_argument("--prompts", choices=_FinetuneCurricula(), metavar="CURRICULUM", default="box",
                    help="prompt curriculum: box (tight box, the paper) or mixed (S2-S6 drawn per object)")
     p.add_argument("--epochs", type=int, default=20, help="epochs (the paper: 20)")
     p.add_argument("--out", type=Path, required=True, help="run folder: model.pth, provenance.json, split.csv")

@@ -40,6 +40,12 @@ Measured (LiteMedSAM, 2 shared cores, load ~1.5, 2 rounds): 9 images 8.1 s vs 13
 16 images 10.1 s vs 21.8 s (2.15x); export + probe 6.5-7.1 s, amortised after 10 images. Ours
 costs ~0.3 s per image and ~5.5 s per process (imports of the whole CLI, model load, runtime
 compile), the stock ~1.1 s per image and ~3.7 s per process: the ratio grows with the images.
+Issue 22 cut the per-process part: the CLI no longer imports Dask, ONNX or the finetuning
+module for ``embed`` (about 1-2 s of imports), and OpenVINO's compiled model is cached beside
+the export. Measured under load 5-6 (wall times meaningless): 2 images, cosmos embed 9.0 CPU
+seconds vs stock 16.0. What is left before the first image is mostly importing torch and
+``segment_anything`` (whose predictor imports torchvision, which imports ``torch._dynamo``:
+~2 s) and pandas (``cosmoslib.files``), then loading the weights.
 
 Run: ``.venv/bin/python benchmarks/embed_process.py [--model litemedsam] [--rounds 2]
 [--task NAME] [--images N] [--threads N] [--backend X] [--random-checkpoint]``.

@@ -60,6 +60,15 @@ descriptor and :func:`cosmoslib.data.preprocess.prepare` (``max_slices_per_volum
 slices whose pixels are also in the demo are dropped (by content digest), and ``--s1-images``
 slices evenly spaced over the rest (centred, so not the nearly empty end slices) are used. The verdict line says whether the masks are
 identical (same count; at each position the same pixels and predicted IoU).
+Measured (issue 22, one MNI slice outside the demo, 197 x 233 px, 32 x 32, paper thresholds,
+LiteMedSAM; shared 2-core machine at load 3-6, so wall times are inflated): 1 thread, ours
+46.1 s vs AMG 251.0 s wall (5.45x), CPU seconds 21.0 vs 176.4 (8.4x); 2 threads, ours 97.0 s
+vs AMG 198.7 s (2.05x), CPU 85.9 vs 196.6. Masks identical (both keep none: LiteMedSAM's
+single-point IoU predictions stay below 0.88). Under that load our decoder's small per-prompt
+operations ran 4x slower with 2 intra-op threads than with 1 (16 x 16 grid, thresholds 0.15 /
+0, 398 masks, bit-identical at every batch size and thread count: 1 thread 8.2 s, 2 threads
+30.9 s), while AMG's large batches gain from them; at load ~1.7 the earlier figures were 10.4x
+(1 thread) and 9.2x (2 threads). The figure to quote is the lead's run on a quiet machine.
 
 Run: ``.venv/bin/python benchmarks/strategies.py [--rounds 3] [--max-prompts 40] [--no-vit-b]
 [--protocol-images 4] [--protocol-threads 1,2] [--protocol-only]``;

@@ -19,15 +19,36 @@ exports folder, and their seconds (from the stored ``probe.json``) are printed w
 number of images that amortise them: (export + probe) / (stock - ours seconds per image).
 
 Images: one task of ``--root`` (default cosmos-demo, task ``pyradiomics_brain_mri``, 9 images)
-copied into a temporary COSMOS root, or ``--task``.
+copied into a temporary COSMOS root, or ``--task``; with ``--images N`` the first N images of
+that task, and when it has fewer, N images taken in turn from every task of ``--root`` (real
+images: the demo's pyradiomics, stardist and MNI slices, or any bigger COSMOS folder).
+
+Models: any registry name (``--model``); ``--model sam_vit_b --random-checkpoint`` makes a
+seeded random-init SAM ViT-B checkpoint in the temporary folder (speed only: the encoder's
+cost does not depend on its weights) and gives it to both sides.
+
+``--exports DIR`` keeps the exports (and probe) in DIR and reuses them in a later run: the
+ViT-B export and probe take minutes, so a run can be prepared ahead of the timed one with
+``--rounds 0`` (the printed export + probe seconds are then those stored when they were made).
+The first run embeds one image only: it is the set-up (export, probe, OpenVINO's compiled
+model cache), never timed.
+
+Each process's wall and CPU seconds (user + system of the child) are printed; the CPU seconds
+are the figure to compare on a loaded machine.
 
 Measured (LiteMedSAM, 2 shared cores, load ~1.5, 2 rounds): 9 images 8.1 s vs 13.9 s (1.73x),
 16 images 10.1 s vs 21.8 s (2.15x); export + probe 6.5-7.1 s, amortised after 10 images. Ours
 costs ~0.3 s per image and ~5.5 s per process (imports of the whole CLI, model load, runtime
 compile), the stock ~1.1 s per image and ~3.7 s per process: the ratio grows with the images.
+Issue 22 cut the per-process part: the CLI no longer imports Dask, ONNX or the finetuning
+module for ``embed`` (about 1-2 s of imports), and OpenVINO's compiled model is cached beside
+the export. Measured under load 5-6 (wall times meaningless): 2 images, cosmos embed 9.0 CPU
+seconds vs stock 16.0. What is left before the first image is mostly importing torch and
+``segment_anything`` (whose predictor imports torchvision, which imports ``torch._dynamo``:
+~2 s) and pandas (``cosmoslib.files``), then loading the weights.
 
 Run: ``.venv/bin/python benchmarks/embed_process.py [--model litemedsam] [--rounds 2]
-[--task NAME] [--threads N] [--backend X]``.
+[--task NAME] [--images N] [--threads N] [--backend X] [--random-checkpoint]``.
 """
 
 from __future__ import annotations
@@ -51,9 +72,11 @@ from segment_anything import SamPredictor
 from cosmoslib import models
 from cosmoslib.data import layout, readers
 root, out, name, threads = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+checkpoint = sys.argv[5] or None
 if threads > 0:
     torch.set_num_threads(threads)
-model = models.load_model(name, device="cpu", fast_encoder=False, backend="torch")
+model = models.load_model(name, checkpoint=checkpoint, device="cpu", fast_encoder=False,
+                          backend="torch")
 predictor = SamPredictor(model.sam)
 out.mkdir(parents=True, exist_ok=True)
 n = 0
@@ -84,6 +107,53 @@ def _run(cmd: list[str], env: dict) -> tuple[float, float, str]:
     return wall, cpu, (auto[0] if auto else lines[0])
 
 
+def _copy_images(source: Path, task: str, n: int, root: Path) -> int:
+    """Copy into ``root`` (a new COSMOS folder) all images of ``task`` (``n`` = 0), its first
+    ``n``, or -- when it has fewer -- ``n`` images taken in turn from every task of ``source``
+    (sorted names); the task json files too. Returns the number of images."""
+    from cosmoslib.data import layout
+
+    items = layout.list_images(source)
+    by_task: dict[str, list[Path]] = {}
+    for name, _, path in items:
+        by_task.setdefault(name, []).append(Path(path))
+    if task not in by_task:
+        raise SystemExit(f"no task {task!r} in {source}; tasks: {', '.join(sorted(by_task))}")
+    if not n:
+        chosen = list(by_task[task])
+    elif n <= len(by_task[task]):
+        chosen = by_task[task][:n]
+    else:
+        queues = {t: list(paths) for t, paths in sorted(by_task.items())}
+        chosen = []
+        while len(chosen) < n and any(queues.values()):
+            for t in queues:
+                if queues[t] and len(chosen) < n:
+                    chosen.append(queues[t].pop(0))
+        if len(chosen) < n:
+            raise SystemExit(f"--images {n}: {source} holds only {len(chosen)} images")
+    for path in chosen:
+        rel = path.relative_to(source)
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, root / rel)
+        info = source / f"{rel.parts[0]}.json"
+        if info.is_file() and not (root / info.name).is_file():
+            shutil.copy2(info, root / info.name)
+    return len(chosen)
+
+
+def _random_checkpoint(name: str, path: Path) -> Path:
+    """A seeded random-init state dict of registry model ``name``'s SAM architecture at ``path``."""
+    import torch
+
+    from cosmoslib.models import checkpoints, registry
+
+    arch = registry.lookup(name).arch
+    torch.manual_seed(0)
+    torch.save(checkpoints._build_sam(arch).state_dict(), path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None)
@@ -92,34 +162,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads of both (0: default)")
     parser.add_argument("--backend", default=None, help="pass --backend to cosmos embed")
+    parser.add_argument("--images", type=int, default=0,
+                        help="number of images (0: all of --task; more than the task has: taken in "
+                             "turn from every task of --root)")
+    parser.add_argument("--exports", type=Path, default=None,
+                        help="exports folder to use and keep (default: a fresh temporary one, so "
+                             "that export + probe are timed); a reused one skips them")
+    parser.add_argument("--random-checkpoint", action="store_true",
+                        help="a seeded random-init checkpoint of --model's architecture (SAM "
+                             "ViT-B/L/H: speed only), given to both sides")
     args = parser.parse_args(argv)
 
-    from cosmoslib.data import layout
     from cosmoslib.data.dataset import resolve_root
 
     source = resolve_root(args.root)
     work = Path(tempfile.mkdtemp(prefix="embed-process-"))
     root = work / "root"
-    root.mkdir()
-    shutil.copytree(source / args.task, root / args.task)  # os.walk does not follow links
-    if (source / f"{args.task}.json").is_file():
-        shutil.copy2(source / f"{args.task}.json", root / f"{args.task}.json")
-    n_images = len(layout.list_images(root))
-    exports = work / "exports"
+    n_images = _copy_images(source, args.task, args.images, root)
+    exports = args.exports or work / "exports"
     env = dict(os.environ, COSMOS_EXPORTS=str(exports), PYTHONPATH=os.getcwd())
     env.pop("COSMOS_BACKEND", None)
     py = sys.executable
+    checkpoint = ""
+    if args.random_checkpoint:
+        # kept beside reused exports: the export key holds the checkpoint's SHA-256
+        path = (args.exports / f"random-{args.model}.pth") if args.exports else work / "random.pth"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _random_checkpoint(args.model, path)
+        checkpoint = str(path)
     embed = [py, "-m", "cosmoslib.cli", "embed", str(root), "--model", args.model, "--device", "cpu"]
+    if checkpoint:
+        embed += ["--checkpoint", checkpoint]
     if args.backend:
         embed += ["--backend", args.backend]
     if args.threads:
         embed += ["--threads", str(args.threads)]
-    print(f"{n_images} images of {args.task}; model {args.model}; python {py}; load average "
+    print(f"{n_images} images ({args.task if args.images in (0, None) else 'see --images'}); model "
+          f"{args.model}{' (random-init weights)' if checkpoint else ''}; python {py}; load average "
           f"{os.getloadavg()[0]:.1f} (other processes share the cores)")
 
-    wall, cpu, line = _run(embed + ["--cache", str(work / "cache-first")], env)
-    print(f"first run (export + probe, not timed below): {wall:.1f} s wall; {line}")
-    probes = list(exports.glob("*/probe.json"))
+    # The first run (export, probe, OpenVINO's compiled-model cache) on one image: set-up only.
+    first = work / "root-first"
+    _copy_images(root, sorted(p.name for p in root.iterdir() if p.is_dir())[0], 1, first)
+    first_cmd = [str(first) if part == str(root) else part for part in embed]
+    wall, cpu, line = _run(first_cmd + ["--cache", str(work / "cache-first")], env)
+    print(f"first run, one image (export + probe, not timed below): {wall:.1f} s wall; {line}")
+    from cosmoslib.models import registry
+
+    probes = list(exports.glob(f"{registry.lookup(args.model).arch}-*/probe.json"))
     setup_s = 0.0
     for record in probes:
         data = json.loads(record.read_text())
@@ -127,12 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {record.parent.name}: export {data['export_s']:.1f} s, probe "
               f"{data['probe_s']:.1f} s, passed {data['passed']}")
 
+    if args.rounds < 1:  # --rounds 0: only the set-up (e.g. into --exports, ahead of a timed run)
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     times: dict[str, list[float]] = {"cosmos embed": [], "stock": []}
     cpus: dict[str, list[float]] = {"cosmos embed": [], "stock": []}
     for r in range(args.rounds):
         sides = [("cosmos embed", embed + ["--cache", str(work / f"cache-{r}")]),
                  ("stock", [py, "-c", STOCK, str(root), str(work / f"npz-{r}"), args.model,
-                            str(args.threads)])]
+                            str(args.threads), checkpoint])]
         for name, cmd in (sides if r % 2 == 0 else sides[::-1]):
             wall, cpu, line = _run(cmd, env)
             times[name].append(wall)

@@ -147,13 +147,24 @@ def _runtime_model(model, backend: str, exports: Path):
     into ``exports``; (model, export seconds, export peak RSS bytes or None)."""
     import dataclasses
 
-    from cosmoslib.models import backends
-
-    runtime = dataclasses.replace(model, backend=backend)
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        runtime._exported = backends.load_encoder(runtime, backend, exports_dir=exports)
-        seconds = time.perf_counter() - start
+    # dataclasses.replace builds a new model, whose __post_init__ exports and opens the session
+    # (SamFamilyModel._sync_encoder): that is the export timed here, made into ``exports`` (the
+    # exports folder is read from $COSMOS_EXPORTS when the export runs). Exporting first and
+    # then calling load_encoder exported twice, once outside the timing.
+    previous = os.environ.get("COSMOS_EXPORTS")
+    os.environ["COSMOS_EXPORTS"] = str(exports)
+    try:
+        with PeakRSS() as mem:
+            start = time.perf_counter()
+            runtime = dataclasses.replace(model, backend=backend)
+            seconds = time.perf_counter() - start
+    finally:
+        if previous is None:
+            os.environ.pop("COSMOS_EXPORTS", None)
+        else:
+            os.environ["COSMOS_EXPORTS"] = previous
+    if runtime._exported is None or Path(runtime._exported.path).parent.parent != Path(exports):
+        raise RuntimeError(f"{backend} export of {model.name} not made in {exports}")
     return runtime, seconds, mem.peak
 
 

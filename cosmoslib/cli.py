@@ -20,7 +20,26 @@ from cosmoslib.book import chapters, runlist
 from cosmoslib.data import dataset, demo, indexer, preprocess
 from cosmoslib.files import InputError
 from cosmoslib.models import mobilesam
-from cosmoslib.protocol import embed, evaluate, finetune, propagation, splits
+from cosmoslib.protocol import embed, splits
+
+# `evaluate`, `finetune` and `propagation` are imported inside the verbs that run them: they
+# bring Dask (protocol.distributed, ~1-2 s of imports) into every process, `cosmos embed`'s too.
+
+
+class _FinetuneCurricula:
+    """``finetune.CURRICULA`` for ``--prompts``, imported only when argparse checks a value or
+    prints the help (so that building the parser does not import the finetuning module)."""
+
+    def _names(self) -> list[str]:
+        from cosmoslib.protocol import finetune  # heavy (Dask): only when --prompts is used or shown
+
+        return sorted(finetune.CURRICULA)
+
+    def __contains__(self, value) -> bool:
+        return value in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
 
 
 def _fetch_weights(args: argparse.Namespace) -> int:
@@ -99,6 +118,8 @@ def _levels(text: str) -> tuple[int, ...]:
 
 def _evaluate(args: argparse.Namespace) -> int:
     """``cosmos evaluate``: index the root, load the models, evaluate, write ``--out``."""
+    from cosmoslib.protocol import evaluate, propagation  # heavy (Dask): only for this verb
+
     try:
         settings = evaluate.EvalSettings(
             strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
@@ -141,6 +162,8 @@ def _factors(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     """``cosmos finetune``: split ROOT by source, train the mask decoder, write and register DIR/model.pth."""
+    from cosmoslib.protocol import finetune  # heavy (Dask): only for this verb
+
     model = models.load_model(args.model, checkpoint=args.checkpoint, device=args.device, threads=args.threads,
                               backend=args.backend, calibration=args.root)
     manifest = indexer.index(args.root)
@@ -310,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", type=Path)
     p.add_argument("--model", required=True, help="base model (registry name), e.g. litemedsam, sam_vit_b")
     p.add_argument("--checkpoint", type=Path, default=None, help="base checkpoint file (SAM models)")
-    p.add_argument("--prompts", choices=sorted(finetune.CURRICULA), default="box",
+    p.add_argument("--prompts", choices=_FinetuneCurricula(), metavar="CURRICULUM", default="box",
                    help="prompt curriculum: box (tight box, the paper) or mixed (S2-S6 drawn per object)")
     p.add_argument("--epochs", type=int, default=20, help="epochs (the paper: 20)")
     p.add_argument("--out", type=Path, required=True, help="run folder: model.pth, provenance.json, split.csv")

@@ -75,7 +75,9 @@ parity test yet.)
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -109,6 +111,8 @@ OPSET = 17
 PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", INT8: "openvino"}
 #: How to install the optional runtimes (the ``runtimes`` extra of pyproject.toml).
 INSTALL_HINT = "pip install 'cosmoslib[runtimes]'"
+#: OpenVINO's compiled-model cache (``CACHE_DIR``), a folder beside each OpenVINO export.
+COMPILE_CACHE = "compiled"
 #: The record written beside an int8 export: calibration, settings, versions, seconds.
 QUANTIZATION_FILE = "quantization.json"
 
@@ -134,10 +138,15 @@ def check_backend(backend: str) -> str:
     return key
 
 
-def _import(backend: str):
-    """Import the runtime of ``backend`` (and ``onnx``, which torch's exporter writes through;
-    and ``nncf`` for ``openvino-int8``); ImportError with the missing package's name and the
-    install hint."""
+def _import(backend: str, export: bool = False):
+    """Import the runtime of ``backend``; ImportError with the missing package's name and the
+    install hint.
+
+    ``onnx`` (which torch's exporter writes through) and, for ``openvino-int8``, ``nncf`` are
+    needed only to make an export: with ``export=False`` they are looked up without being
+    imported (``importlib.util.find_spec``; importing ``onnx`` costs about a second of every
+    ``cosmos embed`` process that only loads a finished export), with ``export=True`` imported.
+    """
     package = PACKAGES[backend]
     try:
         # Optional, heavy runtimes (68 MB / 180 MB installed): imported only when asked for.
@@ -145,11 +154,11 @@ def _import(backend: str):
             import onnxruntime as module  # optional runtime (see above)
         else:
             import openvino as module  # optional runtime (see above)
-        package = "onnx"
-        import onnx  # noqa: F401  (torch.onnx.export needs it; optional like the runtimes)
-        if backend == INT8:
-            package = "nncf"
-            import nncf  # noqa: F401  (the int8 quantization; optional like the runtimes)
+        for package in ("onnx",) + (("nncf",) if backend == INT8 else ()):
+            if export:
+                importlib.import_module(package)
+            elif importlib.util.find_spec(package) is None:
+                raise ImportError(f"No module named {package!r}")
     except ImportError as exc:
         raise ImportError(f"encoder backend {backend!r} needs the Python package {package!r}, "
                           f"which is not installed ({exc}); install it with {INSTALL_HINT} "
@@ -387,7 +396,11 @@ class ExportedEncoder:
             self._run = lambda x: self._session.run(None, {name: x})[0]
         else:
             core = module.Core()
-            compiled = core.compile_model(core.read_model(str(self.path)), "CPU", {
+            # OpenVINO's compiled-model cache beside the export (whose folder is keyed by the
+            # model signature); OpenVINO keys each blob by the graph, this configuration, the
+            # device and its own version, so a process that finds one skips the compile.
+            core.set_property({"CACHE_DIR": str(self.path.parent / COMPILE_CACHE)})
+            compiled = core.compile_model(str(self.path), "CPU", {
                 "INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": "f32",
                 "PERFORMANCE_HINT": "LATENCY"})
             self._request = compiled.create_infer_request()
@@ -422,7 +435,7 @@ def load_encoder(model, backend: str | None = None,
     backend = check_backend(backend if backend is not None else model.backend)
     final = exported_path(model, backend, exports_dir)
     if not final.is_file():
-        _import(backend)  # a clear ImportError before any export work
+        _import(backend, export=True)  # a clear ImportError before any export work
         if backend == INT8:
             _build_int8(model, final, exports_dir)
         else:

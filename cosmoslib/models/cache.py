@@ -246,12 +246,23 @@ class EmbeddingCache:
         attrs = {"cosmos_embedding_cache": STORE_VERSION, "signature": self._signature,
                  "model_name": self.model.name, "dtype": str(self.dtype), "layout": "packs"}
         try:
-            root = zarr.open_group(store=str(self.store), mode="a")
+            root = self._open_group()
         except Exception:  # garbled root metadata: entries carry their own, so just rewrite it
             (self.store / "zarr.json").unlink(missing_ok=True)
-            root = zarr.open_group(store=str(self.store), mode="a")
+            root = self._open_group()
         if dict(root.attrs) != attrs:
             root.attrs.update(attrs)
+
+    def _open_group(self, attempts: int = 5):
+        """``zarr.open_group(mode="a")``, retried when another process created the group
+        between zarr's existence check and its own creation (``ContainsGroupError``: several
+        writers, e.g. Dask workers, opening a new store at once); the group is then opened."""
+        for attempt in range(attempts):
+            try:
+                return zarr.open_group(store=str(self.store), mode="a")
+            except zarr.errors.ContainsGroupError:
+                time.sleep(0.05 * (attempt + 1))
+        return zarr.open_group(store=str(self.store), mode="a")
 
     def clean_temporaries(self) -> int:
         """Remove leftovers of interrupted writes; returns how many.

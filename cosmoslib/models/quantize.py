@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,9 +210,11 @@ def quantize_ir(fp32_xml: str | os.PathLike, inputs: Sequence[np.ndarray],
 
     model = ov.Core().read_model(str(fp32_xml))
     dataset = nncf.Dataset([np.ascontiguousarray(x, dtype=np.float32) for x in inputs])
-    quantized = nncf.quantize(model, dataset, subset_size=len(inputs),
-                              model_type=nncf.ModelType.TRANSFORMER,
-                              preset=nncf.QuantizationPreset.MIXED,
-                              target_device=nncf.TargetDevice.CPU,
-                              fast_bias_correction=bool(SETTINGS["fast_bias_correction"]))
+    with warnings.catch_warnings():  # rich's progress bars in a notebook kernel, once per step
+        warnings.filterwarnings("ignore", message='install "ipywidgets" for Jupyter support')
+        quantized = nncf.quantize(model, dataset, subset_size=len(inputs),
+                                  model_type=nncf.ModelType.TRANSFORMER,
+                                  preset=nncf.QuantizationPreset.MIXED,
+                                  target_device=nncf.TargetDevice.CPU,
+                                  fast_bias_correction=bool(SETTINGS["fast_bias_correction"]))
     ov.save_model(quantized, str(out_xml), compress_to_fp16=False)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 
 from cosmoslib.models import cache as cache_mod
-from cosmoslib.protocol import distributed
 
 __all__ = ["embed_root"]
 
@@ -24,6 +23,8 @@ __all__ = ["embed_root"]
 def _embed_task(paths: list, cache_dir, dtype: str, batch_size: int, prefetch: int):
     """One Dask task: :meth:`cosmoslib.models.cache.EmbeddingCache.ensure` of a group of images
     with the worker's model (one cache object per worker and settings, kept across tasks)."""
+    from cosmoslib.protocol import distributed  # Dask (~1 s of imports) only for --scheduler runs
+
     plugin = distributed.worker_plugin()
     model = plugin.models()[0]
     key = ("embed", model.name, model.signature_hash, str(cache_dir), dtype, batch_size, prefetch)
@@ -93,6 +94,8 @@ def embed_root(root, model, *, scheduler=None, checkpoint=None, cache_dir=None, 
     if scheduler is None:
         store = cache_mod.EmbeddingCache(cache_dir, model, dtype=dtype, batch_size=batch_size, prefetch=prefetch)
         return store.ensure(paths, progress=progress)
+    from cosmoslib.protocol import distributed  # Dask (~1 s of imports) only for --scheduler runs
+
     # the store (root group, signature) is created once here, not raced by every worker
     store = cache_mod.EmbeddingCache(cache_dir, model, dtype=dtype)
     n = max(1, int(group_size))

@@ -20,6 +20,7 @@ name                      computed by
 ``finetuned_results``     :func:`cosmoslib.book.finetune_runs.test_part_results` (test part)
 ``finetuned_interaction`` :func:`cosmoslib.protocol.interactive.interaction_table` (test part)
 ``s1_thresholds``         :func:`cosmoslib.protocol.s1_thresholds.s1_threshold_table` (test part)
+``int8_tradeoff``         :func:`cosmoslib.analysis.int8_tradeoff.chapter_table` (timing chapter)
 ========================  =====================================================================
 
 **One store rule.** A table computed in one piece is stored by
@@ -48,6 +49,7 @@ import pandas as pd
 
 from cosmoslib import paths
 from cosmoslib.analysis import factors as factors_mod
+from cosmoslib.analysis import int8_tradeoff
 from cosmoslib.analysis import volume_summaries
 from cosmoslib.book import finetune_runs
 from cosmoslib.book.redecode import Redecoder
@@ -393,13 +395,35 @@ def _s1_thresholds(t: Tables) -> pd.DataFrame:
     return t.only_test(table)
 
 
+#: Why a config does not run the int8 comparison (``attrs["missing"]`` of its empty table).
+INT8_NOT_IN_SMOKE = ("the smoke config does not run it (quantizing an encoder and evaluating it twice "
+                     "costs about 30 s); the demo book shows it")
+
+
+@_table("The int8 encoder against the float32 one per model and strategy: encode seconds and mask "
+        "agreement (timing chapter); empty with attrs['missing'] = why when not run.")
+def _int8_tradeoff(t: Tables) -> pd.DataFrame:
+    missing = INT8_NOT_IN_SMOKE if t.config.smoke else int8_tradeoff.runtime_missing()
+    if missing:
+        table = pd.DataFrame(columns=list(int8_tradeoff.CHAPTER_COLUMNS))
+        table.attrs["missing"] = missing
+        return table
+    sizes = int8_tradeoff.CHAPTER_SIZES["demo"]
+    models = t.models()
+    table = t.stored("int8_tradeoff", t.manifest, dict(sizes, seed=t.config.seed), models.values(),
+                     lambda: int8_tradeoff.chapter_table(t.manifest, t.root, list(models.values()),
+                                                         t.results_dir / "int8", seed=t.config.seed, **sizes))
+    table.attrs["sizes"] = sizes
+    return table
+
+
 #: The order a cluster computes the tables in (``cosmos book --scheduler``): a table reads only tables of
 #: earlier waves, so no two workers ever compute the same thing at once (the finetuning runs, above
 #: all, are trained by one task before any table of a finetuned model).
 WAVES = (("results", "everything_grid", "randomness", "interaction", "factors", "finetune_runs"),
          ("shifted_prompts", "annotation", "volumes", "finetune_history", "finetuned_results",
           "finetuned_interaction", "s1_thresholds"),
-         ("propagation",))
+         ("propagation", "int8_tradeoff"))
 
 
 __all__ = ["REGISTRY", "WAVES", "Table", "Tables", "UnknownTable", "VOLUME_STRATEGIES", "grid_manifest", "names",

@@ -19,6 +19,10 @@ STRATEGY_NAMES = {
     "S5": "box",
     "S6": "box + 1 positive point",
 }
+#: The prompt kinds (the model registry's ``trained_prompts`` words) each strategy gives a model:
+#: S1's grid and S2-S4 are points, S5 a box, S6 a box and a point.
+STRATEGY_PROMPTS = {"S1": ("points",), "S2": ("points",), "S3": ("points",), "S4": ("points",),
+                    "S5": ("boxes",), "S6": ("boxes", "points")}
 
 
 def check(strategies) -> list[str]:

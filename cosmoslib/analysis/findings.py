@@ -63,6 +63,7 @@ from scipy import stats as sps
 from cosmoslib import models as models_mod
 from cosmoslib.analysis import summaries, uncertainty
 from cosmoslib.analysis.uncertainty import CI, N_RESAMPLES_TABLES, with_source
+from cosmoslib.strategies import STRATEGY_PROMPTS
 
 #: The three verdicts.
 HOLDS = "holds"
@@ -925,10 +926,6 @@ ANSWERS = (MEDICAL_BETTER, GENERAL_BETTER, NO_DIFFERENCE, CANNOT_DECIDE, NOT_APP
 #: The answer each reading of ``medical - general`` (:func:`compare`) gives.
 DIRECTION = {"greater": MEDICAL_BETTER, "less": GENERAL_BETTER, "equivalent": NO_DIFFERENCE,
              "unclear": CANNOT_DECIDE}
-#: The prompt kinds (the registry's ``trained_prompts`` words) each strategy gives a model
-#: (paper section 3.3): S1's grid and S2-S4 are points, S5 a box, S6 a box and a point.
-STRATEGY_PROMPTS = {"S1": ("points",), "S2": ("points",), "S3": ("points",), "S4": ("points",),
-                    "S5": ("boxes",), "S6": ("boxes", "points")}
 
 GENERAL_VS_MEDICAL_RULE = (
     f"Each model's nature (general or medical) is read from the model registry; finetuned models and models "

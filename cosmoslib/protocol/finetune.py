@@ -117,7 +117,7 @@ from cosmoslib.protocol.splits import (
     _check_fractions,
     split_manifest,
 )
-from cosmoslib.strategies import PROMPT_STRATEGIES
+from cosmoslib.strategies import PROMPT_STRATEGIES, STRATEGY_PROMPTS
 
 __all__ = [
     "CURRICULA", "LOW_RES", "Settings", "FinetuneResult", "lowres_target", "dice_bce_loss", "iou_head_loss", "trainable_sam",
@@ -920,11 +920,20 @@ def registry_path() -> Path:
 
 
 def _register(out_dir: Path, prov: dict, persist: bool = True) -> models_mod.ModelEntry:
+    # The decoder learnt the curriculum's prompts on top of what its base was trained with: a
+    # box-trained base finetuned on ``mixed`` prompts has now seen points too.
+    base = prov["base_model"]["name"]
+    learnt = [k for s in CURRICULA.get(prov["curriculum"], ()) for k in STRATEGY_PROMPTS[s]]
+    try:
+        before = list(models_mod.registry.lookup(base).trained_prompts)
+    except InputError:  # the base is not registered in this process: only the curriculum is known
+        before = []
+    prompts = tuple(dict.fromkeys([*before, *learnt]))
     entry = models_mod.register_model(
-        prov["name"], prov["arch"], out_dir / prov["checkpoint"], default_multimask=False,
+        prov["name"], prov["arch"], out_dir / prov["checkpoint"], default_multimask=False, trained_prompts=prompts,
         supports_points=bool(prov.get("supports_points", prov["curriculum"] == "mixed")),
         description=(f"{prov['base_model']['name']} with its mask decoder finetuned on {prov['curriculum']} "
-                     f"prompts ({out_dir.name})"), overwrite=True, base=prov["base_model"]["name"])
+                     f"prompts ({out_dir.name})"), overwrite=True, base=base)
     if persist:
         path = registry_path()
         try:

@@ -289,3 +289,18 @@ def test_cli_finetune_then_evaluate_by_name(toy, monkeypatch, tmp_path, capsys):
     assert code == 0
     table = pd.read_parquet(results)
     assert set(table["model"]) == {"litemedsam-ft-box"} and len(table) == 2 * N_VOLUMES * SLICES
+
+
+@pytest.mark.parametrize("curriculum,expected", [("box", ("boxes",)), ("mixed", ("boxes", "points"))])
+def test_a_finetuned_model_states_the_prompts_its_decoder_learnt(tmp_path, curriculum, expected):
+    """The registry entry of a finetuned LiteMedSAM (box-trained) names its base's prompts plus the
+    curriculum's: the ``mixed`` decoder has been trained on points too, the ``box`` one has not."""
+    name = f"litemedsam-ft-test-{curriculum}"
+    prov = {"name": name, "arch": "litemedsam", "checkpoint": "model.pth", "curriculum": curriculum,
+            "base_model": {"name": "litemedsam"}}
+    try:
+        entry = finetune._register(tmp_path, prov, persist=False)
+        assert entry.trained_prompts == expected
+        assert registry.lookup(name).trained_prompts == expected and entry.nature == "medical"
+    finally:
+        registry._REGISTRY.pop(name, None)  # leave the session's registry as it was

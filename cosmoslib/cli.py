@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cosmoslib import files, models
 from cosmoslib.analysis import factors
-from cosmoslib.book import chapters, runlist
+from cosmoslib.book import runlist
 from cosmoslib.data import dataset, demo, indexer, preprocess
 from cosmoslib.files import InputError
 from cosmoslib.models import mobilesam
@@ -182,6 +182,8 @@ def _finetune(args: argparse.Namespace) -> int:
 def _book(args: argparse.Namespace) -> int:
     if args.scheduler is not None and not args.no_execute:
         # the study's tables first, on the cluster; the notebooks then only read them
+        from cosmoslib.book import chapters  # heavy (the table registry, Dask): only for --scheduler
+
         rows = chapters.compute_tables(runlist.config(args.config), args.scheduler, threads=args.threads or 1)
         print(f"[cosmos book] {len(rows)} tables computed or found stored on {args.scheduler}", file=sys.stderr,
               flush=True)

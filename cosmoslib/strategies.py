@@ -19,6 +19,9 @@ STRATEGY_NAMES = {
     "S5": "box",
     "S6": "box + 1 positive point",
 }
+#: Prompt curricula of decoder finetuning (paper 4.12): name -> the strategies an object's training
+#: prompt is drawn from. ``box``: the tight box (S5), the authors' script; ``mixed``: any of S2-S6.
+CURRICULA: dict[str, tuple[str, ...]] = {"box": ("S5",), "mixed": PROMPT_STRATEGIES}
 #: The prompt kinds (the model registry's ``trained_prompts`` words) each strategy gives a model:
 #: S1's grid and S2-S4 are points, S5 a box, S6 a box and a point.
 STRATEGY_PROMPTS = {"S1": ("points",), "S2": ("points",), "S3": ("points",), "S4": ("points",),

@@ -38,7 +38,7 @@ from cosmoslib.analysis import timing
 from cosmoslib.book import lanes
 from cosmoslib.models import mobilesam, registry
 from cosmoslib.data.dataset import OBJECT_SAMPLING
-from cosmoslib.protocol.finetune import CURRICULA
+from cosmoslib.strategies import CURRICULA
 
 CONFIGS = ("smoke", "demo", "full")
 

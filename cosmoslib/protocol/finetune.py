@@ -117,7 +117,7 @@ from cosmoslib.protocol.splits import (
     _check_fractions,
     split_manifest,
 )
-from cosmoslib.strategies import PROMPT_STRATEGIES, STRATEGY_PROMPTS
+from cosmoslib.strategies import CURRICULA, STRATEGY_PROMPTS  # CURRICULA: defined with the strategies, named here too
 
 __all__ = [
     "CURRICULA", "LOW_RES", "Settings", "FinetuneResult", "lowres_target", "dice_bce_loss", "iou_head_loss", "trainable_sam",
@@ -125,8 +125,6 @@ __all__ = [
     "default_name", "share_embeddings",
 ]
 
-#: Prompt curricula: name -> the strategies an object's training prompt is drawn from.
-CURRICULA: dict[str, tuple[str, ...]] = {"box": ("S5",), "mixed": tuple(PROMPT_STRATEGIES)}
 #: Side of the decoder's low-res logits (pixels).
 LOW_RES = 256
 #: Version of the files a run writes; runs of another version are not reused.

@@ -15,7 +15,7 @@ LAYERS = {"__init__": 0, "__version__": 0, "paths": 0, "files": 0, "vocabulary":
 
 #: Function-local imports allowed, each for a stated reason (optional extras, one import circle).
 LOCAL_IMPORTS_ALLOWED = {"IPython.display", "papermill", "py_sod_metrics", "onnxruntime", "openvino", "onnx", "nncf",
-                         "cosmoslib.protocol", "sam2", "sam2.utils.transforms", "hydra", "hydra.utils",
+                         "cosmoslib.protocol", "cosmoslib.book", "sam2", "sam2.utils.transforms", "hydra", "hydra.utils",
                          "omegaconf"}
 
 

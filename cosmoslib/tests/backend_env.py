@@ -14,6 +14,14 @@ suite runs in, set when pytest configures itself (never at import of a test modu
   compiles every module again, and pytest rewrites every test module again on every run. The
   suite writes the caches Python writes by default (``__pycache__``, git-ignored) for this run
   and its children; the caller's shell keeps its setting.
+* **Each xdist worker gets its share of the cores.** ``pytest -n N`` (pytest-xdist) starts N
+  worker processes; left alone, each would run torch, OpenMP, OpenVINO and ONNX Runtime on every
+  core, and N such processes on the same cores slow each other 3-5x (measured on 2 cores). A
+  worker therefore uses ``cores // N`` threads (at least one): ``torch.set_num_threads`` for its
+  own process and ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` for the processes it starts (an
+  environment that sets them keeps its values). Without ``-n`` nothing changes: the suite runs
+  on the machine's threads. A test that must see a particular thread count sets and restores
+  it (the conftest's ``_threads_restored`` guard checks), as the decode thread test does.
 """
 
 from __future__ import annotations
@@ -22,7 +30,35 @@ import os
 import sys
 
 
+def worker_threads(environ=os.environ, cpus: int | None = None) -> int | None:
+    """Threads for one pytest-xdist worker, or None outside xdist.
+
+    Parameters
+    ----------
+    environ : the process environment (xdist sets ``PYTEST_XDIST_WORKER`` and
+        ``PYTEST_XDIST_WORKER_COUNT`` in each worker).
+    cpus : cores to share (default ``os.cpu_count()``).
+
+    Returns
+    -------
+    int or None
+        ``max(1, cpus // workers)`` inside a worker; None in a plain (non-xdist) run.
+    """
+    if not environ.get("PYTEST_XDIST_WORKER"):
+        return None
+    workers = max(1, int(environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, cpus // workers)
+
+
 def pytest_configure(config):
     os.environ.setdefault("COSMOS_BACKEND", "torch")
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     sys.dont_write_bytecode = False
+    threads = worker_threads()
+    if threads is not None:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(name, str(threads))
+        import torch
+
+        torch.set_num_threads(threads)

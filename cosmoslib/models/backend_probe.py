@@ -4,8 +4,8 @@ The default of ``cosmos embed``, ``evaluate``, ``finetune`` and of the book's mo
 gets the runtimes' speed (:mod:`cosmoslib.models.backends`) without knowing a flag, and never a
 runtime whose embeddings were not checked here.
 
-:func:`choose_backend` tries the installed runtimes in :data:`AUTO_ORDER` (fastest first) and
-takes the first whose exported encoder passes :func:`probe`:
+:func:`choose_backend` probes every installed runtime of :data:`AUTO_ORDER` and takes the
+fastest whose exported encoder passes :func:`probe` (torch when it is faster than all of them):
 
 * the encoder is exported once (as ``--backend <runtime>`` would; the export time is recorded);
 * the torch encoder and the runtime encode :func:`probe_images` -- three fixed, seeded synthetic
@@ -22,7 +22,8 @@ opset (:func:`cosmoslib.models.backends.exported_path`), and a probe of another
 :data:`PROBE_VERSION` is re-run. A stored result is reused (a runtime that failed is not tried
 again for that key). One line per model and process says what was chosen and why (stderr):
 e.g. ``backend auto: openvino (probe passed, stored: max |emb diff| 3.1e-06 <= 1.0e-04, masks
-DICE min 1.000000 on 12; encode 0.041 s/img vs torch 0.098)``, or ``backend auto: torch
+DICE min 1.000000 on 12; encode 0.041 s/img vs torch 0.098 -- fastest of openvino 2.39x,
+onnxruntime 2.10x torch's encode speed)``, or ``backend auto: torch
 (openvino not installed; onnxruntime probe failed: ...)``.
 
 **Never int8.** ``"openvino-int8"`` (:mod:`cosmoslib.models.quantize`) is not in
@@ -60,11 +61,12 @@ from cosmoslib import files
 from cosmoslib.models import backends
 
 __all__ = ["AUTO", "AUTO_ORDER", "ENV_BACKEND", "EMBED_RTOL", "MIN_DICE", "PROBE_VERSION",
-           "Probe", "check_request", "probe_images", "probe", "choose_backend"]
+           "Probe", "check_request", "probe_images", "probe", "choose_backend", "fastest",
+           "speedup"]
 
 #: The request that picks a backend by itself.
 AUTO = "auto"
-#: Runtimes "auto" tries, fastest first (``benchmarks/encode.py``, float32, images/s vs the
+#: Runtimes "auto" probes (ties keep this order), usually fastest first (``benchmarks/encode.py``, float32, images/s vs the
 #: authors' pipeline, 2 shared cores: LiteMedSAM openvino 2.31x, onnxruntime 2.14x, torch
 #: fast path 1.65x; SAM ViT-B seconds per image, 1 thread: openvino 26, onnxruntime 25-36,
 #: torch 40-51).
@@ -288,9 +290,10 @@ def choose_backend(model, exports_dir: str | os.PathLike | None = None) -> str:
     """What ``backend="auto"`` runs for ``model`` (loaded with the torch encoder).
 
     ``$COSMOS_BACKEND`` when set (resolved as an explicit request: a missing package falls
-    back to torch with a warning); torch off the CPU; else the first runtime of
-    :data:`AUTO_ORDER` that is installed and passes :func:`probe`; else torch. Prints one line
-    per model and process saying which and why. Never ``"openvino-int8"`` (module docstring).
+    back to torch with a warning); torch off the CPU; else the fastest of torch and the
+    runtimes of :data:`AUTO_ORDER` that are installed and pass :func:`probe` (each is probed,
+    once per machine; :func:`fastest`); else torch. Prints one line per model and process
+    saying which and why. Never ``"openvino-int8"`` (module docstring).
 
     Raises
     ------
@@ -307,7 +310,7 @@ def choose_backend(model, exports_dir: str | os.PathLike | None = None) -> str:
     if model.device.type != "cpu":
         _announce(model, f"torch (the runtimes run on the CPU only; device {model.device.type})")
         return "torch"
-    why = []
+    why, passed = [], []
     for backend in AUTO_ORDER:
         if not backends.backend_available(backend):
             why.append(f"{backend} not installed ({backends.INSTALL_HINT})")
@@ -317,9 +320,46 @@ def choose_backend(model, exports_dir: str | os.PathLike | None = None) -> str:
         except Exception as exc:  # an export the tracer cannot do: say so, try the next
             why.append(f"{backend} export failed ({type(exc).__name__}: {exc})")
             continue
-        if result.passed:
-            _announce(model, result.line())
-            return backend
-        why.append(result.line())
-    _announce(model, "torch (" + "; ".join(why) + ")")
-    return "torch"
+        (passed if result.passed else why).append(result if result.passed else result.line())
+    chosen, ranking = fastest(passed)
+    if chosen is None:
+        _announce(model, "torch (" + "; ".join(why) + ")")
+        return "torch"
+    if chosen == "torch":
+        _announce(model, f"torch ({ranking}; torch is the fastest here)")
+        return "torch"
+    best = next(p for p in passed if p.backend == chosen)
+    _announce(model, best.line() + f" -- fastest of {ranking}" + (
+        f" ({'; '.join(why)})" if why else ""))
+    return chosen
+
+
+def speedup(result: Probe) -> float:
+    """Encode speed of a probe's runtime over torch's, both timed in that probe (> 1: faster)."""
+    return result.s_per_image_torch / max(result.s_per_image_runtime, 1e-12)
+
+
+def fastest(passed: list[Probe]) -> tuple[str | None, str]:
+    """The fastest of torch and the runtimes whose probe passed, and the ranking as text.
+
+    Each runtime is ranked by its speed-up over torch timed side by side in its own probe
+    (:func:`speedup`; a ratio measured in one run, so it does not depend on how busy the
+    machine was when each probe ran). Torch wins only when every passing runtime is slower
+    than it. Ties keep :data:`AUTO_ORDER`.
+
+    Parameters
+    ----------
+    passed : probes that passed, in :data:`AUTO_ORDER`.
+
+    Returns
+    -------
+    (backend, ranking)
+        ``backend`` is None when ``passed`` is empty (``ranking`` is then ``""``); else a
+        runtime name or ``"torch"``. ``ranking`` reads e.g. ``"openvino 1.71x, onnxruntime
+        1.32x torch's encode speed"``.
+    """
+    if not passed:
+        return None, ""
+    ranked = sorted(passed, key=speedup, reverse=True)  # sorted() is stable: ties keep the order
+    ranking = ", ".join(f"{p.backend} {speedup(p):.2f}x" for p in ranked) + " torch's encode speed"
+    return (ranked[0].backend if speedup(ranked[0]) >= 1.0 else "torch"), ranking

@@ -84,13 +84,19 @@ def test_shrunk_vit_runtime_parity_and_probe(vit, backend):
     assert again.stored and again.passed and again.max_abs_diff == result.max_abs_diff
 
 
-def test_auto_picks_the_first_runtime_that_passes_and_says_so_once(vit, capsys, monkeypatch):
+def test_auto_picks_the_fastest_runtime_that_passes_and_says_so_once(vit, capsys, monkeypatch):
+    """Both runtimes are probed; the choice is the larger speed-up over torch measured in the
+    stored probes (torch if neither is faster), printed once with the ranking."""
     if not all(backends.backend_available(b) for b in RUNTIMES):
         pytest.skip("both runtimes needed (extra: runtimes)")
     chosen = backend_probe.choose_backend(vit)
-    assert chosen == backend_probe.AUTO_ORDER[0]
+    probes = [backend_probe.probe(vit, b) for b in backend_probe.AUTO_ORDER]
+    assert all(p.stored and p.passed for p in probes)  # each runtime was probed and stored
+    best = max(probes, key=backend_probe.speedup)
+    assert chosen == (best.backend if backend_probe.speedup(best) >= 1 else "torch")
     err = capsys.readouterr().err
-    assert err.count("backend auto") == 1 and "probe passed" in err and chosen in err
+    assert err.count("backend auto") == 1 and chosen in err and "fastest" in err
+    assert all(f"{p.backend} {backend_probe.speedup(p):.2f}x" in err for p in probes)
 
     def no_probe(*args, **kwargs):
         raise AssertionError("probed again although a stored probe exists")
@@ -99,6 +105,31 @@ def test_auto_picks_the_first_runtime_that_passes_and_says_so_once(vit, capsys, 
     monkeypatch.setattr(backends, "_export_onnx", no_probe)
     assert backend_probe.choose_backend(vit) == chosen  # stored result, no export
     assert capsys.readouterr().err == ""  # printed once per process
+
+
+def _probe(backend, s_runtime, s_torch, passed=True):
+    return backend_probe.Probe(
+        backend=backend, version="0", passed=passed, reason="", max_abs_diff=1e-6,
+        tolerance=1e-4, dice_min=1.0, dice_mean=1.0, n_images=3, n_masks=12,
+        s_per_image_runtime=s_runtime, s_per_image_torch=s_torch, export_s=0.0, probe_s=1.0,
+        signature_hash="0")
+
+
+def test_fastest_ranks_by_the_speed_up_measured_in_each_probe():
+    """The rule on its own: the ratio timed side by side in each probe decides (not the raw
+    seconds, which depend on how busy the machine was when each probe ran); torch wins when
+    every runtime is slower; a tie keeps AUTO_ORDER; nothing passed, no choice."""
+    ov, ort = _probe("openvino", 2.0, 4.0), _probe("onnxruntime", 1.5, 2.0)  # 2.0x vs 1.33x
+    assert backend_probe.fastest([ov, ort])[0] == "openvino"
+    assert backend_probe.fastest([ort, ov])[0] == "openvino"
+    quick_ort = _probe("onnxruntime", 1.0, 3.0)  # 3.0x, although ov's seconds are fewer elsewhere
+    chosen, ranking = backend_probe.fastest([ov, quick_ort])
+    assert chosen == "onnxruntime" and ranking.startswith("onnxruntime 3.00x, openvino 2.00x")
+    slow = [_probe("openvino", 5.0, 4.0), _probe("onnxruntime", 3.0, 2.0)]
+    assert backend_probe.fastest(slow)[0] == "torch"
+    tie = [_probe("openvino", 1.0, 2.0), _probe("onnxruntime", 2.0, 4.0)]
+    assert backend_probe.fastest(tie)[0] == "openvino"
+    assert backend_probe.fastest([]) == (None, "")
 
 
 def test_a_failed_probe_moves_on_and_falls_back_to_torch(vit, capsys, monkeypatch):

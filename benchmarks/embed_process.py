@@ -47,6 +47,16 @@ seconds vs stock 16.0. What is left before the first image is mostly importing t
 ``segment_anything`` (whose predictor imports torchvision, which imports ``torch._dynamo``:
 ~2 s) and pandas (``cosmoslib.files``), then loading the weights.
 
+Measured quiet (load 0.5-1.8), 2026-12-03, after "auto" began to probe every runtime and take
+the fastest, 16 real images, 2 rounds interleaved:
+
+* LiteMedSAM: cosmos embed 14.1 s vs stock 30.8 s (2.19x; CPU 21.3 vs 53.3 s); auto took
+  OpenVINO (2.23x torch's encode speed in its probe; ONNX Runtime 1.91x); export + probe of both
+  runtimes 20.3 s, amortised after 19 images.
+* SAM ViT-B (random-init weights): cosmos embed 77.8 s vs stock 204.1 s (2.62x; CPU 146.3 vs
+  373.6 s); auto took ONNX Runtime (2.23x; OpenVINO 2.17x); export + probe of both 140.9 s,
+  amortised after 18 images.
+
 Run: ``.venv/bin/python benchmarks/embed_process.py [--model litemedsam] [--rounds 2]
 [--task NAME] [--images N] [--threads N] [--backend X] [--random-checkpoint]``.
 """

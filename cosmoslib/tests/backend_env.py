@@ -22,6 +22,11 @@ suite runs in, set when pytest configures itself (never at import of a test modu
   environment that sets them keeps its values). Without ``-n`` nothing changes: the suite runs
   on the machine's threads. A test that must see a particular thread count sets and restores
   it (the conftest's ``_threads_restored`` guard checks), as the decode thread test does.
+* **The longest modules start first.** Modules marked ``slow`` as a whole (the smoke book, then
+  the library's, such as the known-answer study) are collected before the others, in their own
+  order, so that xdist hands them out first and the short tests fill the other workers around
+  them; collected last, the smoke book alone ran minutes after every other test had finished.
+  The order of the tests inside a module does not change.
 """
 
 from __future__ import annotations
@@ -62,3 +67,22 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _slow_module(item) -> bool:
+    marks = getattr(item.module, "pytestmark", []) if item.module is not None else []
+    marks = marks if isinstance(marks, list) else [marks]
+    return any(getattr(m, "name", None) == "slow" for m in marks)
+
+
+def _rank(item) -> int:
+    if not _slow_module(item):
+        return 2
+    # the book's own tests (``tests/``: a whole smoke book, the longest module) before the library's
+    return 1 if "cosmoslib" in item.path.parts else 0
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules marked ``slow`` as a whole first, the book's before the library's (stable: the
+    order within a module is kept)."""
+    items.sort(key=_rank)

@@ -124,7 +124,7 @@ def test_a_corrupt_image_is_recorded_and_the_rest_evaluated(demo_root, litemedsa
     root = tmp_path / "root"
     shutil.copytree(demo_root / task, root / task)
     shutil.copy(demo_root / f"{task}.json", root / f"{task}.json")
-    manifest = indexer.index(root)
+    manifest = dataset.subsample(indexer.index(root), max_images_per_task=4, seed=0)
     bad = manifest.iloc[0]
     (root / bad.image_path).write_bytes(b"not a png")
     out = tmp_path / "r.parquet"
@@ -205,6 +205,10 @@ def test_index_refuses_what_evaluate_cannot_read(demo_root, litemedsam, tmp_path
     root = tmp_path / "root"
     _copy_task(demo_root, root, task)
     images = sorted((root / task / "images").glob("*.png"))
+    for extra in images[5:]:  # five images: three made unreadable/16-bit/flat, two as they are
+        extra.unlink()
+        (root / task / "labels" / extra.name).unlink()
+    images = images[:5]
     truncated, wide = images[0], images[1]
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     arr = np.asarray(Image.open(wide)).astype(np.uint16) * 257  # real 16-bit data, 0..65535

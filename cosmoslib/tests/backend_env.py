@@ -70,7 +70,8 @@ def pytest_configure(config):
 
 
 def _slow_module(item) -> bool:
-    marks = getattr(item.module, "pytestmark", []) if item.module is not None else []
+    module = getattr(item, "module", None)  # None for items that are not Python functions
+    marks = getattr(module, "pytestmark", []) if module is not None else []
     marks = marks if isinstance(marks, list) else [marks]
     return any(getattr(m, "name", None) == "slow" for m in marks)
 

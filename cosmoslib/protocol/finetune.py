@@ -930,7 +930,7 @@ def _register(out_dir: Path, prov: dict, persist: bool = True) -> models_mod.Mod
     entry = models_mod.register_model(
         prov["name"], prov["arch"], out_dir / prov["checkpoint"], default_multimask=False, trained_prompts=prompts,
         supports_points=bool(prov.get("supports_points", prov["curriculum"] == "mixed")),
-        description=(f"{prov['base_model']['name']} with its mask decoder finetuned on {prov['curriculum']} "
+        description=(f"{base} with its mask decoder finetuned on {prov['curriculum']} "
                      f"prompts ({out_dir.name})"), overwrite=True, base=base)
     if persist:
         path = registry_path()

@@ -4,7 +4,10 @@ the order modules are handed out in."""
 from __future__ import annotations
 
 import os
+import pathlib
+import types
 
+import pytest
 import torch
 
 from cosmoslib.tests import backend_env
@@ -31,13 +34,11 @@ def test_this_process_runs_with_the_threads_it_was_given():
 
 
 class _Item:
-    def __init__(self, path, slow):
-        import pathlib
-        import types
+    """What the ordering hook reads of a collected test: its path and its module's marks."""
 
+    def __init__(self, path, slow):
         self.path = pathlib.Path(path)
-        marks = [type("M", (), {"name": "slow"})()] if slow else []
-        self.module = types.SimpleNamespace(pytestmark=marks)
+        self.module = types.SimpleNamespace(pytestmark=[pytest.mark.slow] if slow else [])
 
 
 def test_slow_modules_are_handed_out_first_and_keep_their_order():

@@ -16,7 +16,10 @@ still holds where it matters:
 3. ``10_findings``, which reads every table, alone.
 
 Each lane is a separate Python process (papermill is not meant to be driven from threads) whose
-kernels inherit ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = threads per lane. Results do not
+kernels inherit ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = threads per lane. The cores shared out
+are :func:`cpu_budget`'s: the process's CPU affinity, or an inherited ``OMP_NUM_THREADS`` when it
+is smaller (a batch job's threads per task; a test worker's share), so ``OMP_NUM_THREADS=1 cosmos
+book`` runs one lane of one thread. Results do not
 depend on the lanes: every table is keyed by content and settings, and a chapter computes the
 same numbers in any lane (float sums may differ in the last bits with the thread count).
 """
@@ -29,8 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 #: The chapters every other chapter builds on (run first, alone, with every thread).
 FIRST = ("00_dataset", "01_strategies")
@@ -53,9 +57,46 @@ _LANE_CODE = (
 )
 
 
+def cpu_budget(environ: Mapping[str, str] = os.environ, cpus: int | None = None) -> int:
+    """The cores the book may use: those this process may run on, or fewer where
+    ``OMP_NUM_THREADS`` says so.
+
+    The cores are the process's CPU affinity (what ``taskset`` or a batch job's allocation
+    leaves it), else ``os.cpu_count()``. An inherited ``OMP_NUM_THREADS`` is the thread budget
+    someone already gave this process and everything it starts -- a scheduler's threads per
+    task, or a pytest-xdist worker's share of the cores (``cosmoslib/tests/backend_env.py``) --
+    so the lanes and their threads stay within it instead of taking every core beside the
+    processes that share them.
+
+    Parameters
+    ----------
+    environ : the environment to read ``OMP_NUM_THREADS`` from (OpenMP's nested form ``"4,2"``
+        counts its first level).
+    cpus : the cores (default: this process's affinity, as above).
+
+    Returns
+    -------
+    int
+        ``min(cpus, OMP_NUM_THREADS)``, at least 1; ``cpus`` when the variable is unset, and
+        (with a warning naming it) when it is not a positive whole number.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    raw = environ.get("OMP_NUM_THREADS", "")
+    if not raw.strip():
+        return max(1, cpus)
+    first = raw.split(",")[0].strip()
+    if first.isdigit() and int(first) >= 1:
+        return max(1, min(cpus, int(first)))
+    warnings.warn(f"OMP_NUM_THREADS={raw!r} is not a positive number of threads; the book uses "
+                  f"all {cpus} cores", stacklevel=2)
+    return max(1, cpus)
+
+
 def default_jobs(cpus: int | None = None) -> int:
-    """Lanes when none are asked for: one per core up to 4 (2 cores -> 2 lanes of 1 thread)."""
-    cpus = cpus or os.cpu_count() or 1
+    """Lanes when none are asked for: one per core of :func:`cpu_budget` up to 4 (2 cores -> 2
+    lanes of 1 thread; ``OMP_NUM_THREADS=1`` -> one lane)."""
+    cpus = cpus or cpu_budget()
     return max(1, min(4, cpus))
 
 
@@ -99,8 +140,8 @@ def plan(notebooks: Sequence[str], jobs: int) -> list[list[list[str]]]:
 
 def lane_env(lanes: int, cpus: int | None = None) -> dict[str, str]:
     """The environment of a lane process: this one's, with the BLAS/OpenMP/torch threads set to
-    the lane's share of the cores (at least 1)."""
-    cpus = cpus or os.cpu_count() or 1
+    the lane's share of the cores (default :func:`cpu_budget`; at least 1)."""
+    cpus = cpus or cpu_budget()
     threads = str(max(1, cpus // max(1, lanes)))
     return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
             "OPENBLAS_NUM_THREADS": threads}
@@ -142,4 +183,4 @@ def run(config: str, notebooks: Sequence[str], jobs: int, cwd: Path) -> tuple[li
     return timings, errors, time.perf_counter() - start
 
 
-__all__ = ["FIRST", "LAST", "MEASURED_SECONDS", "default_jobs", "lane_env", "plan", "run"]
+__all__ = ["FIRST", "LAST", "MEASURED_SECONDS", "cpu_budget", "default_jobs", "lane_env", "plan", "run"]

@@ -436,7 +436,9 @@ def build_book(config: str = "demo", only: list[str] | None = None, execute: boo
     only : notebooks to run (default all).
     execute, build : run the notebooks; render the book.
     jobs : lanes of chapters run at once (:mod:`cosmoslib.book.lanes`); None = one per core up
-        to 4 (:func:`cosmoslib.book.lanes.default_jobs`); 1 = one after the other in this process.
+        to 4 (:func:`cosmoslib.book.lanes.default_jobs`; the cores of
+        :func:`~cosmoslib.book.lanes.cpu_budget`, which an inherited ``OMP_NUM_THREADS`` caps);
+        1 = one after the other in this process.
     """
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")

@@ -24,8 +24,11 @@ suite runs in, set when pytest configures itself (never at import of a test modu
   it (the conftest's ``_threads_restored`` guard checks), as the decode thread test does.
 * **The longest modules start first.** Modules marked ``slow`` as a whole (the smoke book, then
   the library's, such as the known-answer study) are collected before the others, in their own
-  order, so that xdist hands them out first and the short tests fill the other workers around
-  them; collected last, the smoke book alone ran minutes after every other test had finished.
+  order, and ``--no-loadscope-reorder`` (addopts) makes xdist hand them out in that order: by
+  default it hands out the modules with the most tests first, which started the smoke book (three
+  tests) last, so that it ran for minutes after the other workers had finished. The book keeps
+  within its worker's share (``OMP_NUM_THREADS``, above; :func:`cosmoslib.book.lanes.cpu_budget`):
+  one lane of one thread on 2 cores and 2 workers, while the other worker runs the short tests.
   The order of the tests inside a module does not change.
 """
 

@@ -6,6 +6,7 @@ default lanes)."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,30 @@ def test_lane_threads_share_the_cores():
     assert lanes.lane_env(4, cpus=16)["MKL_NUM_THREADS"] == "4"
     assert lanes.lane_env(3, cpus=2)["OPENBLAS_NUM_THREADS"] == "1"
     assert lanes.default_jobs(2) == 2 and lanes.default_jobs(1) == 1 and lanes.default_jobs(64) == 4
+
+
+def test_the_book_keeps_within_an_inherited_thread_budget():
+    """OMP_NUM_THREADS, when set, caps the cores the lanes share (a batch job's threads per task,
+    a test worker's share); unset, the cores are all of them; nonsense is said, not obeyed."""
+    assert lanes.cpu_budget({}, cpus=16) == 16
+    assert lanes.cpu_budget({"OMP_NUM_THREADS": "4"}, cpus=16) == 4
+    assert lanes.cpu_budget({"OMP_NUM_THREADS": "4,2"}, cpus=16) == 4  # OpenMP's nested form
+    assert lanes.cpu_budget({"OMP_NUM_THREADS": "32"}, cpus=2) == 2
+    assert lanes.cpu_budget({"OMP_NUM_THREADS": " "}, cpus=3) == 3
+    for bad in ("0", "-1", "four"):
+        with pytest.warns(UserWarning, match=f"OMP_NUM_THREADS='{bad}'.*all 8 cores"):
+            assert lanes.cpu_budget({"OMP_NUM_THREADS": bad}, cpus=8) == 8
+    assert lanes.cpu_budget() == lanes.cpu_budget(os.environ)  # the process's own, by default
+
+
+def test_one_inherited_thread_means_one_lane_of_one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert lanes.default_jobs() == 1
+    assert lanes.lane_env(1)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert lanes.lane_env(1)["MKL_NUM_THREADS"] == str(min(3, lanes.cpu_budget({})))
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert lanes.default_jobs() == min(4, lanes.cpu_budget())
 
 
 def test_a_lane_that_dies_is_an_error_naming_its_notebooks(monkeypatch, tmp_path):

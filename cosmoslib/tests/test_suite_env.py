@@ -51,3 +51,39 @@ def test_slow_modules_are_handed_out_first_and_keep_their_order():
                                             "cosmoslib/tests/test_k.py", "cosmoslib/tests/test_a.py",
                                             "cosmoslib/tests/test_b.py"]
     assert items[1] is before[1] and items[2] is before[4]  # stable within a module
+
+
+@pytest.mark.slow
+def test_under_xdist_the_slow_module_starts_first_on_its_worker(tmp_path):
+    """(Slow: starts two xdist workers, which import torch.) The project's own ``addopts`` on a
+    made-up tree of five modules of three tests and one slow module of one test, two workers:
+    the slow module is the first thing its worker runs. Without ``--no-loadscope-reorder``,
+    xdist hands out the modules with the most tests first, and the one-test slow module (like
+    the smoke book, three tests) would start last."""
+    import shlex
+    import subprocess
+    import sys
+    import tomllib
+
+    from cosmoslib import paths
+
+    addopts = tomllib.loads((paths.home() / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    log = tmp_path / "started.log"
+    body = ("import os\n\ndef _log(name):\n"
+            f"    with open({str(log)!r}, 'a') as f:\n"
+            "        f.write(os.environ['PYTEST_XDIST_WORKER'] + ' ' + name + '\\n')\n")
+    for k in range(5):
+        tests = "".join(f"\n\ndef test_{j}():\n    _log('many{k}')\n" for j in range(3))
+        (tmp_path / f"test_many{k}.py").write_text(body + tests)
+    (tmp_path / "test_zlong.py").write_text("import pytest\n\npytestmark = pytest.mark.slow\n" + body
+                                            + "\n\ndef test_long():\n    _log('long')\n")
+    (tmp_path / "pytest.ini").write_text(f"[pytest]\nmarkers =\n    slow: long\naddopts = {addopts}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(paths.home()), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "-q", "-p", "no:cacheprovider"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "-n" in shlex.split(addopts)  # the project runs under xdist at all
+    started = [line.split() for line in log.read_text().splitlines()]
+    assert len(started) == 16
+    worker = next(w for w, name in started if name == "long")
+    assert [name for w, name in started if w == worker][0] == "long", started

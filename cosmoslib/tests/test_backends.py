@@ -50,15 +50,21 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / float(total)
 
 
+@pytest.fixture(scope="module")
+def torch_reference(demo_root, litemedsam):
+    """The demo images of the parity test with the torch encoder's embeddings: encoded once for
+    both runtimes."""
+    return [(img, label, values, litemedsam.encode([img])[0]) for img, label, values in _demo_images(demo_root)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", RUNTIMES)
-def test_runtime_matches_torch_on_demo(backend, demo_root, litemedsam):
+def test_runtime_matches_torch_on_demo(backend, torch_reference, litemedsam):
     model = _load(backend)
     assert model.backend == backend
-    images = _demo_images(demo_root)
+    images = torch_reference
     diffs, scores = [], []
-    for img, label, values in images:
-        e_torch = litemedsam.encode([img])[0]
+    for img, label, values, e_torch in images:
         e_rt = model.encode([img])[0]
         assert e_rt.dtype == np.float32 and e_rt.shape == (256, 64, 64)
         diffs.append(float(np.abs(e_rt - e_torch).max()))

@@ -56,7 +56,7 @@ from distributed import Client, LocalCluster, as_completed, get_worker
 from distributed import WorkerPlugin as _WorkerPlugin
 from tqdm.auto import tqdm
 
-from cosmoslib import models
+from cosmoslib import allocator, models
 from cosmoslib.files import InputError
 from cosmoslib.protocol import prompts, units
 
@@ -75,13 +75,13 @@ def _worker_env(threads: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
 
 
-#: glibc malloc settings for worker processes, set before they start. Dask's nanny sets
-#: ``MALLOC_TRIM_THRESHOLD_=65536`` by default (``distributed.nanny.pre-spawn-environ``), which
-#: also fixes glibc's mmap threshold at 128 KiB: every (4096, 256) float32 temporary of the
-#: decoder is then a fresh mmap and ~1000 page faults. Measured here (LiteMedSAM, 1 thread):
-#: a decode 2.0-2.3x slower, and a Dask task 1.65x slower than the same work in one process.
-#: Freed memory up to 256 MiB stays in the process; blocks up to 64 MiB come from the heap.
-WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(256 * 2 ** 20), "MALLOC_MMAP_THRESHOLD_": str(64 * 2 ** 20)}
+#: glibc malloc settings for worker processes, set before they start
+#: (:data:`cosmoslib.allocator.SETTINGS`). Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` by
+#: default (``distributed.nanny.pre-spawn-environ``), which also fixes glibc's mmap threshold at
+#: 128 KiB: every (4096, 256) float32 temporary of the decoder is then a fresh mmap and ~1000 page
+#: faults. Measured here (LiteMedSAM, 1 thread): a decode 2.0-2.3x slower, and a Dask task 1.65x
+#: slower than the same work in one process.
+WORKER_MALLOC = allocator.SETTINGS
 
 
 def _worker_malloc() -> dict[str, str | None]:

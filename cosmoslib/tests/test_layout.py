@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1]
 
 #: Layer of each top-level name of cosmoslib (ARCHITECTURE.md, "Layers").
-LAYERS = {"__init__": 0, "__version__": 0, "paths": 0, "files": 0, "vocabulary": 0, "strategies": 0, "masks": 0,
+LAYERS = {"__init__": 0, "__version__": 0, "paths": 0, "files": 0, "allocator": 0, "vocabulary": 0, "strategies": 0, "masks": 0,
           "data": 1, "models": 2, "protocol": 3, "analysis": 4, "book": 5, "cli": 6}
 
 #: Function-local imports allowed, each for a stated reason (optional extras, one import circle).

@@ -1,5 +1,5 @@
-"""The suite's own environment (``cosmoslib/tests/backend_env.py``): threads per xdist worker and
-the order modules are handed out in."""
+"""The suite's own environment (``cosmoslib/tests/backend_env.py``): threads per xdist worker, the
+order modules are handed out in, and the malloc settings its processes start with."""
 
 from __future__ import annotations
 
@@ -87,3 +87,25 @@ def test_under_xdist_the_slow_module_starts_first_on_its_worker(tmp_path):
     assert len(started) == 16
     worker = next(w for w, name in started if name == "long")
     assert [name for w, name in started if w == worker][0] == "long", started
+
+
+def test_malloc_settings_are_added_only_where_neither_threshold_is_set():
+    from cosmoslib import allocator
+
+    env = {"PATH": "/bin"}
+    assert allocator.add_to(env) and env == {"PATH": "/bin", **allocator.SETTINGS}
+    own = {"MALLOC_TRIM_THRESHOLD_": "0"}  # a user's own choice is never mixed with ours
+    assert not allocator.add_to(own) and own == {"MALLOC_TRIM_THRESHOLD_": "0"}
+    base = {"HOME": "/root"}
+    assert allocator.environ(base) == {"HOME": "/root", **allocator.SETTINGS} and base == {"HOME": "/root"}
+    assert int(allocator.SETTINGS["MALLOC_MMAP_THRESHOLD_"]) == 64 * 2 ** 20
+
+
+def test_the_suite_starts_its_processes_with_the_malloc_settings():
+    """Under xdist this worker was started by a process that had added them (so glibc read
+    them when it started), unless the caller's environment set a threshold of its own."""
+    from cosmoslib import allocator
+
+    if backend_env.worker_threads() is None:
+        pytest.skip("one process (-n 0): glibc read the caller's environment before the plugin ran")
+    assert any(key in os.environ for key in allocator.SETTINGS)

@@ -17,13 +17,12 @@ Measured on this project's 2-core CPU (LiteMedSAM, torch, one thread):
   test module 53.4 s against 49.1 s (system time 11.4 s against 6.3 s).
 
 glibc reads these variables once, when a process starts, so they are given to processes about to
-start (:func:`add_to`, :func:`environ`); other C libraries ignore them.
+start (:func:`add_to`); other C libraries ignore them.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, MutableMapping
+from collections.abc import MutableMapping
 
 #: The environment that sets glibc's trim and mmap thresholds (bytes; see the module docstring).
 SETTINGS = {"MALLOC_TRIM_THRESHOLD_": str(256 * 2 ** 20), "MALLOC_MMAP_THRESHOLD_": str(64 * 2 ** 20)}
@@ -41,11 +40,4 @@ def add_to(env: MutableMapping[str, str]) -> bool:
     return True
 
 
-def environ(base: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """A copy of ``base`` with :data:`SETTINGS` added as :func:`add_to` does."""
-    env = dict(base)
-    add_to(env)
-    return env
-
-
-__all__ = ["SETTINGS", "add_to", "environ"]
+__all__ = ["SETTINGS", "add_to"]

@@ -75,12 +75,9 @@ def _worker_env(threads: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
 
 
-#: glibc malloc settings for worker processes, set before they start
-#: (:data:`cosmoslib.allocator.SETTINGS`). Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` by
-#: default (``distributed.nanny.pre-spawn-environ``), which also fixes glibc's mmap threshold at
-#: 128 KiB: every (4096, 256) float32 temporary of the decoder is then a fresh mmap and ~1000 page
-#: faults. Measured here (LiteMedSAM, 1 thread): a decode 2.0-2.3x slower, and a Dask task 1.65x
-#: slower than the same work in one process.
+#: glibc malloc settings for worker processes, set before they start, in place of the nanny's
+#: ``MALLOC_TRIM_THRESHOLD_=65536`` (a Dask task 1.65x slower under it; why and the figures:
+#: :mod:`cosmoslib.allocator`).
 WORKER_MALLOC = allocator.SETTINGS
 
 
